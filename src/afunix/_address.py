@@ -1,0 +1,319 @@
+"""Parse and validate socket addresses (UNP 15.2).
+
+One :class:`Address` type covers everything afunix can bind or connect to:
+
+===========================  ===================================================
+written as                   means
+===========================  ===================================================
+``/run/app.sock``            a pathname (``sockaddr_un.sun_path``)
+``unix:/run/app.sock``       the same, explicitly
+``app.sock``                 a *relative* pathname, made absolute at parse time
+``@app``                     a Linux abstract name (no file in the filesystem)
+``unix-abstract:app``        the same, explicitly
+``""``                       an unnamed socket (``sun_path[0] == 0``)
+``tcp://host:port``          a TCP endpoint, so the same API reaches other hosts
+``tcp://[::1]:port``         the same over IPv6
+===========================  ===================================================
+
+Bytes are taken as the raw ``sun_path`` contents (a leading NUL means abstract),
+so pathnames that are not UTF-8 work; ``str`` input is encoded with
+:func:`os.fsencode`, so such paths also round-trip through ``str``.
+
+Why relative paths are resolved here: a server that binds ``app.sock`` binds
+it in *its* working directory, and a client must then run in that same
+directory to reach it (UNP 15.4, point 2). afunix resolves the name once, when
+it is parsed, and binds/connects the absolute form, so an address printed by a
+server can be pasted into a client anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from ._errors import AddressError
+from ._platform import PLATFORM
+
+__all__ = ["Address", "AddressKind", "AddressLike"]
+
+
+class AddressKind(enum.Enum):
+    """What an :class:`Address` names."""
+
+    PATH = "path"
+    ABSTRACT = "abstract"
+    UNNAMED = "unnamed"
+    TCP = "tcp"
+
+
+AddressLike: TypeAlias = "Address | str | bytes | os.PathLike[str] | os.PathLike[bytes]"
+
+_SCHEMES = ("unix:", "unix-abstract:", "tcp://")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A validated socket address. Build one with :meth:`parse`.
+
+    Attributes:
+        kind: which of path / abstract / unnamed / tcp.
+        raw: the ``sun_path`` bytes for a path (absolute, no NUL), the name
+            for an abstract address (without the leading NUL), ``b""`` for
+            unnamed, and the host (encoded) for TCP.
+        port: the TCP port, else ``None``.
+    """
+
+    kind: AddressKind
+    raw: bytes
+    port: int | None = None
+
+    # ------------------------------------------------------------------ parse
+    @classmethod
+    def parse(cls, value: AddressLike) -> Address:
+        """Parse *value* (``str``, ``bytes``, path-like or ``Address``).
+
+        Raises :class:`afunix.AddressError` (a ``ValueError`` and ``OSError``)
+        naming the limit and the offending value when the address cannot be
+        used: too long for ``sun_path``, a NUL inside a pathname, an abstract
+        name where the system has none, or a malformed ``tcp://`` URI.
+        """
+        if isinstance(value, Address):
+            return value
+        if isinstance(value, bytes | bytearray | memoryview):
+            raw = bytes(value)
+            if raw == b"":
+                return cls.unnamed()
+            if raw[:1] == b"\0":
+                return cls.abstract(raw[1:])
+            return cls.path(raw)
+        if isinstance(value, os.PathLike):
+            return cls.path(os.fsencode(value))
+        if not isinstance(value, str):
+            raise TypeError(f"cannot make an address from {type(value).__name__}: {value!r}")
+        text = value
+        if text == "":
+            return cls.unnamed()
+        if text.startswith("@"):
+            return cls.abstract(os.fsencode(text[1:]))
+        if text.startswith("unix-abstract:"):
+            return cls.abstract(os.fsencode(text[len("unix-abstract:") :]))
+        if text.startswith("unix:"):
+            rest = text[len("unix:") :]
+            if rest.startswith("//"):  # unix:///abs/path (URI form)
+                rest = rest[2:]
+            if rest == "":
+                raise AddressError(
+                    errno.EINVAL, f"empty pathname in address {text!r}: write unix:/path/to/sock"
+                )
+            return cls.path(os.fsencode(rest))
+        if text.startswith("tcp://"):
+            return cls._parse_tcp(text)
+        if "://" in text:
+            scheme = text.split("://", 1)[0]
+            raise AddressError(
+                errno.EINVAL,
+                f"unknown address scheme {scheme!r} in {text!r}: use a path, @name, "
+                "unix:/path, unix-abstract:name or tcp://host:port",
+            )
+        return cls.path(os.fsencode(text))
+
+    @classmethod
+    def path(cls, path: bytes | str | os.PathLike[str] | os.PathLike[bytes]) -> Address:
+        """A pathname address; a relative path is made absolute now."""
+        raw = os.fsencode(path)
+        if raw == b"":
+            raise AddressError(errno.EINVAL, "empty pathname: use Address.unnamed() for no name")
+        if b"\0" in raw:
+            where = raw.index(b"\0")
+            raise AddressError(
+                errno.EINVAL,
+                f"pathname {raw!r} contains a NUL byte at offset {where}: "
+                "sun_path is a C string and would be cut there",
+            )
+        if not raw.startswith(b"/"):
+            raw = os.path.join(os.getcwdb(), raw)
+        limit = PLATFORM.max_path_bytes
+        if len(raw) > limit:
+            shown = os.fsdecode(raw)
+            raise AddressError(
+                errno.ENAMETOOLONG,
+                f"socket path is {len(raw)} bytes, longer than the {limit} that sun_path "
+                f"holds on {PLATFORM.name} ({PLATFORM.sun_path_size} with its NUL): {shown!r}; "
+                "use a shorter directory (e.g. under /run or /tmp)"
+                + (" or an abstract name (@name)" if PLATFORM.has_abstract else ""),
+                shown,
+            )
+        return cls(AddressKind.PATH, raw)
+
+    @classmethod
+    def abstract(cls, name: bytes | str) -> Address:
+        """A Linux abstract-namespace address (``@name``)."""
+        raw = os.fsencode(name) if isinstance(name, str) else bytes(name)
+        if not PLATFORM.has_abstract:
+            raise AddressError(
+                errno.EAFNOSUPPORT,
+                f"abstract socket name @{os.fsdecode(raw)!s} is not available on "
+                f"{PLATFORM.name}: only Linux has an abstract namespace; use a pathname",
+            )
+        if raw == b"":
+            raise AddressError(
+                errno.EINVAL,
+                "empty abstract name: write @name, or use Address.unnamed() (autobind) "
+                "to let the kernel pick one",
+            )
+        limit = PLATFORM.max_abstract_bytes
+        if len(raw) > limit:
+            raise AddressError(
+                errno.ENAMETOOLONG,
+                f"abstract name is {len(raw)} bytes, longer than the {limit} that sun_path "
+                f"holds after its leading NUL: @{os.fsdecode(raw)!s}",
+            )
+        return cls(AddressKind.ABSTRACT, raw)
+
+    @classmethod
+    def unnamed(cls) -> Address:
+        """The unnamed address (what an unbound or ``socketpair`` socket has)."""
+        return cls(AddressKind.UNNAMED, b"")
+
+    @classmethod
+    def tcp(cls, host: str, port: int) -> Address:
+        """A TCP endpoint."""
+        if not host:
+            raise AddressError(errno.EINVAL, "TCP address needs a host: tcp://host:port")
+        if not 0 <= port <= 65535:
+            raise AddressError(
+                errno.EINVAL, f"TCP port {port} is out of range 0-65535 in tcp://{host}:{port}"
+            )
+        return cls(AddressKind.TCP, host.encode("idna" if not _is_ip(host) else "ascii"), port)
+
+    @classmethod
+    def _parse_tcp(cls, text: str) -> Address:
+        rest = text[len("tcp://") :].rstrip("/")
+        if rest.startswith("["):
+            end = rest.find("]")
+            if end < 0 or rest[end + 1 : end + 2] != ":":
+                raise AddressError(
+                    errno.EINVAL, f"malformed TCP address {text!r}: write tcp://[::1]:PORT"
+                )
+            host, port_text = rest[1:end], rest[end + 2 :]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError as exc:
+                raise AddressError(
+                    errno.EINVAL, f"malformed IPv6 host {host!r} in {text!r}"
+                ) from exc
+        else:
+            host, sep, port_text = rest.rpartition(":")
+            if not sep or not host or ":" in host:
+                raise AddressError(
+                    errno.EINVAL,
+                    f"malformed TCP address {text!r}: write tcp://HOST:PORT "
+                    "(an IPv6 host goes in brackets: tcp://[::1]:PORT)",
+                )
+        if not port_text.isdigit():
+            raise AddressError(
+                errno.EINVAL, f"malformed TCP address {text!r}: port {port_text!r} is not a number"
+            )
+        return cls.tcp(host, int(port_text))
+
+    # ------------------------------------------------------------ from kernel
+    @classmethod
+    def from_sockaddr(cls, family: int, sockaddr: Any) -> Address:
+        """Build an address from what ``getsockname``/``accept``/``recvfrom`` return."""
+        if family == socket.AF_UNIX:
+            if sockaddr is None:
+                return cls.unnamed()
+            raw = os.fsencode(sockaddr) if isinstance(sockaddr, str) else bytes(sockaddr)
+            if raw == b"":
+                return cls.unnamed()
+            if raw[:1] == b"\0":
+                return cls(AddressKind.ABSTRACT, raw[1:])
+            return cls(AddressKind.PATH, raw)
+        if family in (socket.AF_INET, socket.AF_INET6):
+            host, port = sockaddr[0], sockaddr[1]
+            return cls(AddressKind.TCP, str(host).encode("ascii"), int(port))
+        raise AddressError(errno.EAFNOSUPPORT, f"unsupported address family {family}")
+
+    # -------------------------------------------------------------- accessors
+    @property
+    def is_unix(self) -> bool:
+        """True for path, abstract and unnamed addresses."""
+        return self.kind is not AddressKind.TCP
+
+    @property
+    def family(self) -> int:
+        """The socket family to create (``AF_UNIX``, ``AF_INET`` or ``AF_INET6``)."""
+        if self.kind is AddressKind.TCP:
+            return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return socket.AF_UNIX
+
+    @property
+    def host(self) -> str:
+        """The TCP host (``""`` for Unix addresses)."""
+        return self.raw.decode("ascii") if self.kind is AddressKind.TCP else ""
+
+    @property
+    def filesystem_path(self) -> bytes | None:
+        """The pathname as bytes for a path address, else ``None``."""
+        return self.raw if self.kind is AddressKind.PATH else None
+
+    @property
+    def sockaddr(self) -> Any:
+        """What Python's ``socket.bind``/``connect`` take for this address."""
+        if self.kind is AddressKind.PATH:
+            return self.raw
+        if self.kind is AddressKind.ABSTRACT:
+            return b"\0" + self.raw
+        if self.kind is AddressKind.UNNAMED:
+            return b""
+        return (self.host, self.port)
+
+    @property
+    def sockaddr_len(self) -> int:
+        """The ``socklen_t`` that ``getsockname`` returns for this address.
+
+        For a pathname: ``offsetof(sun_path) + strlen(path) + 1`` (15 for
+        ``/tmp/ux.sock`` on Linux, as the book's ``unixbind`` prints); for an
+        abstract name the NUL and the name with no terminator; for unnamed
+        just the family.
+        """
+        off = PLATFORM.sun_path_offset
+        if self.kind is AddressKind.PATH:
+            return off + len(self.raw) + 1
+        if self.kind is AddressKind.ABSTRACT:
+            return off + 1 + len(self.raw)
+        if self.kind is AddressKind.UNNAMED:
+            return off
+        return 28 if self.family == socket.AF_INET6 else 16
+
+    def __str__(self) -> str:
+        if self.kind is AddressKind.PATH:
+            return os.fsdecode(self.raw)
+        if self.kind is AddressKind.ABSTRACT:
+            return "@" + os.fsdecode(self.raw)
+        if self.kind is AddressKind.UNNAMED:
+            return ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        if self.kind is AddressKind.UNNAMED:
+            return "Address(<unnamed>)"
+        return f"Address({str(self)!r})"
+
+    def describe(self) -> str:
+        """A human label: the path, ``@name``, ``<unnamed>`` or the URI."""
+        return str(self) if self.kind is not AddressKind.UNNAMED else "<unnamed>"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,440 @@
+"""Sockets that know their address: ``pair``, ``listen`` and ``connect`` (UNP 15.3-15.6).
+
+:class:`Socket` is a :class:`socket.socket` (everything you know still works)
+that also remembers the socket file it bound, and removes that file on
+:meth:`Socket.close` if it is still ours. :func:`connect` turns the kernel's
+terse errnos into errors that say what is wrong with which path.
+
+Full listen queues (15.4 point 6). The book describes BSD, where a client
+gets ``ECONNREFUSED`` at once when the server's queue is full. Linux differs:
+a blocking ``connect`` waits for room, a non-blocking one fails with
+``EAGAIN``, and ``ECONNREFUSED`` means that *nothing listens* (a stale file).
+:func:`connect` with ``timeout=`` polls for room until the deadline and then
+raises :class:`ListenQueueFull`; with ``retries=`` it retries transient
+failures (full queue, server restarting) with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from typing import Any, Literal, TypeAlias
+
+from ._address import Address, AddressKind, AddressLike
+from ._bind import BoundPath, bind_address, describe_file, probe_socket_file
+from ._errors import (
+    AfunixError,
+    ListenQueueFull,
+    NoReplyAddress,
+    NoSuchSocket,
+    NotASocket,
+    NothingListening,
+    UnsupportedFeature,
+    WrongSocketType,
+    strerror,
+)
+from ._platform import PLATFORM
+
+__all__ = [
+    "DatagramSocket",
+    "Socket",
+    "SocketTypeLike",
+    "connect",
+    "listen",
+    "pair",
+    "socket_type",
+    "type_name",
+]
+
+SocketTypeLike: TypeAlias = "Literal['stream', 'dgram', 'datagram', 'seqpacket'] | str | int"
+
+_TYPES = {
+    "stream": socket.SOCK_STREAM,
+    "dgram": socket.SOCK_DGRAM,
+    "datagram": socket.SOCK_DGRAM,
+    "seqpacket": socket.SOCK_SEQPACKET,
+}
+_NAMES = {
+    socket.SOCK_STREAM: "stream",
+    socket.SOCK_DGRAM: "datagram",
+    socket.SOCK_SEQPACKET: "seqpacket",
+}
+
+
+def socket_type(value: SocketTypeLike) -> int:
+    """Normalise ``"stream"``/``"dgram"``/``"seqpacket"`` or a ``SOCK_*`` constant."""
+    if isinstance(value, int):
+        if value not in _NAMES:
+            raise ValueError(f"unsupported socket type {value}: use stream, dgram or seqpacket")
+        return value
+    try:
+        return _TYPES[value.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown socket type {value!r}: use 'stream', 'dgram' or 'seqpacket'"
+        ) from None
+
+
+def type_name(sock_type: int) -> str:
+    """``"stream"``, ``"datagram"`` or ``"seqpacket"``."""
+    return _NAMES.get(sock_type, f"type {sock_type}")
+
+
+class Socket(socket.socket):
+    """A :class:`socket.socket` that removes the socket file it bound when closed.
+
+    Everything of :class:`socket.socket` works as usual. Extras:
+
+    * :attr:`address` / :attr:`peer_address`: :class:`Address` objects;
+    * :meth:`close` unlinks the bound path only if it still names this
+      socket (a successor that bound the same path keeps its file);
+    * :meth:`detach` hands the descriptor *and* the responsibility for the
+      file over: afunix will no longer remove it.
+    """
+
+    _bound: BoundPath | None = None
+    _private_dir: bytes | None = None
+
+    @property
+    def address(self) -> Address:
+        """This socket's own address (``getsockname``)."""
+        return Address.from_sockaddr(self.family, self.getsockname())
+
+    @property
+    def peer_address(self) -> Address:
+        """The connected peer's address (``getpeername``)."""
+        return Address.from_sockaddr(self.family, self.getpeername())
+
+    @property
+    def bound_path(self) -> BoundPath | None:
+        """The socket file this object will remove on close, if any."""
+        return self._bound
+
+    def close(self) -> None:
+        """Close the socket and remove its socket file if it is still ours."""
+        try:
+            super().close()
+        finally:
+            bound, self._bound = self._bound, None
+            if bound is not None:
+                bound.release()
+            private, self._private_dir = self._private_dir, None
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
+
+    def detach(self) -> int:
+        """Give up the descriptor and the duty to remove the socket file."""
+        self._bound = None
+        self._private_dir = None
+        return super().detach()
+
+    def __repr__(self) -> str:
+        try:
+            where = self.address.describe()
+        except OSError:
+            where = "closed"
+        return f"<afunix.Socket fd={self.fileno()} {type_name(self.type)} {where}>"
+
+
+class DatagramSocket(Socket):
+    """A datagram :class:`Socket` that refuses to wait for replies it cannot get.
+
+    An unbound Unix datagram socket has no address, so a server cannot reply
+    to it (UNP 15.4 point 8): receiving on it would block forever. Every
+    receive method here raises :class:`NoReplyAddress` instead.
+    """
+
+    _named = False
+
+    def _check_named(self) -> None:
+        if self._named or self.family != socket.AF_UNIX:
+            return
+        if Address.from_sockaddr(self.family, self.getsockname()).kind is AddressKind.UNNAMED:
+            raise NoReplyAddress(
+                errno.EDESTADDRREQ,
+                "this datagram socket is not bound to any address, so no reply can reach it "
+                "(UNP 15.4 point 8); use afunix.connect(..., type='dgram') with the default "
+                "bind='auto', or bind the socket before sending",
+            )
+        self._named = True
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        self._check_named()
+        return super().recv(bufsize, flags)
+
+    def recvfrom(self, bufsize: int, flags: int = 0, /) -> tuple[bytes, Any]:
+        self._check_named()
+        return super().recvfrom(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0, /) -> int:
+        self._check_named()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def recvmsg(
+        self, bufsize: int, ancbufsize: int = 0, flags: int = 0, /
+    ) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+        self._check_named()
+        return super().recvmsg(bufsize, ancbufsize, flags)
+
+
+def _new_socket(family: int, sock_type: int) -> Socket:
+    cls = DatagramSocket if sock_type == socket.SOCK_DGRAM else Socket
+    return cls(family, sock_type | socket.SOCK_CLOEXEC)
+
+
+def pair(type: SocketTypeLike = "stream") -> tuple[Socket, Socket]:  # noqa: A002
+    """``socketpair(AF_UNIX, type)``: two connected, unnamed sockets (UNP 15.3).
+
+    The classic use is a channel between a parent and the child it forks:
+    each keeps one end and closes the other. Both ends are close-on-exec;
+    pass one to a child program with ``subprocess``'s ``pass_fds``.
+    """
+    sock_type = socket_type(type)
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    try:
+        sa = Socket(fileno=a.detach())
+        sb = Socket(fileno=b.detach())
+    finally:
+        a.close()
+        b.close()
+    return sa, sb
+
+
+def listen(
+    address: AddressLike,
+    type: SocketTypeLike = "stream",  # noqa: A002
+    *,
+    backlog: int = 128,
+    mode: int | None = None,
+    owner: str | int | None = None,
+    group: str | int | None = None,
+    parent_mode: int | None = None,
+) -> Socket:
+    """Bind *address* safely and listen on it (datagram sockets are bound only).
+
+    Args:
+        address: a path, ``@abstract``, ``""`` (Linux autobind) or ``tcp://``.
+        type: ``"stream"`` (default), ``"dgram"`` or ``"seqpacket"``.
+        backlog: the listen queue length (capped by ``net.core.somaxconn``).
+        mode: the socket file's permissions, e.g. ``0o660``. Without it the
+            book's rule applies: ``0777`` masked by the umask.
+        owner, group: user/group name or id to give the socket file.
+        parent_mode: create the missing parent directory with this mode.
+
+    The returned :class:`Socket` removes its file on close, if still its own.
+    Raises :class:`AddressInUse` when a live server holds the path (naming it),
+    :class:`NotASocket` when another kind of file is there; a stale socket
+    file is replaced.
+    """
+    addr = Address.parse(address)
+    sock_type = socket_type(type)
+    if addr.kind is AddressKind.TCP and sock_type != socket.SOCK_STREAM:
+        if sock_type == socket.SOCK_SEQPACKET:
+            raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
+    sock = _new_socket(addr.family, sock_type)
+    try:
+        if addr.kind is AddressKind.TCP:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock._bound = bind_address(
+            sock, addr, mode=mode, owner=owner, group=group, parent_mode=parent_mode
+        )
+        if sock_type != socket.SOCK_DGRAM:
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _explain_connect_error(exc: OSError, addr: Address, sock_type: int) -> OSError:
+    """Turn a failed ``connect`` into an error that says what is wrong."""
+    err = exc.errno or errno.EIO
+    where = addr.describe()
+    if addr.kind is AddressKind.TCP:
+        return AfunixError(err, f"cannot connect to {where}: {strerror(err)}")
+    path = addr.filesystem_path
+    if err == errno.ENOENT:
+        return NoSuchSocket(
+            err,
+            f"cannot connect to {where}: no such socket (is the server running? "
+            "is the path right?)",
+            where,
+        )
+    if err == errno.ECONNREFUSED:
+        if path is not None:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                st = None
+            if st is not None and not stat.S_ISSOCK(st.st_mode):
+                return NotASocket(
+                    err, f"cannot connect to {where}: it is {describe_file(st, path)}", where
+                )
+            return NothingListening(
+                err,
+                f"cannot connect to {where}: nothing is listening there (a stale socket "
+                "file left by a server that exited); start the server",
+                where,
+            )
+        return NothingListening(
+            err, f"cannot connect to {where}: nothing is listening on that name", where
+        )
+    if err == errno.EAGAIN:
+        return ListenQueueFull(
+            err,
+            f"cannot connect to {where}: the server's listen queue is full (it is alive "
+            "but not accepting fast enough); retry, or raise its backlog",
+            where,
+        )
+    if err == errno.EPROTOTYPE:
+        theirs = None
+        if path is not None:
+            _, theirs = probe_socket_file(path)
+        what = f"it is a {type_name(theirs)} socket" if theirs else "it is of another type"
+        return WrongSocketType(
+            err,
+            f"cannot connect a {type_name(sock_type)} socket to {where}: {what}; "
+            "use the server's socket type",
+            where,
+        )
+    if err in (errno.EACCES, errno.EPERM):
+        return AfunixError(
+            err,
+            f"cannot connect to {where}: permission denied (the socket file needs write "
+            "permission, and every directory above it search permission, for this user)",
+            where,
+        )
+    if err == errno.ENOTDIR:
+        return NoSuchSocket(
+            err, f"cannot connect to {where}: a component of the path is not a directory", where
+        )
+    return AfunixError(err, f"cannot connect to {where}: {strerror(err)}", where)
+
+
+_TRANSIENT = (ListenQueueFull, NothingListening, NoSuchSocket)
+
+
+def _connect_once(sock: socket.socket, addr: Address, deadline: float | None) -> None:
+    """Connect, turning Linux's wait-for-room into a bounded poll when a deadline is set."""
+    if addr.kind is AddressKind.TCP:
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            sock.connect(addr.sockaddr)
+        except TimeoutError as exc:
+            raise AfunixError(
+                errno.ETIMEDOUT, f"cannot connect to {addr.describe()}: timed out"
+            ) from exc
+        finally:
+            sock.settimeout(None)
+        return
+    if deadline is None:
+        sock.connect(addr.sockaddr)
+        return
+    sock.setblocking(False)
+    delay = 0.0005
+    try:
+        while True:
+            try:
+                sock.connect(addr.sockaddr)
+                return
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise ListenQueueFull(
+                        errno.EAGAIN,
+                        f"cannot connect to {addr.describe()}: timed out waiting for room "
+                        "in the server's full listen queue (the server is alive but not "
+                        "accepting); retry later or raise its backlog",
+                        addr.describe(),
+                    ) from None
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.05)
+    finally:
+        if sock.fileno() >= 0:
+            sock.setblocking(True)
+
+
+def connect(
+    address: AddressLike,
+    type: SocketTypeLike = "stream",  # noqa: A002
+    *,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 0.05,
+    bind: AddressLike | Literal["auto", "autobind"] | None = "auto",
+) -> Socket:
+    """Connect to a server and return a connected :class:`Socket`.
+
+    Args:
+        address: where the server is (a path, ``@name``, ``tcp://host:port``).
+        type: ``"stream"`` (default), ``"dgram"`` or ``"seqpacket"``.
+        timeout: bound the connect itself. On Linux a full listen queue makes
+            a blocking connect wait; with a timeout that wait ends in
+            :class:`ListenQueueFull`. The socket returned is blocking.
+        retries: how many more attempts after a transient failure (full
+            queue, nothing listening yet, socket file missing while a server
+            restarts), sleeping ``backoff``, ``2*backoff``, ... in between.
+        bind: datagram sockets only, where replies come to (UNP 15.4 point 8):
+            ``"auto"`` binds a unique path in a fresh private directory that
+            is removed on close; ``"autobind"`` lets Linux pick a unique
+            abstract name; an address binds there; ``None`` leaves the socket
+            unbound (it can send but never receive replies).
+
+    Errors say which of these it is, and keep the errno: :class:`NoSuchSocket`,
+    :class:`NotASocket`, :class:`NothingListening` (stale file),
+    :class:`ListenQueueFull`, :class:`WrongSocketType`, permission denied.
+    """
+    addr = Address.parse(address)
+    sock_type = socket_type(type)
+    if addr.kind is AddressKind.UNNAMED:
+        raise AfunixError(errno.EDESTADDRREQ, "cannot connect to an unnamed address")
+    if addr.kind is AddressKind.TCP and sock_type == socket.SOCK_SEQPACKET:
+        raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
+    attempt = 0
+    while True:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock = _new_socket(addr.family, sock_type)
+        try:
+            if sock_type == socket.SOCK_DGRAM and addr.is_unix and bind is not None:
+                _bind_reply_address(sock, bind)
+            try:
+                _connect_once(sock, addr, deadline)
+            except AfunixError:
+                raise
+            except OSError as exc:
+                raise _explain_connect_error(exc, addr, sock_type) from exc
+        except _TRANSIENT:
+            sock.close()
+            if attempt >= retries:
+                raise
+            time.sleep(backoff * (2**attempt))
+            attempt += 1
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:
+    """Give a datagram client an address so that replies can reach it."""
+    if bind == "autobind":
+        if not PLATFORM.has_autobind:
+            raise UnsupportedFeature(f"autobind is not available on {PLATFORM.name}")
+        sock.bind(b"")
+        return
+    if bind == "auto":
+        # A fresh directory with an unguessable name: searchable (so a server of
+        # another user can reply) but not listable; removed on close.
+        private = tempfile.mkdtemp(prefix="afx-", dir=tempfile.gettempdir()).encode()
+        os.chmod(private, 0o711)
+        sock._private_dir = private
+        sock._bound = bind_address(sock, Address.path(os.path.join(private, b"c.sock")))
+        return
+    sock._bound = bind_address(sock, Address.parse(bind))

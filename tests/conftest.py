@@ -1,0 +1,99 @@
+"""Shared fixtures: short socket directories, descriptor-leak checks, C peers.
+
+Every test runs under :func:`no_fd_leak` (autouse): the set of open
+descriptors of the test process must be the same after the test as before.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+C_DIR = HERE / "c"
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
+def open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the fd of the listdir itself
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaves descriptors open."""
+    gc.collect()
+    before = open_fds()
+    yield
+    if request.node.get_closest_marker("allow_fd_leak"):
+        return
+    deadline = time.monotonic() + 2.0
+    while True:
+        gc.collect()
+        after = open_fds()
+        leaked = {fd: t for fd, t in after.items() if fd not in before or before[fd] != t}
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)  # give server threads a moment to close their sockets
+    assert not leaked, f"descriptors leaked: {leaked}"
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short private directory for socket files (``sun_path`` holds 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="afx", dir="/tmp"))
+    os.chmod(d, 0o755)  # so that peers run as nobody can reach sockets inside
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cbuild(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Compile ``tests/c/NAME.c`` with gcc once per session; returns the binary path."""
+    out = tmp_path_factory.mktemp("cbin")
+    os.chmod(out, 0o755)
+    built: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            if shutil.which("gcc") is None:
+                pytest.fail("gcc is required for the C peer tests (apt-get install gcc)")
+            exe = out / name
+            subprocess.run(
+                ["gcc", "-O1", "-Wall", "-Werror", "-o", str(exe), str(C_DIR / f"{name}.c")],
+                check=True,
+                timeout=60,
+            )
+            built[name] = exe
+        return built[name]
+
+    return build
+
+
+def afunix_cmd(*args: str) -> list[str]:
+    """The ``afunix`` command of this environment, as an argv."""
+    return [sys.executable, "-m", "afunix", *args]
+
+
+def wait_for_path(path: Path | str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.01)
