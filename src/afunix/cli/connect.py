@@ -1,0 +1,101 @@
+"""``afunix connect ADDR``: standard input to a server, replies to standard output (like nc -U)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from .._sockets import Socket, connect
+from ._common import SOCKET_TYPES, address_arg
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "connect",
+        help="send standard input to ADDR, print replies (like nc -U)",
+        description=(
+            "Connect to ADDR and copy standard input to it and its replies to standard "
+            "output. On a stream socket input is sent as it comes; at end of input the "
+            "write side is shut down and afunix waits for the server to finish replying. "
+            "On datagram and seqpacket sockets each input line is one message; a datagram "
+            "client binds a private reply address automatically (UNP 15.4 point 8) and "
+            "waits for one reply per datagram sent. Exit status 0 on success."
+        ),
+        epilog="Example: printf 'hello\\n' | afunix connect /tmp/echo.sock",
+    )
+    p.add_argument("address", type=address_arg, metavar="ADDR", help="server address")
+    p.add_argument("--type", choices=SOCKET_TYPES, default="stream", help="socket type")
+    p.add_argument("--timeout", type=float, default=10.0, help="connect timeout in seconds")
+    p.add_argument("--retries", type=int, default=0, help="retry a refused/full connect N times")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=5.0,
+        help="after end of input, wait at most this many quiet seconds for replies",
+    )
+    p.set_defaults(func=cmd_connect)
+
+
+def _pump_stdin(sock: Socket, per_line: bool, sent: list[int], errors: list[BaseException]) -> None:
+    stdin = sys.stdin.buffer
+    try:
+        if per_line:
+            for line in stdin:
+                sock.send(line)
+                sent[0] += 1
+        else:
+            fd = stdin.fileno()
+            while chunk := os.read(fd, 65536):
+                sock.sendall(chunk)
+                sent[0] += 1
+        if sock.type != socket.SOCK_DGRAM:
+            sock.shutdown(socket.SHUT_WR)
+    except BaseException as exc:  # reported by the main thread
+        errors.append(exc)
+    finally:
+        sent.append(-1)  # marks end of input
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    sock = connect(args.address, args.type, timeout=args.timeout, retries=args.retries)
+    with sock:
+        per_message = sock.type != socket.SOCK_STREAM
+        sent = [0]
+        errors: list[BaseException] = []
+        pump = threading.Thread(target=_pump_stdin, args=(sock, per_message, sent, errors))
+        pump.daemon = True
+        pump.start()
+        out = sys.stdout.buffer
+        received = 0
+        quiet_since: float | None = None
+        while True:
+            done_input = len(sent) > 1
+            if done_input and quiet_since is None:
+                quiet_since = time.monotonic()
+            if errors:
+                raise errors[0]
+            if done_input and sock.type == socket.SOCK_DGRAM and received >= sent[0]:
+                break
+            if quiet_since is not None and time.monotonic() - quiet_since > args.linger:
+                break
+            ready, _, _ = select.select([sock], [], [], 0.05)
+            if not ready:
+                continue
+            data = sock.recv(65536)
+            if not data and sock.type != socket.SOCK_DGRAM:
+                break
+            received += 1
+            out.write(data)
+            out.flush()
+            if quiet_since is not None:
+                quiet_since = time.monotonic()
+        pump.join(0.5)
+        if errors:
+            raise errors[0]
+    return 0
