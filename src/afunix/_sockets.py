@@ -59,7 +59,7 @@ _TYPES = {
     "datagram": socket.SOCK_DGRAM,
     "seqpacket": socket.SOCK_SEQPACKET,
 }
-_NAMES = {
+_NAMES: dict[int, str] = {
     socket.SOCK_STREAM: "stream",
     socket.SOCK_DGRAM: "datagram",
     socket.SOCK_SEQPACKET: "seqpacket",
@@ -187,7 +187,7 @@ def _new_socket(family: int, sock_type: int) -> Socket:
     return cls(family, sock_type | socket.SOCK_CLOEXEC)
 
 
-def pair(type: SocketTypeLike = "stream") -> tuple[Socket, Socket]:  # noqa: A002
+def pair(type: SocketTypeLike = "stream") -> tuple[Socket, Socket]:
     """``socketpair(AF_UNIX, type)``: two connected, unnamed sockets (UNP 15.3).
 
     The classic use is a channel between a parent and the child it forks:
@@ -207,7 +207,7 @@ def pair(type: SocketTypeLike = "stream") -> tuple[Socket, Socket]:  # noqa: A00
 
 def listen(
     address: AddressLike,
-    type: SocketTypeLike = "stream",  # noqa: A002
+    type: SocketTypeLike = "stream",
     *,
     backlog: int = 128,
     mode: int | None = None,
@@ -233,9 +233,8 @@ def listen(
     """
     addr = Address.parse(address)
     sock_type = socket_type(type)
-    if addr.kind is AddressKind.TCP and sock_type != socket.SOCK_STREAM:
-        if sock_type == socket.SOCK_SEQPACKET:
-            raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
+    if addr.kind is AddressKind.TCP and sock_type == socket.SOCK_SEQPACKET:
+        raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
     sock = _new_socket(addr.family, sock_type)
     try:
         if addr.kind is AddressKind.TCP:
@@ -362,7 +361,7 @@ def _connect_once(sock: socket.socket, addr: Address, deadline: float | None) ->
 
 def connect(
     address: AddressLike,
-    type: SocketTypeLike = "stream",  # noqa: A002
+    type: SocketTypeLike = "stream",
     *,
     timeout: float | None = None,
     retries: int = 0,

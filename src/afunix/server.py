@@ -166,7 +166,7 @@ class Server:
         address: AddressLike,
         handler: Handler,
         *,
-        type: SocketTypeLike = "stream",  # noqa: A002
+        type: SocketTypeLike = "stream",
         model: Model = "asyncio",
         backlog: int = 128,
         mode: int | None = None,
@@ -328,7 +328,13 @@ class Server:
         workers: set[threading.Thread] = set()
         conns: set[socket.socket] = set()
         lock = threading.Lock()
-        slots = threading.BoundedSemaphore(self.max_clients) if self.max_clients else None
+        # Thread model: a slot per client; without a free slot we do not accept,
+        # so new clients wait in the listen queue.
+        slots = (
+            threading.BoundedSemaphore(self.max_clients)
+            if self.max_clients and self.model == "thread"
+            else None
+        )
         old_chld = None
         if self.model == "fork" and handle_signals:
             old_chld = signal.signal(signal.SIGCHLD, lambda *_: self._reap())
@@ -341,59 +347,67 @@ class Server:
                         if self.max_clients and len(self._children) >= self.max_clients:
                             time.sleep(0.005)  # leave new clients in the listen queue
                             continue
-                    if slots is not None and self.model == "thread":
-                        if not slots.acquire(timeout=0.1):
-                            continue
-                    events = sel.select(timeout=0.25)
-                    if not any(key.fileobj is self.sock for key, _ in events):
-                        if slots is not None and self.model == "thread":
-                            slots.release()
+                    if slots is not None and not slots.acquire(timeout=0.1):
                         continue
-                    if self.type == socket.SOCK_DGRAM:
-                        self._serve_datagram_sync()
-                        if slots is not None and self.model == "thread":
-                            slots.release()
-                        continue
+                    dispatched = False
                     try:
-                        conn, raw = self.sock.accept()  # EINTR is retried (PEP 475)
-                    except (BlockingIOError, InterruptedError):
-                        if slots is not None and self.model == "thread":
+                        dispatched = self._accept_and_dispatch(sel, workers, conns, lock, slots)
+                    finally:
+                        if slots is not None and not dispatched:
                             slots.release()
-                        continue
-                    except OSError as exc:
-                        if slots is not None and self.model == "thread":
-                            slots.release()
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            log.error("accept failed: %s; pausing briefly", exc)
-                            time.sleep(0.1)
-                            continue
-                        raise
-                    conn.setblocking(True)
-                    peer = self._peer(raw)
-                    if not self._verify(conn, peer):
-                        conn.close()
-                        if slots is not None and self.model == "thread":
-                            slots.release()
-                        continue
-                    self.served += 1
-                    if self.model == "fork":
-                        self._fork_child(conn, peer)
-                    else:
-                        with lock:
-                            conns.add(conn)
-                        t = threading.Thread(
-                            target=self._run_thread,
-                            args=(conn, peer, conns, lock, slots),
-                            daemon=True,
-                        )
-                        workers.add(t)
-                        t.start()
-                        workers = {w for w in workers if w.is_alive()}
+                    workers = {w for w in workers if w.is_alive()}
         finally:
             sel.close()
+            self._stop_accepting()
             self._drain_sync(workers, conns, lock)
             if old_chld is not None:
                 signal.signal(signal.SIGCHLD, old_chld)
+
+    def _accept_and_dispatch(
+        self,
+        sel: selectors.BaseSelector,
+        workers: set[threading.Thread],
+        conns: set[socket.socket],
+        lock: threading.Lock,
+        slots: threading.BoundedSemaphore | None,
+    ) -> bool:
+        """Wait briefly for a client; hand it to a thread or child.
+
+        Returns whether a thread took over the slot (it releases it when done).
+        """
+        events = sel.select(timeout=0.25)
+        if not any(key.fileobj is self.sock for key, _ in events):
+            return False
+        if self.type == socket.SOCK_DGRAM:
+            self._serve_datagram_sync()
+            return False
+        try:
+            conn, raw = self.sock.accept()  # EINTR is retried (PEP 475)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept failed: %s; pausing briefly", exc)
+                time.sleep(0.1)
+                return False
+            raise
+        conn.setblocking(True)
+        peer = self._peer(raw)
+        if not self._verify(conn, peer):
+            conn.close()
+            return False
+        self.served += 1
+        if self.model == "fork":
+            self._fork_child(conn, peer)
+            return False
+        with lock:
+            conns.add(conn)
+        t = threading.Thread(
+            target=self._run_thread, args=(conn, peer, conns, lock, slots), daemon=True
+        )
+        workers.add(t)
+        t.start()
+        return True
 
     def _serve_datagram_sync(self) -> None:
         try:
@@ -407,7 +421,7 @@ class Server:
             if pid == 0:  # pragma: no cover - child; measured through its effects
                 code = 0
                 try:
-                    self._after_fork()
+                    self._after_fork(keep_listener=True)  # the reply leaves through it
                     self._reply(data, sender)
                 except BaseException:
                     log.exception("datagram handler failed")
@@ -456,17 +470,19 @@ class Server:
             if slots is not None:
                 slots.release()
 
-    def _after_fork(self) -> None:
+    def _after_fork(self, keep_listener: bool = False) -> None:
         """In a forked child: drop the listener (without removing its file)."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        self._wake_r.close()
+        self._wake_w.close()
+        if keep_listener:
+            return
         # Close the inherited listening descriptor but keep the file: it is the
         # parent's. detach() makes Socket.close() forget the path.
         fd = self.sock.detach() if isinstance(self.sock, Socket) else self.sock.fileno()
         with contextlib.suppress(OSError):
             os.close(fd)
-        self._wake_r.close()
-        self._wake_w.close()
 
     def _fork_child(self, conn: socket.socket, peer: Address) -> None:
         pid = os.fork()
@@ -495,6 +511,16 @@ class Server:
             if done == pid:
                 self._children.discard(pid)
                 log.debug("child %d terminated", pid)
+
+    def _stop_accepting(self) -> None:
+        """Close a stream/seqpacket listener (removing its file) before draining.
+
+        While connections in flight finish, new clients must not queue on a
+        listener nobody accepts from: with the file gone they get ``ENOENT`` at
+        once. A datagram socket stays open: replies still leave through it.
+        """
+        if self.type != socket.SOCK_DGRAM:
+            self.sock.close()
 
     def _drain_sync(
         self, workers: set[threading.Thread], conns: set[socket.socket], lock: threading.Lock
@@ -581,6 +607,7 @@ class Server:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             stopper.cancel()
+            self._stop_accepting()
             if tasks:
                 _, pending = await asyncio.wait(set(tasks), timeout=self.shutdown_timeout)
                 for task in pending:

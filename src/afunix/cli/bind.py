@@ -34,7 +34,6 @@ def register(sub: Any) -> None:
 def cmd_bind(args: argparse.Namespace) -> int:
     sock = listen(args.address, args.type, mode=args.mode)
     try:
-        name = sock.getsockname()
         addr = sock.address
         length = addr.sockaddr_len
         path = addr.filesystem_path
@@ -49,8 +48,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            shown = addr.describe() if path is not None or not isinstance(name, bytes) else name
-            print(f"bound name = {shown}, returned len = {length}")
+            print(f"bound name = {addr.describe()}, returned len = {length}")
             if mode is not None:
                 print(f"mode = {mode:04o} ({stat.filemode(stat.S_IFSOCK | mode)})")
             else:

@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import Any
 
-from ..server import Handler, Server, echo_handler
+from .._sockets import socket_type
+from ..server import Handler, Model, Server, echo_handler
 from ._common import SOCKET_TYPES, address_arg, mode_arg
 
 
@@ -45,9 +46,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def pick_handler(args: argparse.Namespace, model: str, sock_type: int) -> Handler:
+def pick_handler(args: argparse.Namespace, model: Model, sock_type: int) -> Handler:
     """The handler the options ask for (echo unless a --show-* option is given)."""
-    return echo_handler(model, sock_type)  # type: ignore[arg-type]
+    return echo_handler(model, sock_type)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,9 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="afunix serve: %(message)s",
         stream=sys.stderr,
     )
-    from .._sockets import socket_type
-
-    model = "asyncio" if args.model == "async" else args.model
+    model: Model = "asyncio" if args.model == "async" else args.model
     sock_type = socket_type(args.type)
     server = Server(
         args.address,

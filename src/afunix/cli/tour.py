@@ -27,7 +27,7 @@ from typing import Any
 
 from .._address import Address
 from .._errors import AddressError, AddressInUse, ListenQueueFull, NoReplyAddress, NothingListening
-from .._sockets import connect, listen, pair
+from .._sockets import connect, listen
 from ..server import Server, async_echo, datagram_echo, echo
 
 #: Modules that add sections after the foundation's (imported for their ``@section``s).
@@ -57,7 +57,9 @@ class Tour:
         return os.path.join(self.dir, name)
 
     @contextlib.contextmanager
-    def cli_server(self, *args: str, wait_for: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    def cli_server(
+        self, *args: str, wait_for: str | None = None
+    ) -> Iterator[subprocess.Popen[bytes]]:
         """Run ``afunix serve ...`` as a child process for the section's duration."""
         proc = subprocess.Popen(
             [sys.executable, "-m", "afunix", "serve", *args],
@@ -108,7 +110,7 @@ def section(number: str, title: str) -> Callable[[Callable[[Tour], None]], Calla
 @section("15.2", "Unix domain socket addresses: bind and getsockname")
 def _addresses(t: Tour) -> None:
     path = t.path("ux.sock")
-    t.say(f"The book's unixbind binds a stream socket to a path and prints getsockname():")
+    t.say("The book's unixbind binds a stream socket to a path and prints getsockname():")
     with listen(path) as sock:
         addr = sock.address
         t.say(f"    bound name = {addr}, returned len = {addr.sockaddr_len}")
@@ -144,11 +146,10 @@ def _addresses(t: Tour) -> None:
 def _socketpair(t: Tour) -> None:
     from .pair import run_pair
 
-    lines: list[str] = []
     t.say("socketpair() gives two connected unnamed sockets; after fork each process")
     t.say("keeps one end. Messages go both ways (the seed's example, 2 rounds):")
     sys.stdout.flush()
-    code = run_pair(2, "stream", write=lambda s: (lines.append(s), t.say("    " + s)))
+    code = run_pair(2, "stream", write=lambda line: t.say("    " + line))
     t.check("child exited cleanly after the parent closed its end", code == 0)
 
 
@@ -203,14 +204,13 @@ def _rules(t: Tour) -> None:
     t.say("Point 8: an unbound datagram socket cannot get replies. Waiting for one")
     t.say("would hang forever; afunix says why instead:")
     dpath = t.path("dg.sock")
-    with listen(dpath, "dgram"):
-        with connect(dpath, "dgram", bind=None) as client:
-            client.send(b"ping")
-            try:
-                client.recv(100)
-            except NoReplyAddress as exc:
-                t.show("error", exc)
-                t.check("no hang: a clear error", True)
+    with listen(dpath, "dgram"), connect(dpath, "dgram", bind=None) as client:
+        client.send(b"ping")
+        try:
+            client.recv(100)
+        except NoReplyAddress as exc:
+            t.show("error", exc)
+            t.check("no hang: a clear error", True)
 
 
 # --------------------------------------------------------------------- 15.5

@@ -1,0 +1,156 @@
+"""Address parsing and validation (UNP 15.2): a table of inputs and expectations."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from afunix import Address, AddressError, AddressKind
+
+PARSE_TABLE = [
+    # input, kind, raw, port, str()
+    ("/tmp/ux.sock", AddressKind.PATH, b"/tmp/ux.sock", None, "/tmp/ux.sock"),
+    ("unix:/tmp/ux.sock", AddressKind.PATH, b"/tmp/ux.sock", None, "/tmp/ux.sock"),
+    ("unix:///tmp/ux.sock", AddressKind.PATH, b"/tmp/ux.sock", None, "/tmp/ux.sock"),
+    ("@app", AddressKind.ABSTRACT, b"app", None, "@app"),
+    ("unix-abstract:app", AddressKind.ABSTRACT, b"app", None, "@app"),
+    ("", AddressKind.UNNAMED, b"", None, ""),
+    (b"", AddressKind.UNNAMED, b"", None, ""),
+    (b"\0app", AddressKind.ABSTRACT, b"app", None, "@app"),
+    (b"/tmp/\xff\xfe.sock", AddressKind.PATH, b"/tmp/\xff\xfe.sock", None, None),
+    (Path("/tmp/p.sock"), AddressKind.PATH, b"/tmp/p.sock", None, "/tmp/p.sock"),
+    ("tcp://127.0.0.1:8080", AddressKind.TCP, b"127.0.0.1", 8080, "tcp://127.0.0.1:8080"),
+    ("tcp://[::1]:9", AddressKind.TCP, b"::1", 9, "tcp://[::1]:9"),
+    ("tcp://localhost:0", AddressKind.TCP, b"localhost", 0, "tcp://localhost:0"),
+]
+
+
+@pytest.mark.parametrize(("value", "kind", "raw", "port", "text"), PARSE_TABLE)
+def test_parse_table(
+    value: object, kind: AddressKind, raw: bytes, port: int | None, text: str | None
+) -> None:
+    addr = Address.parse(value)  # type: ignore[arg-type]
+    assert addr.kind is kind
+    assert addr.raw == raw
+    assert addr.port == port
+    if text is not None:
+        assert str(addr) == text
+    # str() always round-trips, non-UTF-8 bytes included (surrogateescape).
+    assert Address.parse(str(addr)) == addr
+
+
+def test_relative_path_is_resolved_at_parse_time(tmp_path: Path) -> None:
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        addr = Address.parse("rel.sock")
+    finally:
+        os.chdir(old)
+    assert addr.raw == os.fsencode(tmp_path / "rel.sock")
+    # The resolved form does not depend on where we are now (UNP 15.4 point 2).
+    assert Address.parse(str(addr)) == addr
+
+
+@pytest.mark.parametrize(
+    ("path", "length"),
+    [("/tmp/ux.sock", 15), ("/a", 5), ("/" + "x" * 106, 110)],
+)
+def test_sockaddr_len_of_paths(path: str, length: int) -> None:
+    assert Address.parse(path).sockaddr_len == length
+
+
+def test_sockaddr_len_of_other_kinds() -> None:
+    assert Address.parse("@ab").sockaddr_len == 2 + 1 + 2
+    assert Address.unnamed().sockaddr_len == 2
+    assert Address.parse("tcp://127.0.0.1:1").sockaddr_len == 16
+    assert Address.parse("tcp://[::1]:1").sockaddr_len == 28
+
+
+def test_longest_path_fits_and_one_more_byte_fails() -> None:
+    ok = "/" + "a" * 106  # 107 bytes + NUL = 108 = sizeof(sun_path) on Linux
+    assert len(Address.parse(ok).raw) == 107
+    with pytest.raises(AddressError) as info:
+        Address.parse(ok + "a")
+    exc = info.value
+    assert exc.errno == errno.ENAMETOOLONG
+    assert isinstance(exc, ValueError)
+    assert isinstance(exc, OSError)
+    msg = str(exc)
+    assert "108 bytes" in msg and "107" in msg and "108 with its NUL" in msg
+    assert ok + "a" in msg
+
+
+def test_longest_path_binds_for_real(tmp_path: Path) -> None:
+    # The limit we enforce is the kernel's: a 107-byte path binds.
+    d = Path("/tmp") / ("d" * 40)
+    d.mkdir(exist_ok=True)
+    try:
+        path = str(d) + "/" + "s" * (107 - len(str(d)) - 1)
+        assert len(path) == 107
+        addr = Address.parse(path)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(addr.sockaddr)
+            assert Address.from_sockaddr(socket.AF_UNIX, s.getsockname()) == addr
+    finally:
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+
+
+@pytest.mark.parametrize(
+    ("value", "err", "words"),
+    [
+        ("/tmp/a\0b", errno.EINVAL, "NUL byte at offset 6"),
+        (b"/tmp/a\0b", errno.EINVAL, "NUL byte"),
+        ("@" + "n" * 108, errno.ENAMETOOLONG, "abstract name is 108 bytes"),
+        ("@", errno.EINVAL, "empty abstract name"),
+        ("unix:", errno.EINVAL, "empty pathname"),
+        ("tcp://host", errno.EINVAL, "tcp://HOST:PORT"),
+        ("tcp://host:port", errno.EINVAL, "'port' is not a number"),
+        ("tcp://host:70000", errno.EINVAL, "out of range"),
+        ("tcp://[::1:80", errno.EINVAL, "tcp://[::1]:PORT"),
+        ("tcp://[zz]:80", errno.EINVAL, "malformed IPv6"),
+        ("tcp://:80", errno.EINVAL, "malformed TCP address"),
+        ("http://x:1", errno.EINVAL, "unknown address scheme 'http'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(value: str | bytes, err: int, words: str) -> None:
+    with pytest.raises(AddressError) as info:
+        Address.parse(value)
+    assert info.value.errno == err
+    assert words in str(info.value)
+
+
+def test_non_address_types_are_refused() -> None:
+    with pytest.raises(TypeError, match="cannot make an address from int"):
+        Address.parse(42)  # type: ignore[arg-type]
+
+
+def test_from_sockaddr_matches_what_the_kernel_returns() -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(b"\0afx-test-from-sockaddr")
+        assert Address.from_sockaddr(s.family, s.getsockname()) == Address.parse(
+            "@afx-test-from-sockaddr"
+        )
+    a, b = socket.socketpair()
+    with a, b:
+        assert Address.from_sockaddr(a.family, a.getsockname()).kind is AddressKind.UNNAMED
+    with socket.socket() as t:
+        t.bind(("127.0.0.1", 0))
+        addr = Address.from_sockaddr(t.family, t.getsockname())
+        assert addr.kind is AddressKind.TCP and addr.host == "127.0.0.1" and addr.port
+
+
+def test_family_and_sockaddr() -> None:
+    assert Address.parse("/x").family == socket.AF_UNIX
+    assert Address.parse("/x").sockaddr == b"/x"
+    assert Address.parse("@x").sockaddr == b"\0x"
+    assert Address.parse("tcp://[::1]:5").family == socket.AF_INET6
+    assert Address.parse("tcp://127.0.0.1:5").sockaddr == ("127.0.0.1", 5)
+    assert Address.parse("tcp://127.0.0.1:5").filesystem_path is None
+    assert repr(Address.unnamed()) == "Address(<unnamed>)"
+    assert Address.unnamed().describe() == "<unnamed>"
