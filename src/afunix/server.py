@@ -59,8 +59,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+from ._activation import listen_fds
 from ._address import Address, AddressLike
+from ._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
+from ._errors import AfunixError, ProtocolError, UnsupportedFeature
+from ._handoff import Takeover, offer, reap_failed, spawn_successor, take_over
+from ._notify import notify
 from ._sockets import Socket, SocketTypeLike, listen, socket_type
+from .policy import PeerPolicy
 
 __all__ = [
     "AsyncConnection",
@@ -80,16 +86,49 @@ Verifier: TypeAlias = Callable[[socket.socket, Address], bool]
 _BUFSIZE = 65536
 
 
-class Connection:
+class _Peer:
+    """What both connection kinds know about the client: its address and credentials."""
+
+    sock: socket.socket
+    _credentials: PeerCredentials | None
+
+    @property
+    def credentials(self) -> PeerCredentials:
+        """The client's identity as the kernel saw it at connect time (UNP 15.8).
+
+        pid, uid, gid, supplementary groups and, on Linux 6.5+, a pidfd (see
+        :class:`~afunix.PeerCredentials`). Read on first use, or already read
+        when the server has a ``policy``; the pidfd is closed with the
+        connection. Raises :class:`~afunix.UnsupportedFeature` over TCP.
+        """
+        if self._credentials is None:
+            self._credentials = peer_credentials(self.sock)
+        return self._credentials
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the connection (and the client's pidfd, if it was read)."""
+        self.sock.close()
+        if self._credentials is not None:
+            self._credentials.close()
+
+
+class Connection(_Peer):
     """One client connection, for ``thread`` and ``fork`` handlers.
 
     ``recv`` returns ``b""`` at end of file; iterating yields chunks until
     then. On a seqpacket socket each ``recv`` is one record.
+    :attr:`credentials` says who the client is.
     """
 
-    def __init__(self, sock: socket.socket, peer: Address) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: Address, credentials: PeerCredentials | None = None
+    ) -> None:
         self.sock = sock
         self.peer = peer
+        self._credentials = credentials
 
     def recv(self, bufsize: int = _BUFSIZE) -> bytes:
         """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF."""
@@ -103,19 +142,19 @@ class Connection:
         while chunk := self.recv():
             yield chunk
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
-    def close(self) -> None:
-        self.sock.close()
+class AsyncConnection(_Peer):
+    """One client connection, for ``asyncio`` handlers (stream or seqpacket).
 
+    :attr:`credentials` says who the client is.
+    """
 
-class AsyncConnection:
-    """One client connection, for ``asyncio`` handlers (stream or seqpacket)."""
-
-    def __init__(self, sock: socket.socket, peer: Address) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: Address, credentials: PeerCredentials | None = None
+    ) -> None:
         self.sock = sock
         self.peer = peer
+        self._credentials = credentials
         self._loop = asyncio.get_running_loop()
 
     async def recv(self, bufsize: int = _BUFSIZE) -> bytes:
@@ -130,19 +169,25 @@ class AsyncConnection:
         while chunk := await self.recv():
             yield chunk
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
 
 @dataclass(frozen=True)
 class Datagram:
-    """A datagram received by a datagram server; return the reply from the handler."""
+    """A datagram received by a datagram server; return the reply from the handler.
+
+    ``credentials`` is the sender's identity, attached to this very datagram
+    by the kernel (Linux ``SO_PASSCRED``/``SCM_CREDENTIALS``: pid and real
+    uid/gid at send time, no groups, no pidfd); ``None`` where the system
+    has no per-message credentials.
+    """
 
     data: bytes
     sender: Address
+    credentials: PeerCredentials | None = None
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _is_async(handler: Handler) -> bool:
@@ -159,6 +204,23 @@ class Server:
     serving. Use :meth:`serve_forever` in the foreground, or :meth:`start` /
     :meth:`stop` to run it on a background thread. A ``Server`` is a context
     manager that stops and closes it.
+
+    Where the listening socket comes from (``inherit=True``, the default):
+    a predecessor's hand-over (``$AFUNIX_HANDOFF_FD``, see :meth:`hand_over`),
+    else systemd socket activation (``LISTEN_FDS``; the first inherited socket
+    of this server's type), else ``listen(address, ...)``. :attr:`origin` says
+    which. Once accepting, the server sends ``READY=1`` to ``$NOTIFY_SOCKET``
+    (and ``FDSTORE=1`` with the listener when ``fdstore=True``), and
+    ``STOPPING=1`` when it stops; without ``$NOTIFY_SOCKET`` these do nothing.
+    ``on_ready(server)`` is called once accepting.
+
+    Who may connect (UNP 15.8): ``policy=`` (a :class:`~afunix.PeerPolicy`)
+    is checked against the kernel's credentials of every client before the
+    handler sees it, for every model; a refused client is closed (a refused
+    datagram dropped) and logged with its pid, uid, gid and executable.
+    ``verify(sock, peer_address)`` runs after it, for checks of your own.
+    Handlers see the client's identity as ``conn.credentials`` (a
+    :class:`~afunix.PeerCredentials`) or ``datagram.credentials``.
     """
 
     def __init__(
@@ -176,7 +238,12 @@ class Server:
         max_clients: int | None = None,
         shutdown_timeout: float = 5.0,
         verify: Verifier | None = None,
+        policy: PeerPolicy | None = None,
         sock: socket.socket | None = None,
+        inherit: bool = True,
+        fdstore: bool = False,
+        on_ready: Callable[[Server], None] | None = None,
+        event_loop: Literal["asyncio", "uvloop"] = "asyncio",
     ) -> None:
         if model not in ("asyncio", "thread", "fork"):
             raise ValueError(f"unknown model {model!r}: use 'asyncio', 'thread' or 'fork'")
@@ -196,9 +263,20 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.verify = verify
         self.type = socket_type(type)
+        self.on_ready = on_ready
+        self.fdstore = fdstore
+        if event_loop not in ("asyncio", "uvloop"):
+            raise ValueError(f"unknown event loop {event_loop!r}: use 'asyncio' or 'uvloop'")
+        self.event_loop = event_loop
+        #: How the listening socket was obtained: "given", "handoff", "activation", "bound".
+        self.origin = "given"
+        self._takeover: Takeover | None = None
         if sock is not None:
             self.sock: socket.socket = sock
+        elif inherit and (taken := self._inherit()) is not None:
+            self.sock = taken
         else:
+            self.origin = "bound"
             self.sock = listen(
                 address,
                 self.type,
@@ -209,11 +287,19 @@ class Server:
                 parent_mode=parent_mode,
             )
         self.address: Address = Address.from_sockaddr(self.sock.family, self.sock.getsockname())
+        self.policy = policy
+        try:
+            self._dgram_creds = self._setup_credentials()
+        except BaseException:
+            self.sock.close()
+            raise
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
+        #: The successor's pid after a :meth:`hand_over`.
+        self.handed_over_to: int | None = None
         self._ready = threading.Event()
         self._children: set[int] = set()
         self._closed = False
@@ -221,8 +307,85 @@ class Server:
         self._async_stop: asyncio.Event | None = None
         #: Connections served so far (accepted and handed to a handler).
         self.served = 0
-        #: Connections refused by ``verify``.
+        #: Connections (and datagrams) refused by ``policy`` or ``verify``.
         self.rejected = 0
+
+    def _inherit(self) -> socket.socket | None:
+        """A listener from a predecessor (hand-over) or the service manager (activation)."""
+        takeover = take_over()
+        if takeover is not None:
+            self.origin = "handoff"
+            self._takeover = takeover
+            return takeover.sock
+        activated = listen_fds()
+        if not activated:
+            return None
+        mine = [a for a in activated if a.sock.type == self.type]
+        if not mine:
+            for a in activated:
+                a.sock.close()
+            raise AfunixError(
+                errno.EPROTOTYPE,
+                f"socket activation passed {len(activated)} socket(s), none of type "
+                f"{self.type!r} that this server serves",
+            )
+        for extra in activated:
+            if extra is not mine[0]:
+                log.warning("ignoring activated socket %r: one listener per Server", extra.name)
+                extra.sock.close()
+        self.origin = "activation"
+        return mine[0].sock
+
+    def _accepting(self) -> None:
+        """Called once the server accepts: tell whoever waits for that."""
+        self._ready.set()
+        if self._takeover is not None:
+            takeover, self._takeover = self._takeover, None
+            try:
+                takeover.ready()
+            except OSError as exc:  # the old process is gone: nothing to tell
+                log.warning("could not tell the previous server we took over: %s", exc)
+        notify({"READY": 1, "STATUS": f"accepting on {self.address.describe()}"})
+        if self.fdstore:
+            # Park the listener with the service manager: after a restart it comes
+            # back through LISTEN_FDS, and no client sees the socket missing.
+            notify({"FDSTORE": 1, "FDNAME": "afunix-listener"}, fds=[self.sock.fileno()])
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def hand_over(self, argv: list[str] | None = None, timeout: float = 10.0) -> int:
+        """Start a successor, give it the listening socket, then stop accepting.
+
+        The successor (``argv``, by default this process's own command line) finds
+        the socket through ``$AFUNIX_HANDOFF_FD``; a :class:`Server` picks it up
+        by itself. Once it answers READY this server stops accepting, finishes the
+        connections in flight (up to ``shutdown_timeout``) and :meth:`serve_forever`
+        returns. The socket file stays: it belongs to the successor now. Returns
+        the successor's pid; if it fails, raises and this server keeps serving.
+        """
+        pid, channel = spawn_successor(argv)
+        try:
+            offer(channel, self.sock, timeout)
+        except BaseException:
+            reap_failed(pid)
+            raise
+        finally:
+            channel.close()
+        if isinstance(self.sock, Socket):
+            self.sock._bound = None  # the file is the successor's now: never unlink it
+        self.handed_over_to = pid
+        log.info("handed %s over to pid %d", self.address.describe(), pid)
+        self.shutdown()
+        return pid
+
+    def _hand_over_in_background(self) -> None:
+        def run() -> None:
+            try:
+                self.hand_over()
+            except Exception as exc:
+                log.error("hand-over failed, still serving: %s", exc)
+
+        threading.Thread(target=run, name="afunix-handover", daemon=True).start()
 
     # ---------------------------------------------------------------- control
     def serve_forever(self, *, handle_signals: bool | None = None) -> None:
@@ -234,7 +397,19 @@ class Server:
             handle_signals = threading.current_thread() is threading.main_thread()
         try:
             if self.model == "asyncio":
-                asyncio.run(self._serve_async(handle_signals))
+                factory = None
+                if self.event_loop == "uvloop":
+                    try:
+                        import uvloop  # type: ignore[import-not-found, unused-ignore]
+                    except ImportError as exc:
+                        raise AfunixError(
+                            errno.ENOSYS,
+                            "event_loop='uvloop' needs the uvloop package: "
+                            "pip install 'afunix[uvloop]'",
+                        ) from exc
+                    factory = uvloop.new_event_loop
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(self._serve_async(handle_signals))
             else:
                 self._serve_sync(handle_signals)
         finally:
@@ -256,7 +431,10 @@ class Server:
 
     def shutdown(self) -> None:
         """Ask the server to stop (thread- and signal-safe); returns at once."""
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            with contextlib.suppress(OSError):
+                notify({"STOPPING": 1, "STATUS": "stopping: finishing connections in flight"})
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         loop, ev = self._loop, self._async_stop
@@ -299,6 +477,123 @@ class Server:
             self.rejected += 1
         return ok
 
+    def _setup_credentials(self) -> bool:
+        """Check that ``policy`` can work here; ask for per-datagram credentials.
+
+        Returns whether datagrams arrive with their sender's credentials.
+        """
+        if self.policy is not None and self.sock.family != socket.AF_UNIX:
+            raise UnsupportedFeature(
+                f"a peer policy needs the kernel's credentials of each client, which exist "
+                f"only for Unix-domain sockets, not for {self.address.describe()}"
+            )
+        if self.type != socket.SOCK_DGRAM or self.sock.family != socket.AF_UNIX:
+            return False
+        try:
+            enable_credentials(self.sock)
+        except UnsupportedFeature:
+            if self.policy is not None:
+                raise UnsupportedFeature(
+                    "a peer policy on a datagram server needs per-message credentials, "
+                    "which this system does not provide; use a stream socket"
+                ) from None
+            return False
+        return True
+
+    def _policy_allows(self, creds: PeerCredentials | None, peer: Address, what: str) -> bool:
+        """Judge one client against ``policy``; log and count a refusal."""
+        if self.policy is None:
+            return True
+        if creds is None:
+            self.rejected += 1
+            log.warning(
+                "refused %s from %s: it carried no credentials, and the peer policy needs them",
+                what,
+                peer.describe(),
+            )
+            return False
+        decision = self.policy.check(creds)
+        if decision.allowed:
+            log.debug("admitted %s from %s: %s", what, creds.describe(), decision.reason)
+            return True
+        self.rejected += 1
+        exe = ""
+        try:
+            facts = creds.facts()
+        except OSError:
+            pass
+        else:
+            if facts.exe:
+                exe = f", exe {facts.exe}"
+        log.warning(
+            "refused %s from %s%s (%s): %s",
+            what,
+            creds.describe(),
+            exe,
+            peer.describe(),
+            decision.reason,
+        )
+        return False
+
+    def _admit(self, conn: socket.socket, peer: Address) -> tuple[bool, PeerCredentials | None]:
+        """Policy, then ``verify``: whether to serve *conn*, and its credentials if read."""
+        creds = None
+        if self.policy is not None:
+            try:
+                creds = peer_credentials(conn)
+            except OSError as exc:
+                self.rejected += 1
+                log.warning(
+                    "refused connection from %s: its credentials cannot be read (%s)",
+                    peer.describe(),
+                    exc,
+                )
+                return False, None
+            if not self._policy_allows(creds, peer, "connection"):
+                creds.close()
+                return False, None
+        if not self._verify(conn, peer):
+            if creds is not None:
+                creds.close()
+            return False, None
+        return True, creds
+
+    def _recv_datagram(self) -> Datagram | None:
+        """One datagram with its sender's credentials, or ``None`` if it was dropped.
+
+        Raises ``BlockingIOError`` when none is waiting (the socket is non-blocking).
+        """
+        if self._dgram_creds:
+            try:
+                msg = recv_credentials(self.sock, _BUFSIZE)
+            except ProtocolError as exc:
+                log.warning("dropped a datagram: %s", exc)
+                return None
+            dgram = Datagram(msg.data, msg.sender, msg.credentials)
+        else:
+            data, raw = self.sock.recvfrom(_BUFSIZE)
+            dgram = Datagram(data, self._peer(raw))
+        if not self._policy_allows(dgram.credentials, dgram.sender, "datagram"):
+            return None
+        return dgram
+
+    async def _async_recv_datagram(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Datagram | None, None]:
+        """:meth:`_recv_datagram` for the event loop (it has no ``sock_recvmsg``)."""
+        while True:
+            try:
+                return self._recv_datagram(), None
+            except (BlockingIOError, InterruptedError):
+                pass
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = self.sock.fileno()
+            loop.add_reader(fd, _set_done, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+
     def _peer(self, raw: Any) -> Address:
         try:
             return Address.from_sockaddr(self.sock.family, raw)
@@ -313,6 +608,9 @@ class Server:
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: self.shutdown())
+        previous[signal.SIGUSR2] = signal.signal(
+            signal.SIGUSR2, lambda *_: self._hand_over_in_background()
+        )
         try:
             yield
         finally:
@@ -340,7 +638,7 @@ class Server:
             old_chld = signal.signal(signal.SIGCHLD, lambda *_: self._reap())
         try:
             with self._signals(handle_signals):
-                self._ready.set()
+                self._accepting()
                 while not self._stop.is_set():
                     if self.model == "fork":
                         self._reap()
@@ -393,17 +691,21 @@ class Server:
             raise
         conn.setblocking(True)
         peer = self._peer(raw)
-        if not self._verify(conn, peer):
+        ok, creds = self._admit(conn, peer)
+        if not ok:
             conn.close()
             return False
         self.served += 1
         if self.model == "fork":
-            self._fork_child(conn, peer)
+            self._fork_child(conn, peer, creds)
             return False
         with lock:
             conns.add(conn)
         t = threading.Thread(
-            target=self._run_thread, args=(conn, peer, conns, lock, slots), daemon=True
+            target=self._run_thread,
+            args=(conn, peer, conns, lock, slots),
+            kwargs={"creds": creds},
+            daemon=True,
         )
         workers.add(t)
         t.start()
@@ -411,10 +713,11 @@ class Server:
 
     def _serve_datagram_sync(self) -> None:
         try:
-            data, raw = self.sock.recvfrom(_BUFSIZE)
+            dgram = self._recv_datagram()
         except (BlockingIOError, InterruptedError):
             return
-        sender = self._peer(raw)
+        if dgram is None:
+            return
         self.served += 1
         if self.model == "fork":
             pid = os.fork()
@@ -422,7 +725,7 @@ class Server:
                 code = 0
                 try:
                     self._after_fork(keep_listener=True)  # the reply leaves through it
-                    self._reply(data, sender)
+                    self._reply(dgram)
                 except BaseException:
                     log.exception("datagram handler failed")
                     code = 1
@@ -430,11 +733,12 @@ class Server:
                     os._exit(code)
             self._children.add(pid)
         else:
-            self._reply(data, sender)
+            self._reply(dgram)
 
-    def _reply(self, data: bytes, sender: Address) -> None:
+    def _reply(self, dgram: Datagram) -> None:
+        sender = dgram.sender
         try:
-            reply = self.handler(Datagram(data, sender))
+            reply = self.handler(dgram)
         except Exception:
             log.exception("datagram handler raised for sender %s", sender.describe())
             return
@@ -458,15 +762,18 @@ class Server:
         conns: set[socket.socket],
         lock: threading.Lock,
         slots: threading.BoundedSemaphore | None,
+        *,
+        creds: PeerCredentials | None = None,
     ) -> None:
+        connection = Connection(conn, peer, creds)
         try:
-            self.handler(Connection(conn, peer))
+            self.handler(connection)
         except Exception:
             log.exception("handler raised for peer %s", peer.describe())
         finally:
             with lock:
                 conns.discard(conn)
-            conn.close()
+            connection.close()
             if slots is not None:
                 slots.release()
 
@@ -484,22 +791,27 @@ class Server:
         with contextlib.suppress(OSError):
             os.close(fd)
 
-    def _fork_child(self, conn: socket.socket, peer: Address) -> None:
+    def _fork_child(
+        self, conn: socket.socket, peer: Address, creds: PeerCredentials | None = None
+    ) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child; measured through its effects
             code = 0
+            connection = Connection(conn, peer, creds)
             try:
                 self._after_fork()
-                self.handler(Connection(conn, peer))
+                self.handler(connection)
             except BaseException:
                 log.exception("handler raised for peer %s", peer.describe())
                 code = 1
             finally:
                 with contextlib.suppress(OSError):
-                    conn.close()
+                    connection.close()
                 os._exit(code)
         self._children.add(pid)
-        conn.close()  # the parent's copy; the child has its own
+        conn.close()  # the parent's copies; the child has its own
+        if creds is not None:
+            creds.close()
 
     def _reap(self) -> None:
         """``waitpid(pid, WNOHANG)`` for each of our children (the book's SIGCHLD loop)."""
@@ -563,14 +875,15 @@ class Server:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.shutdown)
+            loop.add_signal_handler(signal.SIGUSR2, self._hand_over_in_background)
         try:
-            self._ready.set()
+            self._accepting()
             stopper = asyncio.ensure_future(stop.wait())
             while not stop.is_set():
                 if limit is not None:
                     await limit.acquire()
                 if self.type == socket.SOCK_DGRAM:
-                    getter: Awaitable[Any] = loop.sock_recvfrom(self.sock, _BUFSIZE)
+                    getter: Awaitable[Any] = self._async_recv_datagram(loop)
                 else:
                     getter = loop.sock_accept(self.sock)
                 fut = asyncio.ensure_future(getter)
@@ -579,9 +892,14 @@ class Server:
                     fut.cancel()
                     with contextlib.suppress(asyncio.CancelledError, OSError):
                         await fut
-                    if limit is not None:
-                        limit.release()
-                    break
+                    if fut.cancelled() or fut.exception() is not None:
+                        if limit is not None:
+                            limit.release()
+                        break
+                    # accept() completed while we were stopping: serve that client too
+                    stop_after = True
+                else:
+                    stop_after = False
                 try:
                     first, raw = fut.result()
                 except OSError as exc:
@@ -592,20 +910,31 @@ class Server:
                         await asyncio.sleep(0.1)
                         continue
                     raise
-                peer = self._peer(raw)
                 if self.type == socket.SOCK_DGRAM:
-                    task = asyncio.ensure_future(self._async_datagram(first, peer, limit))
+                    if first is None:  # refused by the policy, or malformed: dropped
+                        if limit is not None:
+                            limit.release()
+                        if stop_after:
+                            break
+                        continue
+                    task = asyncio.ensure_future(self._async_datagram(first, limit))
                 else:
                     conn: socket.socket = first
-                    if not self._verify(conn, peer):
+                    peer = self._peer(raw)
+                    ok, creds = self._admit(conn, peer)
+                    if not ok:
                         conn.close()
                         if limit is not None:
                             limit.release()
+                        if stop_after:
+                            break
                         continue
-                    task = asyncio.ensure_future(self._async_conn(conn, peer, limit))
+                    task = asyncio.ensure_future(self._async_conn(conn, peer, limit, creds))
                 self.served += 1
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                if stop_after:
+                    break
             stopper.cancel()
             self._stop_accepting()
             if tasks:
@@ -617,29 +946,33 @@ class Server:
                     await asyncio.wait(pending, timeout=1.0)
         finally:
             if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
                     loop.remove_signal_handler(sig)
             self._loop = None
 
     async def _async_conn(
-        self, conn: socket.socket, peer: Address, limit: asyncio.Semaphore | None
+        self,
+        conn: socket.socket,
+        peer: Address,
+        limit: asyncio.Semaphore | None,
+        creds: PeerCredentials | None = None,
     ) -> None:
+        connection = AsyncConnection(conn, peer, creds)
         try:
-            await self.handler(AsyncConnection(conn, peer))
+            await self.handler(connection)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("handler raised for peer %s", peer.describe())
         finally:
-            conn.close()
+            connection.close()
             if limit is not None:
                 limit.release()
 
-    async def _async_datagram(
-        self, data: bytes, sender: Address, limit: asyncio.Semaphore | None
-    ) -> None:
+    async def _async_datagram(self, dgram: Datagram, limit: asyncio.Semaphore | None) -> None:
+        sender = dgram.sender
         try:
-            reply = await self.handler(Datagram(data, sender))
+            reply = await self.handler(dgram)
             if reply is not None:
                 if sender.kind.value == "unnamed":
                     log.warning("cannot reply to a datagram from an unbound socket")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from typing import Any
 
@@ -21,7 +23,11 @@ def register(sub: Any) -> None:
             "seqpacket sockets, each datagram is sent back to its sender on datagram "
             "sockets. A stale socket file at ADDR is replaced; a live one is refused. "
             "SIGTERM or Ctrl-C stops accepting, lets connections finish "
-            "(--shutdown-timeout) and removes the socket file."
+            "(--shutdown-timeout) and removes the socket file. SIGUSR2 restarts without "
+            "downtime: the same command is started again, takes over the listening socket "
+            "(passed with SCM_RIGHTS), and this process finishes its connections and exits. "
+            "Under systemd socket activation (LISTEN_FDS) the inherited socket is used "
+            "instead of binding ADDR, and READY=1/STOPPING=1 go to NOTIFY_SOCKET."
         ),
         epilog="Example: afunix serve /tmp/echo.sock --model fork --mode 660 --group staff",
     )
@@ -42,6 +48,19 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--shutdown-timeout", type=float, default=5.0, help="seconds to let clients finish"
     )
+    p.add_argument("--pidfile", help="write this process's pid here once accepting")
+    p.add_argument(
+        "--nofile",
+        type=int,
+        metavar="N",
+        help="raise the descriptor limit (RLIMIT_NOFILE) to N, for many connections",
+    )
+    p.add_argument("--uvloop", action="store_true", help="use uvloop (async model; extra)")
+    p.add_argument(
+        "--fdstore",
+        action="store_true",
+        help="park the listener with systemd (FDSTORE=1) so restarts keep it",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log each connection")
     p.set_defaults(func=cmd_serve)
 
@@ -58,6 +77,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     model: Model = "asyncio" if args.model == "async" else args.model
+    if args.nofile is not None:
+        from .load import raise_nofile
+
+        got = raise_nofile(args.nofile)
+        if got < args.nofile:
+            raise OSError(
+                errno.EPERM,
+                f"cannot raise the descriptor limit to {args.nofile}: the hard limit is {got}",
+            )
     sock_type = socket_type(args.type)
     server = Server(
         args.address,
@@ -71,12 +99,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parent_mode=args.parent_mode,
         max_clients=args.max_clients,
         shutdown_timeout=args.shutdown_timeout,
+        fdstore=args.fdstore,
+        event_loop="uvloop" if args.uvloop else "asyncio",
+        on_ready=lambda srv: _write_pidfile(args.pidfile),
     )
     print(
-        f"afunix: serving {args.type} on {server.address.describe()} (model {model}); "
+        f"afunix: serving {args.type} on {server.address.describe()} (model {model}, "
+        f"socket {server.origin}); "
         "Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
     )
     server.serve_forever()
+    if server.handed_over_to is not None:
+        print(
+            f"afunix: handed over to pid {server.handed_over_to}; exiting",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
+
+
+def _write_pidfile(path: str | None) -> None:
+    if path is None:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)  # atomic: readers see the old pid or the new one

@@ -1,0 +1,291 @@
+"""``afunix load ADDR``: drive an echo server with many clients; report latency and errors.
+
+Two modes:
+
+* ``--clients N --duration S``: N busy clients, each on its own connection, send a
+  request of ``--size`` bytes and wait for its echo, over and over, for S seconds.
+  Reports requests per second, latency percentiles, and every error by errno.
+* ``--hold N``: open N connections at once, echo one message over each, keep them
+  all open for ``--duration`` seconds, then close them. With ``--server-pid`` it
+  reports the server's memory per connection (``VmRSS`` from ``/proc``).
+
+The client raises its own descriptor limit (``RLIMIT_NOFILE``) to the hard limit
+when N needs it; the server needs the same (``afunix serve --nofile N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import resource
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._address import Address
+from ._common import address_arg, print_json
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "load",
+        help="load-test an echo server: latency percentiles, errors, connections held",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("address", type=address_arg, metavar="ADDR", help="an echo server")
+    p.add_argument("--clients", type=int, default=100, help="busy clients (default 100)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--size", type=int, default=64, help="request size in bytes (default 64)")
+    p.add_argument("--hold", type=int, metavar="N", help="hold N connections open instead")
+    p.add_argument("--server-pid", type=int, help="report this server's memory (with --hold)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_load)
+
+
+@dataclass
+class Report:
+    mode: str
+    clients: int
+    duration_s: float
+    requests: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies_ns: list[int] = field(default_factory=list)
+    held: int = 0
+    rss_before_kib: int | None = None
+    rss_after_kib: int | None = None
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile in microseconds (nearest rank)."""
+        if not self.latencies_ns:
+            return float("nan")
+        data = sorted(self.latencies_ns)
+        k = min(len(data) - 1, max(0, round(q / 100 * len(data) + 0.5) - 1))
+        return data[k] / 1000
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "clients": self.clients,
+            "duration_s": round(self.duration_s, 3),
+            "requests": self.requests,
+            "errors": dict(self.errors),
+        }
+        if self.mode == "busy":
+            out["requests_per_s"] = round(self.requests / self.duration_s, 1)
+            out["latency_us"] = {
+                f"p{q:g}": round(self.percentile(q), 1) for q in (50, 90, 99, 99.9)
+            }
+            out["latency_us"]["max"] = round(max(self.latencies_ns, default=0) / 1000, 1)
+        else:
+            out["held"] = self.held
+            if self.rss_before_kib is not None and self.rss_after_kib is not None:
+                delta = self.rss_after_kib - self.rss_before_kib
+                out["server_rss_kib"] = {"before": self.rss_before_kib, "after": self.rss_after_kib}
+                out["server_kib_per_connection"] = round(delta / max(self.held, 1), 2)
+        return out
+
+
+def raise_nofile(needed: int) -> int:
+    """Raise the soft descriptor limit to at least *needed* (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def _errname(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+async def _open(addr: Address) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(addr.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        if addr.is_unix:
+            # A full listen queue makes a non-blocking AF_UNIX connect fail with
+            # EAGAIN: nothing is in progress (unlike TCP's EINPROGRESS), so
+            # asyncio's sock_connect would wrongly report success. Retry instead.
+            delay = 0.0005
+            while True:
+                try:
+                    sock.connect(addr.sockaddr)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+        else:
+            await loop.sock_connect(sock, addr.sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _echo_once(sock: socket.socket, payload: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, payload)
+    got = 0
+    while got < len(payload):
+        chunk = await loop.sock_recv(sock, len(payload) - got)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "server closed the connection")
+        got += len(chunk)
+
+
+async def _busy_client(addr: Address, payload: bytes, deadline: float, report: Report) -> None:
+    try:
+        sock = await _open(addr)
+    except OSError as exc:
+        report.errors[_errname(exc)] += 1
+        return
+    try:
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter_ns()
+            try:
+                await _echo_once(sock, payload)
+            except OSError as exc:
+                report.errors[_errname(exc)] += 1
+                return
+            report.latencies_ns.append(time.perf_counter_ns() - t0)
+            report.requests += 1
+    finally:
+        sock.close()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise OSError(errno.ESRCH, f"no VmRSS for pid {pid}")
+
+
+async def _progress(label: str, seconds: float, enabled: bool) -> None:
+    if not enabled:
+        return
+    try:
+        from rich.progress import Progress
+    except ImportError:  # pragma: no cover - rich is in the cli extra
+        return
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=seconds)
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            progress.update(task, completed=elapsed)
+            await asyncio.sleep(0.1)
+
+
+async def run_busy(
+    addr: Address, clients: int, duration: float, size: int, progress: bool
+) -> Report:
+    report = Report("busy", clients, duration)
+    payload = b"x" * size
+    start = time.monotonic()
+    deadline = start + duration
+    ticker = asyncio.ensure_future(_progress(f"{clients} clients", duration, progress))
+    await asyncio.gather(*(_busy_client(addr, payload, deadline, report) for _ in range(clients)))
+    ticker.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ticker
+    report.duration_s = time.monotonic() - start
+    return report
+
+
+async def run_hold(
+    addr: Address, count: int, duration: float, server_pid: int | None, progress: bool
+) -> Report:
+    report = Report("hold", count, duration)
+    if server_pid is not None:
+        report.rss_before_kib = _rss_kib(server_pid)
+    socks: list[socket.socket] = []
+    sem = asyncio.Semaphore(256)  # do not overrun the listen queue all at once
+
+    async def one() -> None:
+        async with sem:
+            try:
+                sock = await _open(addr)
+            except OSError as exc:
+                report.errors[_errname(exc)] += 1
+                return
+            socks.append(sock)
+            try:
+                await _echo_once(sock, b"held\n")
+            except OSError as exc:
+                report.errors[_errname(exc)] += 1
+                return
+            report.requests += 1
+
+    start = time.monotonic()
+    try:
+        await asyncio.gather(*(one() for _ in range(count)))
+        report.held = sum(1 for s in socks if s.fileno() >= 0)
+        await _progress(f"holding {report.held} connections", duration, progress)
+        if not progress:
+            await asyncio.sleep(duration)
+        if server_pid is not None:
+            report.rss_after_kib = _rss_kib(server_pid)
+        # Every held connection still works at the end.
+        ok = await asyncio.gather(*(_echo_once(s, b"ok\n") for s in socks), return_exceptions=True)
+        for result in ok:
+            if isinstance(result, BaseException):
+                report.errors[_errname(result)] += 1
+    finally:
+        for s in socks:
+            s.close()
+    report.duration_s = time.monotonic() - start
+    return report
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    addr: Address = args.address
+    if args.clients < 1 or args.size < 1 or args.duration <= 0:
+        raise ValueError("--clients and --size must be at least 1, --duration positive")
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.hold is not None:
+        raise_nofile(args.hold + 64)
+        report = asyncio.run(run_hold(addr, args.hold, args.duration, args.server_pid, progress))
+    else:
+        raise_nofile(args.clients + 64)
+        report = asyncio.run(run_busy(addr, args.clients, args.duration, args.size, progress))
+    data = report.as_dict()
+    if args.json:
+        print_json(data)
+    else:
+        _print_table(data)
+    return 1 if report.errors else 0
+
+
+def _print_table(data: dict[str, Any]) -> None:
+    rows = []
+    for key, value in data.items():
+        shown = (
+            ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+            if isinstance(value, dict)
+            else str(value)
+        )
+        rows.append((key.replace("_", " "), shown))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        for k, v in rows:
+            print(f"{k:>28}: {v}")
+        return
+    table = Table(title=f"afunix load ({data['mode']})", show_header=False)
+    table.add_column(justify="right", style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
