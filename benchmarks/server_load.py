@@ -95,11 +95,8 @@ def main() -> int:
         p99 = statistics.median(r["busy"]["latency_us"]["p99"] for r in runs)
         errors = sum(sum(r["busy"]["errors"].values()) for r in runs)
         holds = [r["hold"] for r in runs if r["hold"]]
-        held = (
-            f"{min(h['held'] for h in holds)} ({sum(sum(h['errors'].values()) for h in holds)} errors)"
-            if holds
-            else "-"
-        )
+        hold_errors = sum(sum(h["errors"].values()) for h in holds)
+        held = f"{min(h['held'] for h in holds)} ({hold_errors} errors)" if holds else "-"
         kib = (
             f"{statistics.median(h['server_kib_per_connection'] for h in holds):.2f}"
             if holds
