@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ._common import run
+from ._common import BadArgument, report_error, run
 
 #: Command modules, in the order ``--help`` lists them.
 COMMANDS = [
@@ -21,6 +21,9 @@ COMMANDS = [
     "pair",
     "serve",
     "connect",
+    "creds",
+    "load",
+    "bench",
     "tour",
 ]
 
@@ -46,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``afunix`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BadArgument as bad:  # e.g. a path too long: one line, not a usage message
+        return report_error(bad.error, debug="--debug" in argv)
     return run(args)
 
 

@@ -8,7 +8,7 @@ import stat
 from typing import Any
 
 from .._sockets import listen
-from ._common import SOCKET_TYPES, address_arg, mode_arg, print_json
+from ._common import SOCKET_TYPES, address_arg, mode_arg, print_json, print_line
 
 
 def register(sub: Any) -> None:
@@ -48,7 +48,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            print(f"bound name = {addr.describe()}, returned len = {length}")
+            print_line(f"bound name = {addr.describe()}, returned len = {length}")
             if mode is not None:
                 print(f"mode = {mode:04o} ({stat.filemode(stat.S_IFSOCK | mode)})")
             else:

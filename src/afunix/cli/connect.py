@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import socket
@@ -11,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from .._errors import AfunixError, strerror
 from .._sockets import Socket, connect
 from ._common import SOCKET_TYPES, address_arg
 
@@ -57,9 +59,30 @@ def _pump_stdin(sock: Socket, per_line: bool, sent: list[int], errors: list[Base
         if sock.type != socket.SOCK_DGRAM:
             sock.shutdown(socket.SHUT_WR)
     except BaseException as exc:  # reported by the main thread
-        errors.append(exc)
+        errors.append(_explain(exc, sock))
     finally:
         sent.append(-1)  # marks end of input
+
+
+def _explain(exc: BaseException, sock: Socket) -> BaseException:
+    """Name the server when it drops the connection (EPIPE/ECONNRESET).
+
+    Without this a server closing early would surface as a bare "Connection
+    reset by peer", or worse as a ``BrokenPipeError`` that the CLI takes for a
+    closed standard output and exits 141 without a word.
+    """
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+        try:
+            where = sock.peer_address.describe()
+        except OSError:
+            where = "the server"
+        err = exc.errno or errno.ECONNRESET
+        return AfunixError(
+            err,
+            f"connection to {where} closed by the server before it read all the input "
+            f"({strerror(err)})",
+        )
+    return exc
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -87,7 +110,10 @@ def cmd_connect(args: argparse.Namespace) -> int:
             ready, _, _ = select.select([sock], [], [], 0.05)
             if not ready:
                 continue
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except OSError as exc:
+                raise _explain(exc, sock) from exc
             if not data and sock.type != socket.SOCK_DGRAM:
                 break
             received += 1
