@@ -6,9 +6,11 @@ descriptors of the test process must be the same after the test as before.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,3 +99,43 @@ def wait_for_path(path: Path | str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout}s")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def background(
+    argv: list[str], log: Path, ready: Callable[[], bool]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run *argv* (stderr to *log*) until the block ends; wait until *ready()*.
+
+    At the end the process gets SIGTERM (if still running) and is reaped.
+    """
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{argv[:4]} did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.01)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hung server
+            proc.kill()
+            proc.wait()
+
+
+def serving(
+    sockdir: Path, address: str, *opts: str
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """``afunix serve ADDRESS OPTS`` in the background, logging to ``sockdir/serve.log``;
+    ready once it says it is serving."""
+    log = sockdir / "serve.log"
+    return background(
+        afunix_cmd("serve", address, *opts), log, lambda: b"serving" in log.read_bytes()
+    )

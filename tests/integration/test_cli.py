@@ -9,7 +9,6 @@ status (the errno), a traceback only with ``--debug``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -20,12 +19,12 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ..conftest import afunix_cmd
+from ..conftest import afunix_cmd, serving
 
 MODELS = ["async", "thread", "fork"]
 TYPES = ["stream", "dgram", "seqpacket"]
@@ -37,34 +36,6 @@ def afunix(
     return subprocess.run(
         afunix_cmd(*args), input=data, capture_output=True, timeout=15, check=False, cwd=cwd
     )
-
-
-@contextlib.contextmanager
-def serving(sockdir: Path, address: str, *opts: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``afunix serve ADDRESS OPTS`` in the background; stderr goes to ``sockdir/serve.log``."""
-    log = sockdir / "serve.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            afunix_cmd("serve", address, *opts),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while b"serving" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"afunix serve did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.01)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a hung server
-            proc.kill()
-            proc.wait()
 
 
 def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:

@@ -16,15 +16,14 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ..conftest import afunix_cmd, wait_for_path
+from ..conftest import afunix_cmd, background, serving, wait_for_path
 
 MODELS = ["async", "thread", "fork"]
 LINES = b"hello world\nsecond line\n\xff\xfe not utf-8\n"
@@ -34,42 +33,6 @@ def run(
     argv: list[str], data: bytes = b"", timeout: float = 10
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(argv, input=data, capture_output=True, timeout=timeout, check=False)
-
-
-@contextlib.contextmanager
-def background(
-    argv: list[str], log: Path, ready: Callable[[], bool]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run *argv* (stderr to *log*) until the block ends; wait until *ready()*."""
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while not ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{argv[:4]} did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.01)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a hung server
-            proc.kill()
-            proc.wait()
-
-
-def serve(
-    sockdir: Path, address: str, *opts: str
-) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """``afunix serve ADDRESS OPTS``; ready once it says it is serving."""
-    log = sockdir / "serve.log"
-    return background(
-        afunix_cmd("serve", address, *opts), log, lambda: b"serving" in log.read_bytes()
-    )
 
 
 def require(tool: str) -> None:
@@ -86,7 +49,7 @@ def test_stream_echo_server_with_socat_nc_and_c_str_cli(
     require("nc")
     str_cli = cbuild("unp_str_cli")
     path = str(sockdir / "echo.sock")
-    with serve(sockdir, path, "--model", model) as proc:
+    with serving(sockdir, path, "--model", model) as proc:
         got = run(["socat", "-", f"UNIX-CONNECT:{path}"], LINES)
         assert (got.returncode, got.stdout) == (0, LINES), got.stderr
         got = run(["nc", "-U", "-N", path], LINES)
@@ -105,7 +68,7 @@ def test_seqpacket_echo_server_with_socat_and_c_str_cli(
     require("socat")
     str_cli = cbuild("unp_str_cli")
     path = str(sockdir / "seq.sock")
-    with serve(sockdir, path, "--type", "seqpacket", "--model", model) as proc:
+    with serving(sockdir, path, "--type", "seqpacket", "--model", model) as proc:
         # socktype=5 is SOCK_SEQPACKET; socat sends its input as one record.
         got = run(["socat", "-", f"UNIX-CONNECT:{path},socktype=5"], LINES)
         assert (got.returncode, got.stdout) == (0, LINES), got.stderr
@@ -137,7 +100,7 @@ def test_c_str_cli_reports_a_server_that_closes_early(
 def test_abstract_echo_server_with_socat(sockdir: Path) -> None:
     require("socat")
     name = f"afx-test-{os.getpid()}-{secrets.token_hex(4)}"
-    with serve(sockdir, f"@{name}", "--model", "thread"):
+    with serving(sockdir, f"@{name}", "--model", "thread"):
         got = run(["socat", "-", f"ABSTRACT-CONNECT:{name}"], LINES)
         assert (got.returncode, got.stdout) == (0, LINES), got.stderr
         mine = run(afunix_cmd("connect", f"unix-abstract:{name}"), LINES)
@@ -152,7 +115,7 @@ def test_datagram_echo_server_with_c_client_that_binds_a_path(
     dg_cli = cbuild("unp_dg_cli")
     path = str(sockdir / "dg.sock")
     client_path = str(sockdir / "client.sock")
-    with serve(sockdir, path, "--type", "dgram", "--model", model) as proc:
+    with serving(sockdir, path, "--type", "dgram", "--model", model) as proc:
         # The C client checks that each reply comes from the server's path.
         got = run([str(dg_cli), path, client_path], LINES)
         assert (got.returncode, got.stdout) == (0, LINES), got.stderr

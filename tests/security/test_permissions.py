@@ -9,52 +9,20 @@ afunix, decides.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import grp
 import os
 import pwd
-import signal
 import stat
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import NOBODY, afunix_cmd
+from ..conftest import NOBODY, afunix_cmd, serving
 
 NOBODY_UID = NOBODY_GID = 65534
 TYPES = ["stream", "dgram", "seqpacket"]
-
-
-@contextlib.contextmanager
-def serving(sockdir: Path, address: str, *opts: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``afunix serve ADDRESS OPTS`` (as root) in the background, logging to ``serve.log``."""
-    log = sockdir / "serve.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            afunix_cmd("serve", address, *opts),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while b"serving" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"afunix serve did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.01)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a hung server
-            proc.kill()
-            proc.wait()
 
 
 def connect_as_nobody(
