@@ -17,7 +17,7 @@ import pytest
 
 import afunix
 
-from ..conftest import afunix_cmd, wait_for_path
+from ..conftest import afunix_cmd, serving, wait_for_path
 
 MODELS = ["async", "thread", "fork"]
 
@@ -45,25 +45,11 @@ def _settle(fn, expected, timeout: float = 5.0):  # type: ignore[no-untyped-def]
 
 @contextmanager
 def cli_server(path: Path, *args: str, limit_nofile: int | None = None) -> Iterator[int]:
-    log = open(path.with_suffix(".log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        afunix_cmd("serve", str(path), *args),
-        stderr=log,
-    )
-    log.close()
-    try:
-        wait_for_path(path)
+    """``afunix serve`` in the background (log: serve.log beside *path*); yields its pid."""
+    with serving(path.parent, str(path), *args) as proc:
         if limit_nofile is not None:
             resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (limit_nofile, limit_nofile))
         yield proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _echo(path: Path, data: bytes = b"ping") -> bytes:
@@ -159,4 +145,4 @@ def test_descriptor_exhaustion_recovers(sockdir: Path, model: str) -> None:
                 s.close()
         assert _echo(path, b"served after the flood") == b"served after the flood"
         assert _settle(lambda: _fd_count(pid), baseline) == baseline
-    assert "Too many open files" in path.with_suffix(".log").read_text()  # it did run out
+    assert "Too many open files" in (sockdir / "serve.log").read_text()  # it did run out
