@@ -525,13 +525,9 @@ class Server:
         else:
             if facts.exe:
                 exe = f", exe {facts.exe}"
+        where = "" if peer.kind.value == "unnamed" else f" at {peer.describe()}"
         log.warning(
-            "refused %s from %s%s (%s): %s",
-            what,
-            creds.describe(),
-            exe,
-            peer.describe(),
-            decision.reason,
+            "refused %s from %s%s%s: %s", what, creds.describe(), exe, where, decision.reason
         )
         return False
 

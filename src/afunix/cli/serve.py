@@ -12,6 +12,7 @@ from typing import Any
 from .._sockets import socket_type
 from ..server import Handler, Model, Server, echo_handler
 from ._common import SOCKET_TYPES, address_arg, mode_arg
+from .creds import add_serve_options, policy_from_args, show_creds_handler
 
 
 def register(sub: Any) -> None:
@@ -62,11 +63,20 @@ def register(sub: Any) -> None:
         help="park the listener with systemd (FDSTORE=1) so restarts keep it",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log each connection")
+    add_serve_options(p)
+    p.add_argument(
+        "--show-fds",
+        action="store_true",
+        help="instead of echoing, print each message's size and every descriptor passed "
+        "with it (number, kind, path, inode, open mode), then close it (UNP 15.7)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def pick_handler(args: argparse.Namespace, model: Model, sock_type: int) -> Handler:
     """The handler the options ask for (echo unless a --show-* option is given)."""
+    if args.show_creds:
+        return show_creds_handler(model, sock_type, policy_from_args(args))
     return echo_handler(model, sock_type)
 
 
@@ -76,6 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="afunix serve: %(message)s",
         stream=sys.stderr,
     )
+    if args.show_fds:
+        from ._show_fds import serve_show_fds
+
+        return serve_show_fds(args)
     model: Model = "asyncio" if args.model == "async" else args.model
     if args.nofile is not None:
         from .load import raise_nofile
@@ -102,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fdstore=args.fdstore,
         event_loop="uvloop" if args.uvloop else "asyncio",
         on_ready=lambda srv: _write_pidfile(args.pidfile),
+        policy=policy_from_args(args),
     )
     print(
         f"afunix: serving {args.type} on {server.address.describe()} (model {model}, "
@@ -110,6 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if server.policy is not None:
+        print(f"afunix: peer policy: {server.policy.describe()}", file=sys.stderr, flush=True)
     server.serve_forever()
     if server.handed_over_to is not None:
         print(

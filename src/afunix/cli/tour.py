@@ -31,7 +31,7 @@ from .._sockets import connect, listen
 from ..server import Server, async_echo, datagram_echo, echo
 
 #: Modules that add sections after the foundation's (imported for their ``@section``s).
-SECTION_MODULES: list[str] = []
+SECTION_MODULES: list[str] = ["afunix.cli.tour_creds"]
 
 
 @dataclass

@@ -1,0 +1,594 @@
+"""Who is on the other end: peer and per-message credentials (UNP 15.8).
+
+Two ways to learn a peer's identity, both vouched for by the kernel:
+
+*Peer credentials* (:func:`peer_credentials`): on a connected stream or
+seqpacket socket (or a ``socketpair``), the kernel records who connected.
+One function, with one implementation per system chosen once at import (by
+feature test): Linux ``SO_PEERCRED`` + ``SO_PEERGROUPS`` + ``SO_PEERPIDFD``,
+FreeBSD/DragonFly ``LOCAL_PEERCRED``, macOS ``LOCAL_PEERCRED`` +
+``LOCAL_PEERPID``, NetBSD ``LOCAL_PEEREID``, OpenBSD ``SO_PEERCRED``;
+anywhere else a clear :class:`~afunix.UnsupportedFeature`.
+
+*Per-message credentials* (:func:`enable_credentials`,
+:func:`recv_credentials`, :func:`send_credentials`): the kernel attaches the
+sender's identity to each message. This is the only way for datagram
+sockets, which have no connection. On Linux (``SO_PASSCRED`` +
+``SCM_CREDENTIALS``) a sender may claim other ids only with privilege; an
+unprivileged forgery is refused by the kernel and raised here as
+:class:`CredentialsRefused`.
+
+On Linux a :class:`PeerCredentials` can hold a *pidfd*: a handle on the peer
+process that, unlike its pid number, is never recycled. With it afunix can
+tell when the peer has exited and read ``/proc`` facts about it
+(:meth:`PeerCredentials.facts`: executable, command line, cgroup) knowing they
+belong to the peer and not to a process that inherited its pid.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import grp
+import os
+import pwd
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._address import Address, AddressLike
+from ._credstructs import DecodedCredentials
+from ._errors import AfunixError, ProtocolError, UnsupportedFeature
+
+__all__ = [
+    "CredentialsMessage",
+    "CredentialsRefused",
+    "PeerCredentials",
+    "PeerGone",
+    "ProcessFacts",
+    "credential_mechanisms",
+    "credentials_from_ancillary",
+    "enable_credentials",
+    "message_credentials",
+    "peer_credentials",
+    "recv_credentials",
+    "send_credentials",
+]
+
+
+class _Backend(Protocol):
+    """What each platform module (``_creds_linux`` and friends) provides."""
+
+    NAME: str
+    PEER_MECHANISM: str
+    MESSAGE_MECHANISM: str | None
+    CREDENTIALS_SPACE: int
+
+    def peer(
+        self, sock: socket.socket, want_pidfd: bool
+    ) -> tuple[DecodedCredentials, int | None]: ...
+    def has_pidfd(self) -> bool | None: ...
+    def pidfd_exited(self, pidfd: int, timeout: float | None = 0.0) -> bool: ...
+    def pidfd_pid(self, pidfd: int) -> int | None: ...
+    def process_facts(
+        self, pid: int, pidfd: int | None
+    ) -> tuple[str | None, tuple[str, ...] | None, str | None, bool]: ...
+    def enable_passcred(self, sock: socket.socket, on: bool, pidfd: bool) -> None: ...
+    def send_cmsg(
+        self, pid: int | None, uid: int | None, gid: int | None
+    ) -> tuple[int, int, bytes]: ...
+    def decode_cmsg(self, level: int, kind: int, data: bytes) -> DecodedCredentials | None: ...
+    def is_pidfd_cmsg(self, level: int, kind: int) -> bool: ...
+
+
+def _choose() -> _Backend:
+    """Pick the implementation once, by what the socket module offers."""
+    if all(hasattr(socket, n) for n in ("SO_PEERCRED", "SO_PASSCRED", "SCM_CREDENTIALS")):
+        from . import _creds_linux
+
+        return _creds_linux
+    if sys.platform == "darwin":  # pragma: no cover - not this machine
+        from . import _creds_macos
+
+        return _creds_macos
+    if sys.platform.startswith(("freebsd", "dragonfly", "netbsd", "openbsd")):  # pragma: no cover
+        from . import _creds_bsd
+
+        return _creds_bsd
+    from . import _creds_unsupported  # pragma: no cover
+
+    return _creds_unsupported  # pragma: no cover
+
+
+_backend: _Backend = _choose()
+
+
+# ------------------------------------------------------------------ errors
+class CredentialsRefused(AfunixError):
+    """The kernel refused the credentials this process tried to send.
+
+    ``errno`` is ``EPERM`` when the sender claimed ids (or a pid) that are not
+    its own without the privilege to do so, ``ESRCH`` when the claimed pid
+    names no process. The message was *not* sent.
+    """
+
+
+class PeerGone(AfunixError):
+    """The peer process has exited, so facts about it can no longer be read safely.
+
+    ``errno`` is ``ESRCH``. Its pid may already name another process.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ESRCH, message)
+
+
+# ------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class ProcessFacts:
+    """What ``/proc`` says about a peer process, for logs and policy.
+
+    ``verified`` is true when a pidfd confirmed, *after* reading, that the
+    pid still named the peer (so no other process could have inherited the
+    pid meanwhile). Facts the system would not show (another user's
+    executable without privilege, no ``/proc``) are ``None``.
+    """
+
+    pid: int
+    exe: str | None
+    cmdline: tuple[str, ...] | None
+    cgroup: str | None
+    verified: bool
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except (KeyError, OverflowError):
+        return None
+
+
+class PeerCredentials:
+    """The identity of a peer, as the kernel reported it.
+
+    Attributes:
+        pid: the peer's process id in this process's pid namespace, or
+            ``None`` where the system does not say (DragonFly, FreeBSD < 13)
+            or the peer lives in a pid namespace this one cannot see.
+        uid, gid: the peer's ids. Peer credentials (``SO_PEERCRED``,
+            ``LOCAL_PEERCRED``) report *effective* ids at connect time;
+            Linux per-message credentials report what the sender attached,
+            by default its *real* ids at send time.
+        groups: supplementary groups where the kernel gives them
+            (``SO_PEERGROUPS``, ``xucred``), else ``None``.
+        pidfd: on Linux 6.5+, a descriptor naming the peer process (owned by
+            this object: :meth:`close` it, or use ``with``), else ``None``.
+        mechanism: how the kernel told us, e.g. ``"SO_PEERCRED"``.
+
+    Equality and hashing use ``(pid, uid, gid, groups)``.
+    """
+
+    __slots__ = ("_pidfd", "gid", "groups", "mechanism", "pid", "uid")
+
+    def __init__(
+        self,
+        pid: int | None,
+        uid: int,
+        gid: int,
+        groups: tuple[int, ...] | None = None,
+        pidfd: int | None = None,
+        *,
+        mechanism: str = "",
+    ) -> None:
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.groups = None if groups is None else tuple(groups)
+        self.mechanism = mechanism
+        self._pidfd = pidfd
+
+    @classmethod
+    def _from_decoded(
+        cls, dec: DecodedCredentials, pidfd: int | None, mechanism: str
+    ) -> PeerCredentials:
+        return cls(dec.pid, dec.uid, dec.gid, dec.groups, pidfd, mechanism=mechanism)
+
+    # ------------------------------------------------------------ identity
+    @property
+    def pidfd(self) -> int | None:
+        """The pidfd (still owned by this object), or ``None``."""
+        return self._pidfd
+
+    @property
+    def user(self) -> str | None:
+        """The user name of :attr:`uid`, if the user database knows it."""
+        return _user_name(self.uid)
+
+    @property
+    def group(self) -> str | None:
+        """The group name of :attr:`gid`, if the group database knows it."""
+        return _group_name(self.gid)
+
+    def describe(self) -> str:
+        """``"pid 123, uid 65534 (nobody), gid 65534 (nogroup)"`` for logs."""
+        user, group = self.user, self.group
+        parts = [
+            f"pid {self.pid if self.pid is not None else '?'}",
+            f"uid {self.uid}" + (f" ({user})" if user else ""),
+            f"gid {self.gid}" + (f" ({group})" if group else ""),
+        ]
+        if self.groups:
+            parts.append("groups " + ",".join(map(str, self.groups)))
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (no descriptor numbers)."""
+        return {
+            "pid": self.pid,
+            "uid": self.uid,
+            "user": self.user,
+            "gid": self.gid,
+            "group": self.group,
+            "groups": None if self.groups is None else list(self.groups),
+            "mechanism": self.mechanism,
+            "pidfd": self._pidfd is not None,
+        }
+
+    def _key(self) -> tuple[int | None, int, int, tuple[int, ...] | None]:
+        return (self.pid, self.uid, self.gid, self.groups)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PeerCredentials):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fd = f", pidfd={self._pidfd}" if self._pidfd is not None else ""
+        return (
+            f"PeerCredentials(pid={self.pid}, uid={self.uid}, gid={self.gid}, "
+            f"groups={self.groups}{fd})"
+        )
+
+    # ------------------------------------------------------- the process
+    def _need_pidfd(self, what: str) -> int:
+        if self._pidfd is None:
+            raise UnsupportedFeature(
+                f"{what} needs a pidfd, and these credentials have none (Linux 6.5+ "
+                "SO_PEERPIDFD, or enable_credentials(..., pidfd=True) for messages)"
+            )
+        return self._pidfd
+
+    def exited(self, timeout: float | None = 0.0) -> bool:
+        """Whether the peer process has exited, waiting up to *timeout* seconds.
+
+        ``timeout=None`` waits for as long as it takes. Needs a pidfd: a pid
+        number alone cannot answer this (it may already name another process).
+        """
+        return _backend.pidfd_exited(self._need_pidfd("telling whether the peer exited"), timeout)
+
+    def current_pid(self) -> int | None:
+        """The pid the pidfd names now: :attr:`pid` while the peer lives, ``None`` once reaped."""
+        return _backend.pidfd_pid(self._need_pidfd("following the peer process"))
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the peer through its pidfd: never a process that reused its pid.
+
+        Raises ``ProcessLookupError`` if the peer has exited.
+        """
+        signal.pidfd_send_signal(self._need_pidfd("signalling the peer safely"), sig)
+
+    def facts(self) -> ProcessFacts:
+        """Executable, command line and cgroup of the peer, read from ``/proc``.
+
+        With a pidfd, the facts are checked to belong to the peer
+        (``verified``); without one (old kernels, per-message credentials)
+        they are read on trust in the pid (``verified=False``). Raises
+        :class:`PeerGone` if the peer has exited, and
+        :class:`~afunix.UnsupportedFeature` if the pid is unknown.
+        """
+        if self.pid is None:
+            raise UnsupportedFeature("the peer's pid is unknown, so /proc cannot be consulted")
+        try:
+            exe, cmdline, cgroup, verified = _backend.process_facts(self.pid, self._pidfd)
+        except ProcessLookupError as exc:
+            raise PeerGone(
+                f"peer pid {self.pid} has exited; its /proc entry is gone or may "
+                "already belong to another process"
+            ) from exc
+        return ProcessFacts(self.pid, exe, cmdline, cgroup, verified)
+
+    # --------------------------------------------------------- ownership
+    def detach_pidfd(self) -> int | None:
+        """Hand the pidfd over to the caller (who must close it)."""
+        fd, self._pidfd = self._pidfd, None
+        return fd
+
+    def close(self) -> None:
+        """Close the pidfd, if any. The ids stay readable."""
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> PeerCredentials:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Like a socket object: a forgotten descriptor is closed, not leaked.
+        if getattr(self, "_pidfd", None) is not None:
+            self.close()
+
+
+# ------------------------------------------------------ peer credentials
+def peer_credentials(sock: socket.socket, *, pidfd: bool = True) -> PeerCredentials:
+    """The credentials of the peer of a connected Unix-domain socket.
+
+    Works on accepted and connected stream and seqpacket sockets and on both
+    ends of a ``socketpair``. The identity is the one the peer had when the
+    connection was made. On Linux 6.5+ the result carries a pidfd (pass
+    ``pidfd=False`` not to take one); close it with
+    :meth:`PeerCredentials.close` or a ``with`` block.
+
+    Raises :class:`~afunix.UnsupportedFeature` for TCP sockets and on
+    systems without peer credentials, and ``ENOTCONN`` (an
+    :class:`~afunix.AfunixError`) for a socket with no connection, such as
+    a datagram socket: use per-message credentials there
+    (:func:`recv_credentials`).
+    """
+    if sock.family != socket.AF_UNIX:
+        raise UnsupportedFeature(
+            "peer credentials exist only for Unix-domain sockets, not "
+            f"{socket.AddressFamily(sock.family).name}: a TCP peer cannot be identified"
+        )
+    try:
+        dec, fd = _backend.peer(sock, pidfd)
+    except OSError as exc:
+        if isinstance(exc, AfunixError):
+            raise
+        if exc.errno in (errno.ENOTCONN, errno.ENODATA, errno.EINVAL):
+            kind = "datagram " if sock.type == socket.SOCK_DGRAM else ""
+            raise AfunixError(
+                errno.ENOTCONN,
+                f"this {kind}socket has no connected peer, so the kernel has no peer "
+                "credentials for it; "
+                + (
+                    "datagram sockets carry credentials per message: use "
+                    "afunix.enable_credentials() and afunix.recv_credentials()"
+                    if kind
+                    else "call peer_credentials() on an accepted or connected socket"
+                ),
+            ) from exc
+        raise
+    return PeerCredentials._from_decoded(dec, fd, _backend.PEER_MECHANISM)
+
+
+# --------------------------------------------------- per-message credentials
+def enable_credentials(sock: socket.socket, enable: bool = True, *, pidfd: bool = False) -> None:
+    """Ask the kernel to attach the sender's credentials to every message received.
+
+    Linux: ``SO_PASSCRED`` (and ``SO_PASSPIDFD`` with *pidfd*, Linux 6.5+,
+    for a pidfd of each sender). Set it on the *receiving* socket before the
+    messages arrive. FreeBSD: ``LOCAL_CREDS_PERSISTENT``; NetBSD:
+    ``LOCAL_CREDS``.
+    """
+    if sock.family != socket.AF_UNIX:
+        raise UnsupportedFeature("per-message credentials exist only on Unix-domain sockets")
+    try:
+        _backend.enable_passcred(sock, enable, pidfd)
+    except OSError as exc:
+        if isinstance(exc, AfunixError) or exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise
+        raise UnsupportedFeature(
+            "this kernel cannot attach a pidfd to each message (SO_PASSPIDFD needs Linux "
+            "6.5+); call enable_credentials() without pidfd=True"
+        ) from exc
+
+
+@dataclass
+class CredentialsMessage:
+    """A message received with :func:`recv_credentials`.
+
+    ``credentials`` is ``None`` when the message came without any (the
+    receiving socket did not :func:`enable_credentials` in time, or the
+    system sends credentials only when the sender asks). Close the message
+    (or its credentials) if they may hold a pidfd.
+    """
+
+    data: bytes
+    credentials: PeerCredentials | None
+    sender: Address
+
+    def close(self) -> None:
+        """Close the sender's pidfd, if one came with the message."""
+        if self.credentials is not None:
+            self.credentials.close()
+
+    def __enter__(self) -> CredentialsMessage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Ucred(Protocol):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+
+
+def message_credentials(item: _Ucred) -> PeerCredentials:
+    """A :class:`PeerCredentials` from a decoded ``SCM_CREDENTIALS`` item (pid, uid, gid).
+
+    Used by message channels (:attr:`afunix.Message.credentials`): the same
+    public type as peer credentials, with no groups and no pidfd.
+    """
+    return PeerCredentials(
+        item.pid if item.pid > 0 else None,
+        item.uid,
+        item.gid,
+        mechanism=_backend.MESSAGE_MECHANISM or "",
+    )
+
+
+def _fds_of(data: bytes) -> list[int]:
+    fds = array.array("i")
+    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def credentials_from_ancillary(
+    ancdata: list[tuple[int, int, bytes]],
+) -> tuple[PeerCredentials | None, list[tuple[int, int, bytes]]]:
+    """Take the credential items out of ``recvmsg`` ancillary data.
+
+    Returns the credentials (with the sender's pidfd when an ``SCM_PIDFD``
+    came along; the caller owns it) and the items that are not about
+    credentials, untouched. Used by :func:`recv_credentials` and by message
+    channels that receive descriptors and credentials together.
+    """
+    decoded: DecodedCredentials | None = None
+    pidfd: int | None = None
+    rest: list[tuple[int, int, bytes]] = []
+    try:
+        for level, kind, data in ancdata:
+            if _backend.is_pidfd_cmsg(level, kind):
+                for fd in _fds_of(data):
+                    if pidfd is None:
+                        pidfd = fd
+                    else:  # pragma: no cover - the kernel sends one
+                        os.close(fd)
+                continue
+            dec = _backend.decode_cmsg(level, kind, data)
+            if dec is None:
+                rest.append((level, kind, data))
+            elif decoded is None:
+                decoded = dec
+    except BaseException:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    if decoded is None:
+        if pidfd is not None:
+            os.close(pidfd)
+        return None, rest
+    return PeerCredentials._from_decoded(decoded, pidfd, _backend.MESSAGE_MECHANISM or ""), rest
+
+
+def _close_rights(items: list[tuple[int, int, bytes]]) -> int:
+    """Close descriptors that arrived where none were expected; return how many."""
+    n = 0
+    for level, kind, data in items:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            for fd in _fds_of(data):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                n += 1
+    return n
+
+
+def recv_credentials(
+    sock: socket.socket, bufsize: int = 65536, flags: int = 0
+) -> CredentialsMessage:
+    """Receive one message (one datagram) with the credentials the kernel attached.
+
+    The socket must have :func:`enable_credentials` set (before the message
+    arrived). Descriptors that a sender slipped in are closed at once, and a
+    truncated control buffer (``MSG_CTRUNC``) is a :class:`~afunix.ProtocolError`:
+    this call expects credentials only; use a message channel for descriptors.
+    """
+    space = max(_backend.CREDENTIALS_SPACE, 64) + socket.CMSG_SPACE(4 * 8)
+    cloexec = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+    data, ancdata, msg_flags, raw = sock.recvmsg(bufsize, space, flags | cloexec)
+    creds, rest = credentials_from_ancillary(ancdata)
+    dropped = _close_rights(rest)
+    if msg_flags & socket.MSG_CTRUNC or dropped:
+        if creds is not None:
+            creds.close()
+        raise ProtocolError(
+            "a message came with descriptors or more control data than credentials "
+            f"({'truncated, ' if msg_flags & socket.MSG_CTRUNC else ''}{dropped} descriptor(s) "
+            "closed); the peer sent descriptors where none were expected",
+            errno.EMSGSIZE if msg_flags & socket.MSG_CTRUNC else errno.EPROTO,
+        )
+    sender = Address.from_sockaddr(sock.family, raw) if raw else Address.unnamed()
+    return CredentialsMessage(data, creds, sender)
+
+
+def send_credentials(
+    sock: socket.socket,
+    data: bytes,
+    address: AddressLike | None = None,
+    *,
+    pid: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> int:
+    """Send *data* with explicit credentials attached (``SCM_CREDENTIALS`` / ``SCM_CREDS``).
+
+    Without *pid*/*uid*/*gid* this attaches this process's own identity
+    (Linux: its pid and real ids; FreeBSD: the kernel fills in the truth).
+    On Linux a sender may also claim its effective or saved ids; claiming
+    anything else (another user, another pid) needs ``CAP_SETUID``,
+    ``CAP_SETGID`` or ``CAP_SYS_ADMIN``, and is otherwise refused by the
+    kernel: :class:`CredentialsRefused` (``EPERM``), or ``ESRCH`` for a pid
+    that names no process. Returns the number of bytes sent.
+    """
+    if sock.family != socket.AF_UNIX:
+        raise UnsupportedFeature("credentials can only be sent over Unix-domain sockets")
+    item = _backend.send_cmsg(pid, uid, gid)
+    dest = None if address is None else Address.parse(address).sockaddr
+    try:
+        if dest is None:
+            return sock.sendmsg([data], [item])
+        return sock.sendmsg([data], [item], 0, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ESRCH):
+            raise
+        claim = (
+            f"pid={pid if pid is not None else os.getpid()}, "
+            f"uid={uid if uid is not None else os.getuid()}, "
+            f"gid={gid if gid is not None else os.getgid()}"
+        )
+        me = f"pid {os.getpid()}, uid {os.getuid()}, gid {os.getgid()}"
+        if exc.errno == errno.ESRCH:
+            why = f"no process has pid {pid}"
+        else:
+            why = (
+                "an unprivileged process may send only its own pid and its real, "
+                "effective or saved uid/gid; claiming another identity needs "
+                "CAP_SYS_ADMIN (pid), CAP_SETUID (uid) or CAP_SETGID (gid)"
+            )
+        raise CredentialsRefused(
+            exc.errno,
+            f"the kernel refused to send credentials ({claim}) from {me}: {why}; the "
+            "message was not sent. Omit pid/uid/gid to send your own identity",
+        ) from exc
+
+
+def credential_mechanisms() -> dict[str, Any]:
+    """What this system offers, for docs, logs and ``afunix creds``."""
+    return {
+        "system": _backend.NAME,
+        "peer": _backend.PEER_MECHANISM,
+        "message": _backend.MESSAGE_MECHANISM,
+        "pidfd": _backend.has_pidfd(),
+    }
