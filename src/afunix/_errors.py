@@ -32,6 +32,7 @@ __all__ = [
     "NotASocket",
     "NothingListening",
     "PeerError",
+    "PeerTimeout",
     "ProtocolError",
     "UnsupportedFeature",
     "WrongSocketType",
@@ -128,6 +129,17 @@ class UnsupportedFeature(AfunixError):
 
 class PeerError(AfunixError):
     """The peer broke the rules of the conversation (not the caller's fault)."""
+
+
+class PeerTimeout(PeerError, TimeoutError):
+    """The peer stayed silent, or stopped reading, for longer than allowed (``ETIMEDOUT``).
+
+    Raised by server connections with ``idle_timeout`` / ``send_timeout``; the
+    server closes that connection and logs why, and no other client notices.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.ETIMEDOUT, message)
 
 
 class ProtocolError(PeerError):

@@ -62,10 +62,12 @@ from typing import Any, Literal, TypeAlias
 from ._activation import listen_fds
 from ._address import Address, AddressLike
 from ._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
-from ._errors import AfunixError, ProtocolError, UnsupportedFeature
+from ._errors import AfunixError, PeerError, PeerTimeout, ProtocolError, UnsupportedFeature
 from ._handoff import Takeover, offer, reap_failed, spawn_successor, take_over
 from ._notify import notify
 from ._sockets import Socket, SocketTypeLike, listen, socket_type
+from .aio import AsyncChannel
+from .channel import Channel
 from .policy import PeerPolicy
 
 __all__ = [
@@ -86,11 +88,60 @@ Verifier: TypeAlias = Callable[[socket.socket, Address], bool]
 _BUFSIZE = 65536
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits a server applies; exceeding one closes that connection.
+
+    Attributes:
+        idle_timeout: seconds a client may stay silent while the handler waits
+            for it (``recv``); ``None``: forever.
+        send_timeout: seconds a client may leave the server's writes unread
+            (a client that never reads); ``None``: forever.
+        max_message: the largest message a :meth:`Connection.channel` accepts,
+            in bytes (the per-connection buffer limit).
+        max_fds_per_message: descriptors accepted with one message (D-Bus: 16).
+        max_fds_in_flight: descriptors a connection may have received and not
+            yet handed to the handler (D-Bus: 64).
+    """
+
+    idle_timeout: float | None = None
+    send_timeout: float | None = None
+    max_message: int = 1 << 20
+    max_fds_per_message: int = 16
+    max_fds_in_flight: int = 64
+
+    def channel_options(self) -> dict[str, Any]:
+        return {"max_size": self.max_message, "maxfds": self.max_fds_per_message}
+
+
+NO_LIMITS = Limits()
+
+
 class _Peer:
     """What both connection kinds know about the client: its address and credentials."""
 
     sock: socket.socket
+    peer: Address
+    limits: Limits
     _credentials: PeerCredentials | None
+    _who: str | None = None
+
+    def describe(self) -> str:
+        """``pid 12 uid 1000 gid 1000`` (from the kernel) or the address, for logs.
+
+        Worked out once and remembered, so it still answers after the socket closed.
+        """
+        if self._who is None:
+            creds = self._credentials
+            if creds is None and self.sock.family == socket.AF_UNIX and self.sock.fileno() >= 0:
+                try:
+                    with peer_credentials(self.sock, pidfd=False) as creds:
+                        self._who = describe_peer(creds, self.peer)
+                except OSError:
+                    pass
+            if self._who is None:
+                self._who = describe_peer(creds, self.peer)
+        return self._who
 
     @property
     def credentials(self) -> PeerCredentials:
@@ -124,19 +175,55 @@ class Connection(_Peer):
     """
 
     def __init__(
-        self, sock: socket.socket, peer: Address, credentials: PeerCredentials | None = None
+        self,
+        sock: socket.socket,
+        peer: Address,
+        credentials: PeerCredentials | None = None,
+        limits: Limits = NO_LIMITS,
     ) -> None:
         self.sock = sock
         self.peer = peer
         self._credentials = credentials
+        self.limits = limits
 
     def recv(self, bufsize: int = _BUFSIZE) -> bytes:
-        """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF."""
-        return self.sock.recv(bufsize)
+        """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF.
+
+        Raises :class:`~afunix.PeerTimeout` after ``idle_timeout`` of silence.
+        """
+        timeout = self.limits.idle_timeout
+        if timeout is None:
+            return self.sock.recv(bufsize)
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(bufsize)
+        except TimeoutError:
+            raise PeerTimeout(f"client idle for more than {timeout:g}s") from None
+        finally:
+            self.sock.settimeout(None)
 
     def send(self, data: bytes) -> None:
-        """Send all of *data*."""
-        self.sock.sendall(data)
+        """Send all of *data*; :class:`~afunix.PeerTimeout` if the client stops reading."""
+        timeout = self.limits.send_timeout
+        if timeout is None:
+            self.sock.sendall(data)
+            return
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise PeerTimeout(f"client did not read for more than {timeout:g}s") from None
+        finally:
+            self.sock.settimeout(None)
+
+    def channel(self, **options: Any) -> Channel:
+        """This connection as a message :class:`~afunix.Channel` (descriptors included).
+
+        The server's :class:`Limits` apply (message size, descriptors per message
+        and in flight); ``options`` override them. The channel owns the socket.
+        """
+        self.describe()  # while the socket is surely open, for the logs
+        return Channel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
 
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.recv():
@@ -150,20 +237,46 @@ class AsyncConnection(_Peer):
     """
 
     def __init__(
-        self, sock: socket.socket, peer: Address, credentials: PeerCredentials | None = None
+        self,
+        sock: socket.socket,
+        peer: Address,
+        credentials: PeerCredentials | None = None,
+        limits: Limits = NO_LIMITS,
     ) -> None:
         self.sock = sock
         self.peer = peer
         self._credentials = credentials
+        self.limits = limits
         self._loop = asyncio.get_running_loop()
 
     async def recv(self, bufsize: int = _BUFSIZE) -> bytes:
-        """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF."""
-        return await self._loop.sock_recv(self.sock, bufsize)
+        """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF.
+
+        Raises :class:`~afunix.PeerTimeout` after ``idle_timeout`` of silence.
+        """
+        timeout = self.limits.idle_timeout
+        if timeout is None:
+            return await self._loop.sock_recv(self.sock, bufsize)
+        try:
+            return await asyncio.wait_for(self._loop.sock_recv(self.sock, bufsize), timeout)
+        except TimeoutError:
+            raise PeerTimeout(f"client idle for more than {timeout:g}s") from None
 
     async def send(self, data: bytes) -> None:
-        """Send all of *data*."""
-        await self._loop.sock_sendall(self.sock, data)
+        """Send all of *data*; :class:`~afunix.PeerTimeout` if the client stops reading."""
+        timeout = self.limits.send_timeout
+        if timeout is None:
+            await self._loop.sock_sendall(self.sock, data)
+            return
+        try:
+            await asyncio.wait_for(self._loop.sock_sendall(self.sock, data), timeout)
+        except TimeoutError:
+            raise PeerTimeout(f"client did not read for more than {timeout:g}s") from None
+
+    def channel(self, **options: Any) -> AsyncChannel:
+        """This connection as an :class:`~afunix.AsyncChannel` (see :meth:`Connection.channel`)."""
+        self.describe()
+        return AsyncChannel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await self.recv():
@@ -183,6 +296,23 @@ class Datagram:
     data: bytes
     sender: Address
     credentials: PeerCredentials | None = None
+
+
+def describe_peer(creds: PeerCredentials | None, address: Address) -> str:
+    """A peer for the logs: its kernel credentials where known, else its address."""
+    if creds is not None:
+        return f"pid {creds.pid} uid {creds.uid} gid {creds.gid}"
+    return address.describe()
+
+
+def log_handler_failure(exc: BaseException, who: str) -> None:
+    """Log a connection's end once: a misbehaving peer briefly, a bug with its traceback."""
+    if isinstance(exc, PeerError):
+        log.warning("closed connection from %s: %s", who, exc)
+    elif isinstance(exc, ConnectionError | EOFError):
+        log.info("connection from %s ended: %s", who, exc or type(exc).__name__)
+    else:
+        log.error("handler raised for peer %s", who, exc_info=exc)
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
@@ -221,6 +351,14 @@ class Server:
     ``verify(sock, peer_address)`` runs after it, for checks of your own.
     Handlers see the client's identity as ``conn.credentials`` (a
     :class:`~afunix.PeerCredentials`) or ``datagram.credentials``.
+
+    Limits (``limits=``, a :class:`Limits`): ``idle_timeout`` and
+    ``send_timeout`` bound how long a client may stay silent or leave the
+    server's writes unread; ``conn.channel()`` turns the connection into a
+    message channel that enforces the message size and descriptor limits.
+    Exceeding a limit closes that connection only, logged once with the
+    client's credentials; a handler's own exception is logged with its
+    traceback; either way the server goes on serving everyone else.
     """
 
     def __init__(
@@ -239,6 +377,7 @@ class Server:
         shutdown_timeout: float = 5.0,
         verify: Verifier | None = None,
         policy: PeerPolicy | None = None,
+        limits: Limits = NO_LIMITS,
         sock: socket.socket | None = None,
         inherit: bool = True,
         fdstore: bool = False,
@@ -288,6 +427,7 @@ class Server:
             )
         self.address: Address = Address.from_sockaddr(self.sock.family, self.sock.getsockname())
         self.policy = policy
+        self.limits = limits
         try:
             self._dgram_creds = self._setup_credentials()
         except BaseException:
@@ -761,11 +901,11 @@ class Server:
         *,
         creds: PeerCredentials | None = None,
     ) -> None:
-        connection = Connection(conn, peer, creds)
+        connection = Connection(conn, peer, creds, self.limits)
         try:
             self.handler(connection)
-        except Exception:
-            log.exception("handler raised for peer %s", peer.describe())
+        except Exception as exc:
+            log_handler_failure(exc, connection.describe())
         finally:
             with lock:
                 conns.discard(conn)
@@ -793,12 +933,12 @@ class Server:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child; measured through its effects
             code = 0
-            connection = Connection(conn, peer, creds)
+            connection = Connection(conn, peer, creds, self.limits)
             try:
                 self._after_fork()
                 self.handler(connection)
-            except BaseException:
-                log.exception("handler raised for peer %s", peer.describe())
+            except BaseException as exc:
+                log_handler_failure(exc, connection.describe())
                 code = 1
             finally:
                 with contextlib.suppress(OSError):
@@ -953,13 +1093,13 @@ class Server:
         limit: asyncio.Semaphore | None,
         creds: PeerCredentials | None = None,
     ) -> None:
-        connection = AsyncConnection(conn, peer, creds)
+        connection = AsyncConnection(conn, peer, creds, self.limits)
         try:
             await self.handler(connection)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("handler raised for peer %s", peer.describe())
+        except Exception as exc:
+            log_handler_failure(exc, connection.describe())
         finally:
             connection.close()
             if limit is not None:

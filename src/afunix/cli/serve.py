@@ -6,11 +6,12 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
 from .._sockets import socket_type
-from ..server import Handler, Model, Server, echo_handler
+from ..server import Handler, Limits, Model, Server, echo_handler
 from ._common import SOCKET_TYPES, address_arg, mode_arg
 from .creds import add_serve_options, policy_from_args, show_creds_handler
 
@@ -48,6 +49,15 @@ def register(sub: Any) -> None:
     p.add_argument("--max-clients", type=int, help="at most this many clients at once")
     p.add_argument(
         "--shutdown-timeout", type=float, default=5.0, help="seconds to let clients finish"
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, metavar="S", help="close clients silent for S seconds"
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        metavar="S",
+        help="close clients that leave replies unread for S seconds",
     )
     p.add_argument("--pidfile", help="write this process's pid here once accepting")
     p.add_argument(
@@ -101,6 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"cannot raise the descriptor limit to {args.nofile}: the hard limit is {got}",
             )
     sock_type = socket_type(args.type)
+    # Until serve_forever installs its own handlers, a SIGTERM must still remove
+    # the socket file: turn it into SystemExit, which the finally below handles.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     server = Server(
         args.address,
         pick_handler(args, model, sock_type),
@@ -117,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         event_loop="uvloop" if args.uvloop else "asyncio",
         on_ready=lambda srv: _write_pidfile(args.pidfile),
         policy=policy_from_args(args),
+        limits=Limits(idle_timeout=args.idle_timeout, send_timeout=args.send_timeout),
     )
     print(
         f"afunix: serving {args.type} on {server.address.describe()} (model {model}, "
@@ -127,7 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if server.policy is not None:
         print(f"afunix: peer policy: {server.policy.describe()}", file=sys.stderr, flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
     if server.handed_over_to is not None:
         print(
             f"afunix: handed over to pid {server.handed_over_to}; exiting",
@@ -135,6 +152,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _write_pidfile(path: str | None) -> None:
