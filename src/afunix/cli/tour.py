@@ -31,7 +31,11 @@ from .._sockets import connect, listen
 from ..server import Server, async_echo, datagram_echo, echo
 
 #: Modules that add sections after the foundation's (imported for their ``@section``s).
-SECTION_MODULES: list[str] = ["afunix.cli.tour_creds"]
+SECTION_MODULES: list[str] = [
+    "afunix.cli.tour_fds",
+    "afunix.cli.tour_creds",
+    "afunix.cli.tour_broker",
+]
 
 
 @dataclass

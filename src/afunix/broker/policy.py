@@ -1,0 +1,612 @@
+"""The broker's policy: who may open what, read from a TOML file (sans-IO).
+
+A policy is a list of rules and a default of *deny*. A rule names its
+subjects (uids, gids, user and group names, or ``anyone``), a ``root``
+directory, the paths beneath it (globs), and the operations it grants::
+
+    version = 1
+
+    [[rule]]
+    name = "app logs"
+    root = "/var/log/app"
+    paths = ["*.log", "archive/**"]     # globs relative to root (default: "**")
+    exclude = ["private/**"]            # never granted by this rule
+    users = ["alice"]                   # and/or uids, gids, groups, anyone = true
+    groups = ["adm"]
+    allow = ["read", "list"]            # read write append create list
+
+    [[rule]]
+    name = "uploads"
+    root = "/srv/uploads"
+    anyone = true
+    allow = ["create", "write"]
+    create_mode = 0o640                 # the most a created file gets (default 0o600)
+    create_excl = true                  # creating needs O_EXCL
+    create_owner = "peer"               # created files belong to the client
+    no_symlinks = true                  # refuse symlinks anywhere beneath root
+
+    [limits]                            # optional; the defaults are shown in docs/broker.md
+    requests_per_second = 100
+
+A request is granted by the *first* rule, in file order, whose subjects
+include the peer, whose root contains the path, whose ``paths`` match the
+rest of it (and ``exclude`` does not), and which grants every operation the
+request needs (:func:`afunix.broker.flags.operations`). ``write`` includes
+``append``. Nothing else is granted.
+
+Globs match the path *beneath* the root, one component at a time:
+``*``, ``?`` and ``[...]`` never match ``/`` (a leading dot is matched like
+any other character); ``**`` as a whole component matches any number of
+components, including none (so ``"**"`` also matches the root itself).
+
+Users and groups are resolved to ids when the policy is loaded; reload it
+(``SIGHUP``) after changing them. An invalid policy is refused with
+:class:`PolicyError`, which names the file, the line and the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import grp
+import math
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from .._errors import AfunixError
+from . import flags as _flags
+
+__all__ = [
+    "OPERATIONS",
+    "Decision",
+    "Limits",
+    "PathRefused",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "Subject",
+    "load_policy",
+    "parse_policy",
+    "split_path",
+]
+
+OPERATIONS: Final = ("read", "write", "append", "create", "list")
+#: ``PATH_MAX`` less its NUL: the longest path a request may name.
+MAX_PATH: Final = 4095
+
+
+class PolicyError(AfunixError, ValueError):
+    """The policy cannot be used. ``line`` is where (1-based), or ``None`` for the whole file."""
+
+    def __init__(self, source: str, line: int | None, reason: str) -> None:
+        where = f"{source}, line {line}" if line else source
+        super().__init__(errno.EINVAL, f"invalid policy {where}: {reason}", source)
+        self.source = source
+        self.line = line
+        self.reason = reason
+
+
+class PathRefused(AfunixError):
+    """A request path refused before any rule is looked at; ``errno`` for the client."""
+
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(err, reason)
+        self.reason = reason
+
+
+class Subject(Protocol):
+    """Who is asking: the kernel's view of the peer (``SO_PEERCRED``, ``SO_PEERGROUPS``)."""
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def gid(self) -> int: ...
+
+    @property
+    def groups(self) -> tuple[int, ...] | None: ...
+
+
+# ------------------------------------------------------------------ limits
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of the daemon (the ``[limits]`` table).
+
+    Per *peer* means per uid: a client cannot dodge a limit by opening more
+    connections or forking.
+    """
+
+    #: Largest request frame accepted, header included; larger closes the connection.
+    max_request_bytes: int = 8192
+    #: Sustained requests per second per uid (a token bucket) ...
+    requests_per_second: float = 1000.0
+    #: ... and how many may come in a burst. Past it: ``EAGAIN``.
+    burst: int = 1000
+    #: Open connections per uid (each serves one request at a time).
+    connections_per_peer: int = 8
+    #: Open connections in all; further clients wait in the listen queue.
+    max_clients: int = 64
+    #: Descriptors sent on one connection and not yet read by the client.
+    fds_in_flight: int = 16
+    #: Seconds a peer may sit at ``fds_in_flight`` before it is disconnected.
+    in_flight_timeout: float = 10.0
+    #: Seconds a connection may stay silent between requests.
+    idle_timeout: float = 60.0
+    #: Seconds to finish sending a request once its first byte arrived.
+    request_timeout: float = 5.0
+
+
+_LIMIT_RANGES: Final[dict[str, tuple[float, float, type]]] = {
+    "max_request_bytes": (64, 1 << 20, int),
+    "requests_per_second": (0.001, 1e6, float),
+    "burst": (1, 1_000_000, int),
+    "connections_per_peer": (1, 10_000, int),
+    "max_clients": (1, 100_000, int),
+    "fds_in_flight": (1, 253, int),
+    "in_flight_timeout": (0.01, 86400, float),
+    "idle_timeout": (0.01, 86400 * 7, float),
+    "request_timeout": (0.01, 3600, float),
+}
+
+
+# ------------------------------------------------------------------- rules
+def _compile_glob(pattern: str) -> tuple[str, ...]:
+    if pattern in ("", "."):
+        return ()
+    if pattern.startswith("/"):
+        raise ValueError(f"path pattern {pattern!r} is absolute; patterns are relative to root")
+    parts = tuple(p for p in pattern.split("/") if p not in ("", "."))
+    for part in parts:
+        if part == "..":
+            raise ValueError(f"path pattern {pattern!r} contains '..'")
+        if "**" in part and part != "**":
+            raise ValueError(
+                f"path pattern {pattern!r}: '**' must be a whole component (like a/**/b)"
+            )
+    return parts
+
+
+def _glob_match(pattern: tuple[str, ...], comps: tuple[str, ...]) -> bool:
+    """Component-wise glob match; ``**`` spans any number of components (dynamic programming)."""
+    # reach[j]: pattern[:i] can match comps[:j]
+    reach = [True] + [False] * len(comps)
+    for part in pattern:
+        if part == "**":
+            seen = False
+            for j in range(len(comps) + 1):
+                seen = seen or reach[j]
+                reach[j] = seen
+        else:
+            nxt = [False] * (len(comps) + 1)
+            for j in range(len(comps)):
+                if reach[j] and fnmatch.fnmatchcase(comps[j], part):
+                    nxt[j + 1] = True
+            reach = nxt
+        if not any(reach):
+            return False
+    return reach[len(comps)]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One grant. Built by :func:`parse_policy`; see the module docs for the keys."""
+
+    name: str
+    root: str
+    allow: frozenset[str]
+    line: int = 0
+    paths: tuple[tuple[str, ...], ...] = (("**",),)
+    exclude: tuple[tuple[str, ...], ...] = ()
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    anyone: bool = False
+    create_mode: int = 0o600
+    create_excl: bool = False
+    create_owner: str = "broker"
+    no_symlinks: bool = False
+    #: The root's components as written, and (if different) of its real path.
+    root_forms: tuple[tuple[str, ...], ...] = field(default=(), compare=False)
+
+    def includes(self, who: Subject) -> bool:
+        """Whether the peer is one of this rule's subjects."""
+        if self.anyone or who.uid in self.uids:
+            return True
+        if not self.gids:
+            return False
+        groups = set(who.groups or ())
+        groups.add(who.gid)
+        return bool(groups & self.gids)
+
+    def beneath(self, comps: tuple[str, ...]) -> tuple[str, ...] | None:
+        """The components of *comps* beneath this rule's root, or ``None`` if outside it."""
+        for root in self.root_forms:
+            if comps[: len(root)] == root:
+                return comps[len(root) :]
+        return None
+
+    def covers(self, rel: tuple[str, ...]) -> bool:
+        """Whether the ``paths`` globs match *rel* and no ``exclude`` glob does."""
+        if not any(_glob_match(p, rel) for p in self.paths):
+            return False
+        return not any(_glob_match(p, rel) for p in self.exclude)
+
+    def grants(self, ops: Iterable[str]) -> set[str]:
+        """The operations of *ops* this rule does *not* grant (empty: all granted)."""
+        missing = set()
+        for op in ops:
+            if op in self.allow or (op == "append" and "write" in self.allow):
+                continue
+            missing.add(op)
+        return missing
+
+    def subjects(self) -> str:
+        """A short description of who the rule is for, for ``--check`` output."""
+        if self.anyone:
+            return "anyone"
+        parts = [f"uid {u}" for u in sorted(self.uids)] + [f"gid {g}" for g in sorted(self.gids)]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy says about one request.
+
+    ``rule`` is the granting rule (``None`` when denied), ``rel`` the path
+    beneath its root, ``errno`` 0 or why not, ``reason`` for the audit log.
+    """
+
+    rule: Rule | None
+    rel: tuple[str, ...]
+    errno: int
+    reason: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.rule is not None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded, valid policy: rules in order, limits, and where it came from."""
+
+    rules: tuple[Rule, ...]
+    limits: Limits = Limits()
+    source: str = "<string>"
+
+    def decide(self, who: Subject, comps: tuple[str, ...], flags: int) -> Decision:
+        """Find the first rule that grants the (checked) wire *flags* on *comps* to *who*."""
+        ops = _flags.operations(flags)
+        shown = "/" + "/".join(comps)
+        why_not: list[str] = []
+        for rule in self.rules:
+            if not rule.includes(who):
+                continue
+            rel = rule.beneath(comps)
+            if rel is None or not rule.covers(rel):
+                continue
+            missing = rule.grants(ops)
+            if missing:
+                why_not.append(f"rule {rule.name!r} does not grant {', '.join(sorted(missing))}")
+                continue
+            if "create" in ops and rule.create_excl and not flags & _flags.Wire.EXCL:
+                why_not.append(f"rule {rule.name!r} grants create only with EXCL (O_EXCL)")
+                continue
+            return Decision(rule, rel, 0, f"granted by rule {rule.name!r}")
+        if why_not:
+            reason = "; ".join(why_not)
+        else:
+            reason = f"no rule grants uid {who.uid} access to {shown} (default deny)"
+        return Decision(None, (), errno.EACCES, reason)
+
+
+# ------------------------------------------------------------ request paths
+def split_path(path: bytes) -> tuple[str, ...]:
+    """Check a request path and split it into components, or raise :class:`PathRefused`.
+
+    Refused: empty, longer than ``PATH_MAX`` (``ENAMETOOLONG``), a NUL byte
+    or not absolute (``EINVAL``), not UTF-8 (``EILSEQ``: policies are UTF-8
+    text, and matching names in another encoding is where escapes hide), a
+    ``..`` component (``EACCES``: it could only leave the directory named
+    before it). ``.`` and repeated slashes are dropped.
+    """
+    if not path:
+        raise PathRefused(errno.ENOENT, "empty path")
+    if len(path) > MAX_PATH:
+        raise PathRefused(
+            errno.ENAMETOOLONG, f"path of {len(path)} bytes is longer than PATH_MAX ({MAX_PATH})"
+        )
+    if b"\0" in path:
+        where = path.index(b"\0")
+        raise PathRefused(errno.EINVAL, f"path contains a NUL byte at offset {where}")
+    try:
+        text = path.decode("utf-8", "strict")
+    except UnicodeDecodeError as exc:
+        raise PathRefused(
+            errno.EILSEQ, f"path is not valid UTF-8 (byte {exc.start}); the broker refuses it"
+        ) from None
+    if not text.startswith("/"):
+        raise PathRefused(
+            errno.EINVAL, "path is not absolute (the broker has no working directory)"
+        )
+    comps = tuple(c for c in text.split("/") if c not in ("", "."))
+    if ".." in comps:
+        raise PathRefused(errno.EACCES, "path has a '..' component (refused: it could escape)")
+    for c in comps:
+        if len(c.encode()) > 255:
+            raise PathRefused(errno.ENAMETOOLONG, "a path component is longer than 255 bytes")
+    return comps
+
+
+# ----------------------------------------------------------------- parsing
+_TOP_KEYS: Final = {"version", "limits", "rule"}
+_RULE_KEYS: Final = {
+    "name",
+    "root",
+    "paths",
+    "exclude",
+    "uids",
+    "gids",
+    "users",
+    "groups",
+    "anyone",
+    "allow",
+    "create_mode",
+    "create_excl",
+    "create_owner",
+    "no_symlinks",
+}
+_KEY_LINE = re.compile(r'\s*(?:"([^"]*)"|\'([^\']*)\'|([A-Za-z0-9_-]+))\s*=')
+_TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+class _Lines:
+    """Where each table and key is in the TOML text (tomllib does not say)."""
+
+    def __init__(self, text: str) -> None:
+        self.where: dict[tuple[str, int, str], int] = {}
+        table = ("", 0)
+        rules = -1
+        in_multiline: str | None = None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if in_multiline is not None:
+                if in_multiline in line:
+                    in_multiline = None
+                continue
+            stripped = line.strip()
+            if stripped.startswith("[["):
+                name = stripped[2:].split("]]", 1)[0].strip()
+                if name == "rule":
+                    rules += 1
+                    table = ("rule", rules)
+                else:
+                    table = (name, 0)
+                self.where.setdefault((*table, ""), lineno)
+                continue
+            if stripped.startswith("["):
+                table = (stripped[1:].split("]", 1)[0].strip(), 0)
+                self.where.setdefault((*table, ""), lineno)
+                continue
+            m = _KEY_LINE.match(line)
+            if m:
+                key = m.group(1) or m.group(2) or m.group(3) or ""
+                self.where.setdefault((*table, key), lineno)
+                rest = line[m.end() :]
+                for quote in ('"""', "'''"):
+                    if rest.count(quote) % 2 == 1:
+                        in_multiline = quote
+
+    def of(self, table: str, index: int, key: str = "") -> int | None:
+        return self.where.get((table, index, key)) or self.where.get((table, index, ""))
+
+
+class _Builder:
+    def __init__(self, source: str, lines: _Lines) -> None:
+        self.source = source
+        self.lines = lines
+
+    def fail(self, table: str, index: int, key: str, reason: str) -> PolicyError:
+        return PolicyError(self.source, self.lines.of(table, index, key), reason)
+
+    def limits(self, raw: Any) -> Limits:
+        if not isinstance(raw, Mapping):
+            raise self.fail("", 0, "limits", "[limits] must be a table")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in _LIMIT_RANGES:
+                known = ", ".join(sorted(_LIMIT_RANGES))
+                raise self.fail("limits", 0, key, f"unknown limit {key!r} (known: {known})")
+            low, high, kind = _LIMIT_RANGES[key]
+            ok_type = (
+                isinstance(value, int) and not isinstance(value, bool)
+                if kind is int
+                else isinstance(value, int | float) and not isinstance(value, bool)
+            )
+            if not ok_type or (isinstance(value, float) and not math.isfinite(value)):
+                raise self.fail(
+                    "limits", 0, key, f"{key} must be a{'n integer' if kind is int else ' number'}"
+                )
+            if not low <= value <= high:
+                raise self.fail("limits", 0, key, f"{key} = {value} is outside {low}..{high}")
+            values[key] = kind(value)
+        return Limits(**values)
+
+    def rule(self, raw: Any, i: int, names: set[str]) -> Rule:
+        def fail(key: str, reason: str) -> PolicyError:
+            return self.fail("rule", i, key, reason)
+
+        if not isinstance(raw, Mapping):
+            raise self.fail("", 0, "rule", "rule must be an array of tables: write [[rule]]")
+        for key in raw:
+            if key not in _RULE_KEYS:
+                raise fail(
+                    key, f"unknown key {key!r} in a rule (known: {', '.join(sorted(_RULE_KEYS))})"
+                )
+        name = raw.get("name", f"rule {i + 1}")
+        if not isinstance(name, str) or not name:
+            raise fail("name", "name must be a non-empty string")
+        if name in names:
+            raise fail("name", f"two rules are named {name!r}")
+        names.add(name)
+
+        root = raw.get("root")
+        if root is None:
+            raise fail("", "the rule has no root (the directory it grants access beneath)")
+        if not isinstance(root, str) or not root.startswith("/"):
+            raise fail("root", f"root must be an absolute path, not {root!r}")
+        if "\0" in root or ".." in root.split("/"):
+            raise fail("root", f"root {root!r} must not contain '..' or NUL")
+        if not os.path.isdir(root):
+            raise fail("root", f"root {root!r} is not an existing directory")
+        forms = [tuple(c for c in root.split("/") if c not in ("", "."))]
+        real = tuple(c for c in os.path.realpath(root).split("/") if c)
+        if real != forms[0]:
+            forms.append(real)
+
+        def strings(key: str, default: list[str]) -> list[str]:
+            value = raw.get(key, default)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise fail(key, f"{key} must be a list of strings")
+            return value
+
+        def globs(key: str, default: list[str]) -> tuple[tuple[str, ...], ...]:
+            out = []
+            for pattern in strings(key, default):
+                try:
+                    out.append(_compile_glob(pattern))
+                except ValueError as exc:
+                    raise fail(key, str(exc)) from None
+            return tuple(out)
+
+        paths = globs("paths", ["**"])
+        if not paths:
+            raise fail("paths", "paths is empty, so the rule grants nothing")
+        exclude = globs("exclude", [])
+
+        uids: set[int] = set()
+        gids: set[int] = set()
+        for key, into in (("uids", uids), ("gids", gids)):
+            value = raw.get(key, [])
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 0xFFFFFFFF
+                for v in value
+            ):
+                raise fail(key, f"{key} must be a list of numeric ids")
+            into.update(value)
+        for user in strings("users", []):
+            try:
+                uids.add(pwd.getpwnam(user).pw_uid)
+            except KeyError:
+                raise fail("users", f"no such user {user!r}") from None
+        for group in strings("groups", []):
+            try:
+                gids.add(grp.getgrnam(group).gr_gid)
+            except KeyError:
+                raise fail("groups", f"no such group {group!r}") from None
+        anyone = raw.get("anyone", False)
+        if not isinstance(anyone, bool):
+            raise fail("anyone", "anyone must be true or false")
+        if not (anyone or uids or gids):
+            raise fail(
+                "",
+                "the rule names no subject: give uids, gids, users, groups or anyone = true "
+                "(nothing is granted to everyone implicitly)",
+            )
+
+        allow = strings("allow", [])
+        if not allow:
+            raise fail("allow", "allow is missing or empty: list read, write, append, create, list")
+        for op in allow:
+            if op not in OPERATIONS:
+                raise fail("allow", f"unknown operation {op!r} (known: {', '.join(OPERATIONS)})")
+
+        create_mode = raw.get("create_mode", 0o600)
+        if (
+            not isinstance(create_mode, int)
+            or isinstance(create_mode, bool)
+            or not 0 <= create_mode <= 0o777
+        ):
+            raise fail(
+                "create_mode",
+                "create_mode must be a permission mode such as 0o640 (no set-id or sticky bits)",
+            )
+        booleans = {}
+        for key in ("create_excl", "no_symlinks"):
+            value = raw.get(key, False)
+            if not isinstance(value, bool):
+                raise fail(key, f"{key} must be true or false")
+            booleans[key] = value
+        owner = raw.get("create_owner", "broker")
+        if owner not in ("broker", "peer"):
+            raise fail("create_owner", 'create_owner must be "broker" or "peer"')
+        if "create" not in allow:
+            for key in ("create_mode", "create_excl", "create_owner"):
+                if key in raw:
+                    raise fail(key, f"{key} is set but the rule does not allow create")
+        return Rule(
+            name=name,
+            root=os.path.normpath(root),
+            allow=frozenset(allow),
+            line=self.lines.of("rule", i) or 0,
+            paths=paths,
+            exclude=exclude,
+            uids=frozenset(uids),
+            gids=frozenset(gids),
+            anyone=anyone,
+            create_mode=create_mode,
+            create_excl=booleans["create_excl"],
+            create_owner=owner,
+            no_symlinks=booleans["no_symlinks"],
+            root_forms=tuple(forms),
+        )
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Parse and validate policy *text*; raise :class:`PolicyError` with the line if invalid."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        m = _TOML_POS.search(message)
+        line = int(m.group(1)) if m else None
+        reason = message[: m.start()] if m else message
+        raise PolicyError(source, line, f"not valid TOML: {reason}") from None
+    lines = _Lines(text)
+    build = _Builder(source, lines)
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise build.fail(
+                "", 0, key, f"unknown top-level key {key!r} (known: version, limits, rule)"
+            )
+    version = raw.get("version", 1)
+    if version != 1:
+        raise build.fail("", 0, "version", f"policy version {version!r} is not supported (use 1)")
+    limits = build.limits(raw["limits"]) if "limits" in raw else Limits()
+    raw_rules = raw.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise build.fail("", 0, "rule", "rule must be an array of tables: write [[rule]]")
+    names: set[str] = set()
+    rules = tuple(build.rule(r, i, names) for i, r in enumerate(raw_rules))
+    return Policy(rules, limits, source)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate the policy file at *path*."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read((1 << 20) + 1)
+    except OSError as exc:
+        raise PolicyError(source, None, f"cannot read it: {exc.strerror}") from exc
+    if len(data) > 1 << 20:
+        raise PolicyError(source, None, "file is larger than 1 MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PolicyError(source, line, "not valid UTF-8") from None
+    return parse_policy(text, source)
