@@ -24,6 +24,11 @@ COMMANDS = [
     "creds",
     "load",
     "bench",
+    "broker",
+    "open",
+    "openfile",
+    "cat",
+    "send-fds",
     "tour",
 ]
 

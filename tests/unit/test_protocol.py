@@ -1,0 +1,368 @@
+"""The sans-IO framing (``afunix._protocol``): frames <-> bytes tables, both directions.
+
+Stream decoding is fed what ``recvmsg`` calls would return: chunks of bytes,
+each with the descriptors the kernel delivered with it. Descriptors are real
+(dups of /dev/null) so that "closed on error" can be checked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from afunix import ProtocolError
+from afunix._protocol import (
+    CLOSED,
+    FLAG_MEMFD,
+    HEADER,
+    NEED_DATA,
+    FrameError,
+    RawMessage,
+    StreamDecoder,
+    decode_header,
+    decode_packet,
+    encode_header,
+)
+
+# ------------------------------------------------------------- header table
+HEADER_TABLE = [
+    # (length, nfds, flags) <-> the 8 header bytes
+    ((0, 0, 0), b"\xaf\x00\x00\x00\x00\x00\x00\x00"),
+    ((5, 0, 0), b"\xaf\x00\x00\x00\x00\x00\x00\x05"),
+    ((5, 2, 0), b"\xaf\x00\x00\x02\x00\x00\x00\x05"),
+    ((1, 253, 0), b"\xaf\x00\x00\xfd\x00\x00\x00\x01"),
+    ((0x01020304, 1, 0), b"\xaf\x00\x00\x01\x01\x02\x03\x04"),
+    ((1 << 20, 1, FLAG_MEMFD), b"\xaf\x01\x00\x01\x00\x10\x00\x00"),
+]
+
+
+@pytest.mark.parametrize(("fields", "raw"), HEADER_TABLE)
+def test_encode_header(fields: tuple[int, int, int], raw: bytes) -> None:
+    length, nfds, flags = fields
+    assert encode_header(length, nfds, flags) == raw
+    assert len(raw) == HEADER.size == 8
+
+
+@pytest.mark.parametrize(("fields", "raw"), HEADER_TABLE)
+def test_decode_header(fields: tuple[int, int, int], raw: bytes) -> None:
+    length, nfds, flags = fields
+    assert decode_header(raw, max_size=1 << 30) == (flags, nfds, length)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0, 254, 0), "253"),
+        ((1 << 32, 0, 0), "32-bit"),
+        ((-1, 0, 0), "32-bit"),
+        ((1, 0, 0x80), "unknown flags"),
+        ((1, 0, FLAG_MEMFD), "nfds >= 1"),
+    ],
+)
+def test_encode_header_refuses(args: tuple[int, int, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        encode_header(*args)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match", "err"),
+    [
+        (b"GET / HT", "not an afunix frame", errno.EPROTO),
+        (b"\xaf\x80\x00\x00\x00\x00\x00\x00", "unknown flags", errno.EPROTO),
+        (b"\xaf\x00\x00\xfe\x00\x00\x00\x01", "254 descriptors", errno.EPROTO),
+        (b"\xaf\x01\x00\x00\x00\x00\x00\x01", "no descriptor", errno.EPROTO),
+        (b"\xaf\x00\x00\x00\x00\x00\x04\x01", "1025 bytes exceeds", errno.EMSGSIZE),
+    ],
+)
+def test_decode_header_refuses(raw: bytes, match: str, err: int) -> None:
+    with pytest.raises(FrameError, match=match) as info:
+        decode_header(raw, max_size=1024)
+    assert info.value.errno == err
+    assert isinstance(info.value, ProtocolError)
+    assert isinstance(info.value, OSError)
+
+
+# ----------------------------------------------------------- helpers
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def newfd() -> Iterator[Callable[[], int]]:
+    made: list[int] = []
+
+    def make() -> int:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        made.append(fd)
+        return fd
+
+    yield make
+    for fd in made:
+        if is_open(fd):
+            os.close(fd)
+
+
+def frame(payload: bytes, nfds: int = 0, flags: int = 0) -> bytes:
+    length = payload if not flags & FLAG_MEMFD else b""
+    return encode_header(len(payload), nfds, flags) + length
+
+
+def drain(dec: StreamDecoder) -> list[RawMessage | str]:
+    out: list[RawMessage | str] = []
+    while True:
+        ev = dec.next_message()
+        if ev is NEED_DATA:
+            return [*out, "NEED_DATA"]
+        if ev is CLOSED:
+            return [*out, "CLOSED"]
+        assert isinstance(ev, RawMessage)
+        out.append(ev)
+
+
+# ------------------------------------------------------ stream decoding table
+def test_one_message_one_chunk(newfd: Callable[[], int]) -> None:
+    a, b = newfd(), newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"hello", 2), [a, b])
+    assert drain(dec) == [RawMessage(b"hello", [a, b], 0, 5), "NEED_DATA"]
+    dec.receive_data(b"")
+    assert drain(dec) == ["CLOSED"]
+
+
+def test_bytes_to_frames_table(newfd: Callable[[], int]) -> None:
+    """Chunks (as recvmsg returns them) -> messages, in one table."""
+    fd1, fd2, fd3 = newfd(), newfd(), newfd()
+    m1, m2, m3 = frame(b"one", 1), frame(b"", 0), frame(b"three!", 2)
+    stream = m1 + m2 + m3
+    cases = [
+        # everything at once is impossible with two fd-carrying headers, so:
+        [(m1 + m2, [fd1]), (m3, [fd2, fd3])],
+        # byte by byte: fds come with each header's first byte
+        [
+            (stream[i : i + 1], [fd1] if i == 0 else [fd2, fd3] if i == len(m1 + m2) else [])
+            for i in range(len(stream))
+        ],
+        # the tail of one message and the head of the next (with its fds) in one chunk
+        [(m1[:5], [fd1]), (m1[5:] + m2 + m3[:3], [fd2, fd3]), (m3[3:], [])],
+    ]
+    for chunks in cases:
+        dec = StreamDecoder()
+        got: list[RawMessage | str] = []
+        for data, fds in chunks:
+            dec.receive_data(data, fds)
+            got += [m for m in drain(dec) if m != "NEED_DATA"]
+        dec.receive_data(b"")
+        got += drain(dec)
+        assert got == [
+            RawMessage(b"one", [fd1], 0, 3),
+            RawMessage(b"", [], 0, 0),
+            RawMessage(b"three!", [fd2, fd3], 0, 6),
+            "CLOSED",
+        ]
+        assert dec.held_fds == 0
+
+
+def test_frames_to_bytes_table() -> None:
+    """The other direction: what a sender writes for each message."""
+    table = [
+        ((b"", 0), b"\xaf\0\0\0\0\0\0\0"),
+        ((b"x", 1), b"\xaf\0\0\x01\0\0\0\x01x"),
+        ((b"abc", 3), b"\xaf\0\0\x03\0\0\0\x03abc"),
+    ]
+    for (payload, nfds), raw in table:
+        assert frame(payload, nfds) == raw
+        dec = StreamDecoder()
+        dec.receive_data(raw, [])
+        if nfds:
+            with pytest.raises(FrameError):
+                dec.next_message()
+        else:
+            assert drain(dec)[0] == RawMessage(payload, [], 0, len(payload))
+
+
+def test_memfd_frame_has_no_inline_body(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    dec.receive_data(encode_header(1 << 20, 1, FLAG_MEMFD) + frame(b"next"), [fd])
+    first, second, rest = drain(dec)
+    assert isinstance(first, RawMessage)
+    assert first.memfd
+    assert first.length == 1 << 20
+    assert first.data == b""
+    assert first.fds == [fd]
+    assert second == RawMessage(b"next", [], 0, 4)
+    assert rest == "NEED_DATA"
+
+
+def test_tag_follows_the_header(newfd: Callable[[], int]) -> None:
+    dec = StreamDecoder()
+    m1, m2 = frame(b"aaaa"), frame(b"bb")
+    dec.receive_data(m1[:3], tag="A")
+    dec.receive_data(m1[3:] + m2[:1], tag="B")
+    dec.receive_data(m2[1:], tag="C")
+    first, second, _ = drain(dec)
+    assert isinstance(first, RawMessage)
+    assert isinstance(second, RawMessage)
+    assert (first.tag, second.tag) == ("A", "B")
+
+
+# --------------------------------------------------------------- stream errors
+def test_announced_fds_missing(newfd: Callable[[], int]) -> None:
+    other = newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"a", 0) + frame(b"b", 2), [])
+    dec.receive_data(frame(b"c", 1), [other])
+    with pytest.raises(FrameError, match=r"announces 2 descriptor.*none arrived") as info:
+        drain(dec)
+    assert not is_open(other)
+    assert info.value.fds_closed == 1
+
+
+def test_fd_count_mismatch(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"x", 2), [fd])
+    with pytest.raises(FrameError, match=r"announces 2 descriptor.*1 arrived"):
+        dec.next_message()
+    assert not is_open(fd)
+
+
+def test_fds_attached_to_the_middle_of_a_message(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    raw = frame(b"0123456789")
+    dec.receive_data(raw[:10], [])
+    dec.receive_data(raw[10:], [fd])  # no header starts in these bytes
+    dec.receive_data(frame(b"next"), [])
+    with pytest.raises(FrameError, match="no message starts"):
+        drain(dec)
+    assert not is_open(fd)
+
+
+def test_fds_with_trailing_bytes_at_eof(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    raw = frame(b"0123456789")
+    dec.receive_data(raw[:10], [])
+    dec.receive_data(raw[10:], [fd])
+    dec.receive_data(b"")
+    with pytest.raises(FrameError, match="no message header announced"):
+        drain(dec)
+    assert not is_open(fd)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 7, 8, 9, 12])
+def test_peer_closes_mid_message(newfd: Callable[[], int], cut: int) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"hello", 1)[:cut], [fd])
+    dec.receive_data(b"")
+    with pytest.raises(FrameError, match="mid-message"):
+        drain(dec)
+    assert not is_open(fd)
+
+
+def test_oversized_frame(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder(max_size=4)
+    dec.receive_data(frame(b"hello", 1), [fd])
+    with pytest.raises(FrameError, match="exceeds the maximum") as info:
+        dec.next_message()
+    assert info.value.errno == errno.EMSGSIZE
+    assert not is_open(fd)
+
+
+def test_max_fds(newfd: Callable[[], int]) -> None:
+    fds = [newfd(), newfd()]
+    dec = StreamDecoder(max_fds=1)
+    dec.receive_data(frame(b"x", 2), fds)
+    with pytest.raises(FrameError, match="max_fds=1"):
+        dec.next_message()
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_garbage(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    dec.receive_data(b"GET / HTTP/1.0\r\n\r\n", [fd])
+    with pytest.raises(FrameError, match="not an afunix frame"):
+        dec.next_message()
+    assert not is_open(fd)
+
+
+def test_fds_without_data(newfd: Callable[[], int]) -> None:
+    fd = newfd()
+    dec = StreamDecoder()
+    with pytest.raises(FrameError, match="no data"):
+        dec.receive_data(b"", [fd])
+    assert not is_open(fd)
+
+
+def test_errors_are_sticky_and_close_later_fds(newfd: Callable[[], int]) -> None:
+    dec = StreamDecoder()
+    dec.receive_data(b"\x00" * 8)
+    with pytest.raises(FrameError) as first:
+        dec.next_message()
+    with pytest.raises(FrameError) as again:
+        dec.next_message()
+    assert again.value is first.value
+    late = newfd()
+    with pytest.raises(FrameError):
+        dec.receive_data(b"more", [late])
+    assert not is_open(late)
+
+
+def test_close_releases_held_fds(newfd: Callable[[], int]) -> None:
+    a, b = newfd(), newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"hello", 1)[:9], [a])  # header parsed, body pending
+    dec.receive_data(frame(b"next", 1)[:1], [b])  # not parsed yet
+    assert dec.next_message() is NEED_DATA
+    assert dec.held_fds == 1 + 1
+    dec.close()
+    assert not is_open(a)
+    assert not is_open(b)
+
+
+def test_receive_after_eof_is_a_bug() -> None:
+    dec = StreamDecoder()
+    dec.receive_data(b"")
+    with pytest.raises(RuntimeError):
+        dec.receive_data(b"x")
+
+
+# ------------------------------------------------------------------- packets
+def test_packet_table(newfd: Callable[[], int]) -> None:
+    a, b = newfd(), newfd()
+    assert decode_packet(frame(b"abc", 2), [a, b]) == RawMessage(b"abc", [a, b], 0, 3)
+    assert decode_packet(frame(b"")) == RawMessage(b"", [], 0, 0)
+    memfd = decode_packet(encode_header(99, 1, FLAG_MEMFD), [a], tag="t")
+    assert (memfd.memfd, memfd.length, memfd.data, memfd.tag) == (True, 99, b"", "t")
+
+
+@pytest.mark.parametrize(
+    ("packet", "nfds", "kw", "match"),
+    [
+        (b"\xaf\0\0\x01\0\0\0\x01x", 1, {"truncated": True}, "MSG_TRUNC"),
+        (b"\xaf\0", 1, {}, "shorter than the 8-byte header"),
+        (b"\xaf\0\0\x01\0\0\0\x02x", 1, {}, "holds 1 payload bytes but its header announces 2"),
+        (b"\xaf\0\0\x02\0\0\0\x01x", 1, {}, "announces 2 descriptor.*1 arrived"),
+        (b"\xaf\0\0\x00\0\0\0\x01x", 1, {}, "announces 0 descriptor.*1 arrived"),
+        (b"\xaf\0\0\x01\0\0\0\x09123456789", 1, {"max_size": 8}, "exceeds"),
+        (b"\x00\0\0\x01\0\0\0\x01x", 1, {}, "not an afunix frame"),
+    ],
+)
+def test_packet_errors_close_fds(
+    newfd: Callable[[], int], packet: bytes, nfds: int, kw: dict[str, object], match: str
+) -> None:
+    fds = [newfd() for _ in range(nfds)]
+    with pytest.raises(FrameError, match=match):
+        decode_packet(packet, fds, **kw)  # type: ignore[arg-type]
+    assert not any(is_open(fd) for fd in fds)
