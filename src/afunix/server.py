@@ -126,6 +126,18 @@ class _Peer:
     _credentials: PeerCredentials | None
     _who: str | None = None
 
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: Address,
+        credentials: PeerCredentials | None = None,
+        limits: Limits = NO_LIMITS,
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self._credentials = credentials
+        self.limits = limits
+
     def describe(self) -> str:
         """``pid 12 uid 1000 gid 1000`` (from the kernel) or the address, for logs.
 
@@ -173,18 +185,6 @@ class Connection(_Peer):
     then. On a seqpacket socket each ``recv`` is one record.
     :attr:`credentials` says who the client is.
     """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        peer: Address,
-        credentials: PeerCredentials | None = None,
-        limits: Limits = NO_LIMITS,
-    ) -> None:
-        self.sock = sock
-        self.peer = peer
-        self._credentials = credentials
-        self.limits = limits
 
     def recv(self, bufsize: int = _BUFSIZE) -> bytes:
         """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF.
@@ -243,10 +243,7 @@ class AsyncConnection(_Peer):
         credentials: PeerCredentials | None = None,
         limits: Limits = NO_LIMITS,
     ) -> None:
-        self.sock = sock
-        self.peer = peer
-        self._credentials = credentials
-        self.limits = limits
+        super().__init__(sock, peer, credentials, limits)
         self._loop = asyncio.get_running_loop()
 
     async def recv(self, bufsize: int = _BUFSIZE) -> bytes:
