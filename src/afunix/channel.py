@@ -41,7 +41,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Literal
 
 from ._address import AddressLike
-from ._ancillary import ControlError, Credentials, close_fds, control_space, fds_in
+from ._ancillary import (
+    ControlError,
+    Credentials,
+    Rights,
+    close_fds,
+    control_space,
+    decode,
+    fds_in,
+)
 from ._creds import PeerCredentials, message_credentials
 from ._errors import AfunixError, UnsupportedFeature
 from ._fds import SCM_MAX_FD, FdLike, Outgoing, TooManyFds, fileno_of, recvmsg_items
@@ -84,6 +92,7 @@ _pack_header = HEADER.pack
 #: from the kernel instead of three.
 _DIRECT_MIN = 64 * 1024
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: The smallest receive buffer for one seqpacket/datagram message.
 _PACKET_MIN = 512 * 1024
 #: ``send(..., more=True)`` holds plain frames until this many bytes are waiting.
@@ -242,6 +251,8 @@ class _Core:
         self.recv_bufsize = recv_bufsize
         self.credentials = credentials
         self.control = control_space(maxfds, credentials)
+        #: Read only a header next (set after a large payload was received in place).
+        self.header_next = False
         if credentials:
             passcred = getattr(socket, "SO_PASSCRED", None)
             if passcred is None:  # pragma: no cover - not Linux
@@ -406,12 +417,39 @@ class _Core:
             self.fail()  # the byte stream is out of step for good
             raise
         decoder.skip(length - buffered)
+        # We stand on a frame boundary with nothing buffered: if large messages keep
+        # coming, reading just the next header lets its payload land in place too.
+        self.header_next = True
         return Message(view.toreadonly())
 
     def receive_once(self) -> Message | None:
         """One ``recvmsg``. Packets give a message; a stream feeds the decoder (``None``)."""
         if self.closed:
             raise AfunixError(errno.EBADF, "the channel is closed")
+        if self.decoder is not None and not self.credentials:
+            # Fast path: no control data (the common case) needs no decoding at all.
+            bufsize = HEADER.size if self.header_next else self.recv_bufsize
+            self.header_next = False
+            data, anc, flags, _ = self.sock.recvmsg(bufsize, self.control, _CLOEXEC)
+            if not anc and not flags & _MSG_CTRUNC:
+                try:
+                    self.decoder.receive_data(data)
+                except FrameError:
+                    self.fail()
+                    raise
+                return None
+            try:  # descriptors: checked as recvmsg_items() checks them
+                items = decode(anc, flags, room=self.maxfds)
+            except ControlError:
+                self.fail()  # a message's descriptors are gone: the stream is broken
+                raise
+            try:
+                fds = [fd for item in items if isinstance(item, Rights) for fd in item.fds]
+                self.decoder.receive_data(data, fds)
+            except FrameError:
+                self.fail()
+                raise
+            return None
         bufsize = self.recv_bufsize if self.stream else self.packet_bufsize
         try:
             got = recvmsg_items(self.sock, bufsize, self.maxfds, credentials=self.credentials)

@@ -114,7 +114,7 @@ class Limits:
         return {"max_size": self.max_message, "maxfds": self.max_fds_per_message}
 
 
-NO_LIMITS = Limits()
+DEFAULT_LIMITS = Limits()
 
 
 class _Peer:
@@ -131,7 +131,7 @@ class _Peer:
         sock: socket.socket,
         peer: Address,
         credentials: PeerCredentials | None = None,
-        limits: Limits = NO_LIMITS,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -241,7 +241,7 @@ class AsyncConnection(_Peer):
         sock: socket.socket,
         peer: Address,
         credentials: PeerCredentials | None = None,
-        limits: Limits = NO_LIMITS,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(sock, peer, credentials, limits)
         self._loop = asyncio.get_running_loop()
@@ -374,7 +374,7 @@ class Server:
         shutdown_timeout: float = 5.0,
         verify: Verifier | None = None,
         policy: PeerPolicy | None = None,
-        limits: Limits = NO_LIMITS,
+        limits: Limits = DEFAULT_LIMITS,
         sock: socket.socket | None = None,
         inherit: bool = True,
         fdstore: bool = False,
