@@ -280,7 +280,9 @@ class StreamDecoder:
     def eof(self) -> bool:
         return self._eof
 
-    def receive_data(self, data: bytes, fds: Sequence[int] = (), tag: object = None) -> None:
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (), tag: object = None
+    ) -> None:
         """Feed the bytes and descriptors of one ``recvmsg``; ``b""`` means end of file.
 
         The decoder owns *fds* from now on (it closes them on error or

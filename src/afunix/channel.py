@@ -71,10 +71,11 @@ from ._sockets import SocketTypeLike, connect, listen, pair, socket_type, type_n
 
 __all__ = ["Channel", "Listener", "Message"]
 
-#: Bytes asked for per stream ``recvmsg``. Below glibc's 128 KiB mmap threshold on
-#: purpose: a 256 KiB buffer is mapped and unmapped by every call, which tripled
-#: the round-trip time of small messages (``afunix bench``, docs/benchmarks.md).
-_RECV_BUFSIZE = 64 * 1024
+#: Bytes asked for per stream ``recvmsg``. The stream fast path receives into one
+#: buffer of this size kept by the channel (``recvmsg_into``): a fresh 256 KiB
+#: ``bytes`` per call is mapped and unmapped by malloc every time, which tripled the
+#: round-trip time of small messages (``afunix bench``, docs/benchmarks.md).
+_RECV_BUFSIZE = 256 * 1024
 #: Plain stream messages up to this size are sent as one ``header + data`` buffer
 #: with a single ``send`` (the fast path); larger ones use ``sendmsg`` with two buffers.
 _PLAIN_MAX = 8 * 1024
@@ -90,7 +91,7 @@ _pack_header = HEADER.pack
 #: Plain payloads from this size up are received straight into a buffer of their
 #: own (``recvmsg_into``) and handed out as a read-only memoryview of it: one copy
 #: from the kernel instead of three.
-_DIRECT_MIN = 64 * 1024
+_DIRECT_MIN = 256 * 1024
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: The smallest receive buffer for one seqpacket/datagram message.
@@ -121,7 +122,8 @@ class Message:
         credentials: PeerCredentials | None = None,
         payload: SealedPayload | None = None,
     ) -> None:
-        #: The payload: ``bytes``, or a read-only ``memoryview`` of a memfd payload.
+        #: The payload: ``bytes``, or a read-only ``memoryview`` of a memfd payload or
+        #: of a stream payload of 256 KiB or more (received in place, no extra copy).
         self.data = data
         #: The sender's address (datagram sockets), else ``None``.
         self.address = address
@@ -253,6 +255,8 @@ class _Core:
         self.control = control_space(maxfds, credentials)
         #: Read only a header next (set after a large payload was received in place).
         self.header_next = False
+        #: The stream fast path's receive buffer (see _RECV_BUFSIZE), made on first use.
+        self.rview: memoryview | None = None
         if credentials:
             passcred = getattr(socket, "SO_PASSCRED", None)
             if passcred is None:  # pragma: no cover - not Linux
@@ -428,9 +432,13 @@ class _Core:
             raise AfunixError(errno.EBADF, "the channel is closed")
         if self.decoder is not None and not self.credentials:
             # Fast path: no control data (the common case) needs no decoding at all.
-            bufsize = HEADER.size if self.header_next else self.recv_bufsize
+            rview = self.rview
+            if rview is None:
+                rview = self.rview = memoryview(bytearray(self.recv_bufsize))
+            into = rview[: HEADER.size] if self.header_next else rview
             self.header_next = False
-            data, anc, flags, _ = self.sock.recvmsg(bufsize, self.control, _CLOEXEC)
+            n, anc, flags, _ = self.sock.recvmsg_into([into], self.control, _CLOEXEC)
+            data = into[:n]  # copied by the decoder
             if not anc and not flags & _MSG_CTRUNC:
                 try:
                     self.decoder.receive_data(data)

@@ -381,6 +381,10 @@ class _RecordingSocket(afunix.Socket):
         self.flags_seen.append(args[2] if len(args) > 2 else 0)
         return super().recvmsg(*args)
 
+    def recvmsg_into(self, *args: Any) -> Any:
+        self.flags_seen.append(args[2] if len(args) > 2 else 0)
+        return super().recvmsg_into(*args)
+
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_msg_peek_is_never_used(kind: str) -> None:
