@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,18 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 @pytest.fixture
-def subreaper() -> None:
-    """Successors are the old server's children; adopt them when it exits, to reap them."""
+def subreaper() -> Iterator[None]:
+    """Successors are the old server's children; adopt them when it exits, to reap them.
+
+    Only for this test: afterwards the process stops being a subreaper, so that
+    later tests' grandchildren go to init as usual.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        assert libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) == 0
 
 
 def _read_pid(pidfile: Path) -> int | None:
