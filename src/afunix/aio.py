@@ -55,6 +55,7 @@ class AsyncChannel:
         memfd_threshold: int | None = MEMFD_THRESHOLD,
         recv_bufsize: int = _RECV_BUFSIZE,
         credentials: bool = False,
+        max_fds_in_flight: int | None = None,
     ) -> None:
         self._core = _Core(
             sock,
@@ -63,6 +64,7 @@ class AsyncChannel:
             memfd_threshold=memfd_threshold,
             recv_bufsize=recv_bufsize,
             credentials=credentials,
+            max_fds_in_flight=max_fds_in_flight,
         )
         sock.setblocking(False)
         self._fd = sock.fileno()

@@ -51,7 +51,7 @@ from ._ancillary import (
     fds_in,
 )
 from ._creds import PeerCredentials, message_credentials
-from ._errors import AfunixError, UnsupportedFeature
+from ._errors import AfunixError, ProtocolError, UnsupportedFeature
 from ._fds import SCM_MAX_FD, FdLike, Outgoing, TooManyFds, fileno_of, recvmsg_items
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
 from ._protocol import (
@@ -111,7 +111,7 @@ class Message:
     held, by position; a taken one shows as ``-1``.
     """
 
-    __slots__ = ("_fds", "_payload", "address", "credentials", "data")
+    __slots__ = ("_fds", "_payload", "_release", "address", "credentials", "data")
 
     def __init__(
         self,
@@ -132,6 +132,9 @@ class Message:
         self.credentials = credentials
         self._fds: list[int] = list(fds)
         self._payload = payload
+        #: Told how many descriptors left this message (taken or closed), so that
+        #: the channel can count the ones still in flight on its side.
+        self._release: Callable[[int], None] | None = None
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -151,6 +154,8 @@ class Message:
         if fd < 0:
             raise ValueError(f"descriptor {index} was already taken or the message is closed")
         self._fds[index] = -1
+        if self._release is not None:
+            self._release(1)
         return fd
 
     def take_fd(self, index: int = 0) -> int:
@@ -161,6 +166,8 @@ class Message:
         """Take every descriptor not taken yet."""
         fds = [fd for fd in self._fds if fd >= 0]
         self._fds = [-1] * len(self._fds)
+        if fds and self._release is not None:
+            self._release(len(fds))
         return fds
 
     def take_file(self, index: int = 0, mode: str = "rb", **kwargs: Any) -> IO[Any]:
@@ -190,6 +197,8 @@ class Message:
         fds = [fd for fd in self._fds if fd >= 0]
         self._fds = [-1] * len(self._fds)
         close_fds(fds)
+        if fds and self._release is not None:
+            self._release(len(fds))
         payload, self._payload = self._payload, None
         if payload is not None:
             self.data = b""
@@ -242,8 +251,14 @@ class _Core:
         memfd_threshold: int | None,
         recv_bufsize: int,
         credentials: bool,
+        max_fds_in_flight: int | None = None,
     ) -> None:
         self.kind = _check_socket(sock)
+        #: At most this many received descriptors may sit in messages not yet
+        #: closed or taken (``None``: no limit); see :meth:`message`.
+        self.max_fds_in_flight = max_fds_in_flight
+        self.in_flight = 0
+        self._flight_lock = threading.Lock()
         if not 0 <= maxfds <= SCM_MAX_FD:
             raise ValueError(f"maxfds must be 0..{SCM_MAX_FD}, not {maxfds}")
         self.sock = sock
@@ -485,15 +500,40 @@ class _Core:
 
     def message(self, raw: RawMessage, address: Any) -> Message:
         creds = message_credentials(raw.tag) if isinstance(raw.tag, Credentials) else None
-        if not raw.memfd:
-            return Message(raw.data, raw.fds, address=address, credentials=creds)
         fds = raw.fds
-        try:
-            payload = SealedPayload(fds.pop(), raw.length)
-        except BaseException:
-            close_fds(fds)
-            raise
-        return Message(payload.view, fds, address=address, credentials=creds, payload=payload)
+        payload = None
+        if raw.memfd:
+            try:
+                payload = SealedPayload(fds.pop(), raw.length)
+            except BaseException:
+                close_fds(fds)
+                raise
+        if self.max_fds_in_flight is None or not fds:
+            data = raw.data if payload is None else payload.view
+            return Message(data, fds, address=address, credentials=creds, payload=payload)
+        with self._flight_lock:
+            held = self.in_flight
+            if held + len(fds) > self.max_fds_in_flight:
+                close_fds(fds)
+                if payload is not None:
+                    payload.close()
+                raise ProtocolError(
+                    f"the peer sent {len(fds)} more descriptor(s) while {held} it sent "
+                    f"earlier are still open here; at most {self.max_fds_in_flight} may be "
+                    "in flight per connection (close or take messages' descriptors sooner, "
+                    "or raise max_fds_in_flight)",
+                    errno.ETOOMANYREFS,
+                )
+            self.in_flight = held + len(fds)
+        data = raw.data if payload is None else payload.view
+        msg = Message(data, fds, address=address, credentials=creds, payload=payload)
+        msg._release = self._landed
+        return msg
+
+    def _landed(self, n: int) -> None:
+        """Descriptors of a message were closed or taken: no longer in flight here."""
+        with self._flight_lock:
+            self.in_flight -= n
 
     def fail(self) -> None:
         """The stream broke: drop held descriptors and the socket."""
@@ -528,6 +568,10 @@ class Channel:
             (default 32 MiB, see :mod:`afunix._memfd` for why); ``None`` never.
         recv_bufsize: bytes asked for per ``recvmsg`` on a stream.
         credentials: set ``SO_PASSCRED`` and fill :attr:`Message.credentials`.
+        max_fds_in_flight: at most this many received descriptors may be held
+            in messages not yet closed (or their descriptors taken); one more is
+            a :class:`~afunix.ProtocolError` (``ETOOMANYREFS``) and the message's
+            descriptors are closed. D-Bus uses 64. ``None``: no limit.
 
     Thread-safe: one sender and one receiver may work at the same time, and
     concurrent senders never interleave their messages.
@@ -542,6 +586,7 @@ class Channel:
         memfd_threshold: int | None = MEMFD_THRESHOLD,
         recv_bufsize: int = _RECV_BUFSIZE,
         credentials: bool = False,
+        max_fds_in_flight: int | None = None,
     ) -> None:
         self._core = _Core(
             sock,
@@ -550,6 +595,7 @@ class Channel:
             memfd_threshold=memfd_threshold,
             recv_bufsize=recv_bufsize,
             credentials=credentials,
+            max_fds_in_flight=max_fds_in_flight,
         )
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()

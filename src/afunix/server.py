@@ -96,7 +96,10 @@ class Limits:
         idle_timeout: seconds a client may stay silent while the handler waits
             for it (``recv``); ``None``: forever.
         send_timeout: seconds a client may leave the server's writes unread
-            (a client that never reads); ``None``: forever.
+            (a client that never reads); ``None``: forever. Both apply to
+            ``conn.recv``/``conn.send``; a sync ``conn.channel()`` gets the
+            shorter of the two as its socket timeout, both ways. Inside an
+            asyncio handler's channel, bound waits with ``asyncio.timeout()``.
         max_message: the largest message a :meth:`Connection.channel` accepts,
             in bytes (the per-connection buffer limit).
         max_fds_per_message: descriptors accepted with one message (D-Bus: 16).
@@ -111,7 +114,18 @@ class Limits:
     max_fds_in_flight: int = 64
 
     def channel_options(self) -> dict[str, Any]:
-        return {"max_size": self.max_message, "maxfds": self.max_fds_per_message}
+        return {
+            "max_size": self.max_message,
+            "maxfds": self.max_fds_per_message,
+            "max_fds_in_flight": self.max_fds_in_flight,
+        }
+
+    @property
+    def channel_timeout(self) -> float | None:
+        """The one socket timeout a sync channel gets: a channel cannot tell a
+        receive from a send apart, so the shorter of the two applies to both."""
+        given = [t for t in (self.idle_timeout, self.send_timeout) if t is not None]
+        return min(given) if given else None
 
 
 DEFAULT_LIMITS = Limits()
@@ -223,7 +237,9 @@ class Connection(_Peer):
         and in flight); ``options`` override them. The channel owns the socket.
         """
         self.describe()  # while the socket is surely open, for the logs
-        return Channel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
+        chan = Channel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
+        self.sock.settimeout(self.limits.channel_timeout)
+        return chan
 
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.recv():
@@ -306,6 +322,8 @@ def log_handler_failure(exc: BaseException, who: str) -> None:
     """Log a connection's end once: a misbehaving peer briefly, a bug with its traceback."""
     if isinstance(exc, PeerError):
         log.warning("closed connection from %s: %s", who, exc)
+    elif isinstance(exc, TimeoutError):  # a channel's socket timeout (Limits)
+        log.warning("closed connection from %s: timed out waiting for the client", who)
     elif isinstance(exc, ConnectionError | EOFError):
         log.info("connection from %s ended: %s", who, exc or type(exc).__name__)
     else:

@@ -247,3 +247,83 @@ def test_descriptor_flood_under_a_tight_rlimit(sockdir: Path) -> None:
         proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_descriptors_in_flight_are_bounded(sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that keeps messages open: past max_fds_in_flight the peer is cut off."""
+    caplog.set_level(logging.INFO, logger="afunix.server")
+    path = sockdir / "inflight.sock"
+    kept: list[afunix.Message] = []
+
+    def handler(conn: afunix.Connection) -> None:
+        with conn.channel() as chan:
+            try:
+                for msg in chan:
+                    kept.append(msg)  # held open: its descriptors stay in flight
+                    chan.send(b"held %d" % len(kept))
+            finally:
+                for m in kept:
+                    m.close()
+
+    limits = Limits(max_fds_per_message=4, max_fds_in_flight=10)
+    with afunix.Server(path, handler, model="thread", limits=limits) as srv:
+        srv.start()
+        files = [open("/dev/null", "rb") for _ in range(4)]  # noqa: SIM115
+        try:
+            with afunix.Channel.connect(path) as c:
+                for i in range(2):  # 8 in flight: allowed
+                    c.send(b"x", fds=files)
+                    assert c.recv().data == b"held %d" % (i + 1)
+                c.send(b"x", fds=files)  # 12 > 10: refused, connection closed
+                with pytest.raises(EOFError):
+                    c.recv()
+        finally:
+            for f in files:
+                f.close()
+    logs = _closed_logs(caplog)
+    assert len(logs) == 1 and "in flight" in logs[0] and "ETOOMANYREFS" in logs[0], logs
+
+
+def test_in_flight_count_goes_down_as_messages_are_closed_or_taken() -> None:
+    a, b = afunix.Channel.pair(max_fds_in_flight=2)
+    with a, b, open("/dev/null", "rb") as f:
+        for _ in range(5):  # each message released before the next: never above 2
+            a.send(b"one", fds=[f, f])
+            with b.recv() as msg:
+                os.close(msg.take_fd(0))
+        a.send(b"two", fds=[f])
+        a.send(b"three", fds=[f, f])
+        first = b.recv()
+        with pytest.raises(afunix.ProtocolError, match="at most 2 may be in flight"):
+            b.recv()
+        first.close()
+        a.send(b"four", fds=[f, f])
+        with b.recv() as msg:
+            assert len(msg.fds) == 2
+
+
+def test_sync_channel_gets_the_shorter_timeout(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="afunix.server")
+    path = sockdir / "ct.sock"
+
+    def handler(conn: afunix.Connection) -> None:
+        with conn.channel() as chan:
+            for msg in chan:
+                with msg:
+                    chan.send(b"ok")
+
+    with afunix.Server(
+        path, handler, model="thread", limits=Limits(idle_timeout=5, send_timeout=0.2)
+    ) as srv:
+        srv.start()
+        with afunix.Channel.connect(path) as c:
+            c.send(b"hi")
+            assert c.recv().data == b"ok"
+            t0 = time.monotonic()
+            with pytest.raises(EOFError):
+                c.recv()  # we stay silent; the server gives up after 0.2 s
+            assert time.monotonic() - t0 < 3
+    logs = _closed_logs(caplog)
+    assert len(logs) == 1 and "timed out" in logs[0], logs
