@@ -23,6 +23,10 @@ from __future__ import annotations
 import socket
 import sys
 
+from ._creds_nopidfd import has_pidfd as has_pidfd
+from ._creds_nopidfd import pidfd_exited as pidfd_exited
+from ._creds_nopidfd import pidfd_pid as pidfd_pid
+from ._creds_nopidfd import process_facts as process_facts
 from ._credstructs import (
     CMSGCRED_SIZE,
     DecodedCredentials,
@@ -89,25 +93,6 @@ def peer(
     if NAME == "openbsd":
         return parse_openbsd_sockpeercred(raw), None
     return parse_freebsd_xucred(raw, pointer_size=_PTR), None
-
-
-def has_pidfd() -> bool | None:
-    return False
-
-
-def pidfd_exited(pidfd: int, timeout: float | None = 0.0) -> bool:  # pragma: no cover
-    raise UnsupportedFeature("pidfds exist only on Linux")
-
-
-def pidfd_pid(pidfd: int) -> int | None:  # pragma: no cover
-    raise UnsupportedFeature("pidfds exist only on Linux")
-
-
-def process_facts(
-    pid: int, pidfd: int | None
-) -> tuple[str | None, tuple[str, ...] | None, str | None, bool]:  # pragma: no cover
-    """No ``/proc`` to read safely here: nothing is known beyond the ids."""
-    return None, None, None, False
 
 
 def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:  # pragma: no cover

@@ -12,6 +12,10 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
+from ._creds_nopidfd import has_pidfd as has_pidfd
+from ._creds_nopidfd import pidfd_exited as pidfd_exited
+from ._creds_nopidfd import pidfd_pid as pidfd_pid
+from ._creds_nopidfd import process_facts as process_facts
 from ._credstructs import MACOS_XUCRED_SIZE, DecodedCredentials, parse_macos_xucred, parse_pid
 from ._errors import UnsupportedFeature
 
@@ -32,25 +36,6 @@ def peer(
     creds = parse_macos_xucred(sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, MACOS_XUCRED_SIZE))
     pid = parse_pid(sock.getsockopt(SOL_LOCAL, LOCAL_PEERPID, 4))
     return replace(creds, pid=pid), None
-
-
-def has_pidfd() -> bool | None:
-    return False
-
-
-def pidfd_exited(pidfd: int, timeout: float | None = 0.0) -> bool:  # pragma: no cover
-    raise UnsupportedFeature("pidfds exist only on Linux")
-
-
-def pidfd_pid(pidfd: int) -> int | None:  # pragma: no cover
-    raise UnsupportedFeature("pidfds exist only on Linux")
-
-
-def process_facts(
-    pid: int, pidfd: int | None
-) -> tuple[str | None, tuple[str, ...] | None, str | None, bool]:  # pragma: no cover
-    """No ``/proc`` on macOS: nothing is known beyond the ids."""
-    return None, None, None, False
 
 
 def _no_messages() -> UnsupportedFeature:
