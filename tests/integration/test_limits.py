@@ -327,3 +327,72 @@ def test_sync_channel_gets_the_shorter_timeout(
             assert time.monotonic() - t0 < 3
     logs = _closed_logs(caplog)
     assert len(logs) == 1 and "timed out" in logs[0], logs
+
+
+def test_oversized_message_closes_only_that_connection(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="afunix.server")
+    path = sockdir / "big.sock"
+
+    def handler(conn: afunix.Connection) -> None:
+        with conn.channel() as chan:
+            for msg in chan:
+                with msg:
+                    chan.send(b"got %d" % len(msg.data))
+
+    with afunix.Server(path, handler, model="thread", limits=Limits(max_message=1000)) as srv:
+        srv.start()
+        with afunix.Channel.connect(path) as big, afunix.Channel.connect(path) as small:
+            big.send(b"y" * 1001)
+            with pytest.raises(EOFError):
+                big.recv()
+            small.send(b"z" * 1000)
+            assert small.recv().data == b"got 1000"
+    logs = _closed_logs(caplog)
+    assert len(logs) == 1 and "1001" in logs[0], logs
+
+
+FORK_BOUNDED = textwrap.dedent(
+    """
+    import os, sys, time, afunix
+
+    def handler(conn):
+        conn.recv()
+        time.sleep(0.3)
+        conn.send(b"%d" % os.getpid())
+
+    afunix.Server(sys.argv[1], handler, model="fork", max_clients=2).serve_forever()
+    """
+)
+
+
+def test_fork_model_bounds_children_and_queues_the_rest(sockdir: Path) -> None:
+    path = sockdir / "fb.sock"
+    proc = subprocess.Popen([sys.executable, "-c", FORK_BOUNDED, str(path)])
+    try:
+        wait_for_path(path)
+        clients = [afunix.connect(path, timeout=5) for _ in range(6)]
+        t0 = time.monotonic()
+        try:
+            for c in clients:
+                c.sendall(b"go")
+            peak = 0
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # count the server's children meanwhile
+                try:
+                    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                        peak = max(peak, len(f.read().split()))
+                except FileNotFoundError:
+                    break
+                time.sleep(0.01)
+            replies = [_recv_until_closed(c, 10) for c in clients]
+        finally:
+            for c in clients:
+                c.close()
+        assert all(r.isdigit() for r in replies)
+        assert peak == 2
+        assert time.monotonic() - t0 >= 0.85  # three waves of two, 0.3 s each
+    finally:
+        proc.terminate()
+        proc.wait(10)
