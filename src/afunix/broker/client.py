@@ -142,34 +142,25 @@ def _raise_for(reply: Reply, shown: str) -> None:
     raise exc
 
 
-class Client:
-    """A blocking broker client. See the module docs.
-
-    Args:
-        address: the broker's socket (path or ``@abstract``).
-        timeout: seconds for each request, connecting included.
-    """
+class _ClientBase:
+    """What the blocking and the asyncio client share: the connection and its framing."""
 
     def __init__(self, address: AddressLike, *, timeout: float = 10.0) -> None:
         self.address = address
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._proto: Connection | None = None
-        self._lock = threading.Lock()
 
-    # --------------------------------------------------------------- connection
-    def _connect(self, deadline: float) -> tuple[socket.socket, Connection]:
-        if self._sock is None or self._proto is None:
-            try:
-                sock = connect(self.address, timeout=max(deadline - time.monotonic(), 0.001))
-            except OSError as exc:
-                raise BrokerError(
-                    exc.errno or errno.ECONNREFUSED,
-                    f"cannot reach the broker: {exc.strerror or exc}",
-                ) from exc
-            self._sock = sock
-            self._proto = Connection(max_size=_MAX_REPLY, max_fds=1)
-        return self._sock, self._proto
+    def _adopt(self, sock: socket.socket) -> tuple[socket.socket, Connection]:
+        self._sock = sock
+        self._proto = Connection(max_size=_MAX_REPLY, max_fds=1)
+        return sock, self._proto
+
+    @staticmethod
+    def _unreachable(exc: OSError) -> BrokerError:
+        return BrokerError(
+            exc.errno or errno.ECONNREFUSED, f"cannot reach the broker: {exc.strerror or exc}"
+        )
 
     def close(self) -> None:
         """Close the connection (a later request reconnects)."""
@@ -179,6 +170,29 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class Client(_ClientBase):
+    """A blocking broker client. See the module docs.
+
+    Args:
+        address: the broker's socket (path or ``@abstract``).
+        timeout: seconds for each request, connecting included.
+    """
+
+    def __init__(self, address: AddressLike, *, timeout: float = 10.0) -> None:
+        super().__init__(address, timeout=timeout)
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------- connection
+    def _connect(self, deadline: float) -> tuple[socket.socket, Connection]:
+        if self._sock is None or self._proto is None:
+            try:
+                sock = connect(self.address, timeout=max(deadline - time.monotonic(), 0.001))
+            except OSError as exc:
+                raise self._unreachable(exc) from exc
+            return self._adopt(sock)
+        return self._sock, self._proto
 
     def __enter__(self) -> Client:
         return self
@@ -324,14 +338,11 @@ class Client:
             os.close(fd)
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """The asyncio twin of :class:`Client`: ``await client.open(...)``."""
 
     def __init__(self, address: AddressLike, *, timeout: float = 10.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._proto: Connection | None = None
+        super().__init__(address, timeout=timeout)
         self._lock = asyncio.Lock()
 
     async def _connect(self) -> tuple[socket.socket, Connection]:
@@ -342,22 +353,10 @@ class AsyncClient:
                     None, lambda: connect(self.address, timeout=self.timeout)
                 )
             except OSError as exc:
-                raise BrokerError(
-                    exc.errno or errno.ECONNREFUSED,
-                    f"cannot reach the broker: {exc.strerror or exc}",
-                ) from exc
+                raise self._unreachable(exc) from exc
             sock.setblocking(False)
-            self._sock = sock
-            self._proto = Connection(max_size=_MAX_REPLY, max_fds=1)
+            return self._adopt(sock)
         return self._sock, self._proto
-
-    def close(self) -> None:
-        if self._proto is not None:
-            self._proto.close()
-            self._proto = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
