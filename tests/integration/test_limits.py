@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,23 @@ def _echo_handler(model: str) -> object:
             conn.send(data)
 
     return echo
+
+
+def answering(
+    reply: Callable[[afunix.Message], bytes | None],
+) -> Callable[[afunix.Connection], None]:
+    """A thread/fork handler: for each message on the connection's channel, send
+    ``reply(msg)`` back (unless ``None``), then close the message."""
+
+    def handler(conn: afunix.Connection) -> None:
+        with conn.channel() as chan:
+            for msg in chan:
+                with msg:
+                    answer = reply(msg)
+                    if answer is not None:
+                        chan.send(answer)
+
+    return handler
 
 
 def _closed_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -161,12 +179,7 @@ def test_too_many_descriptors_in_one_message(
     path = sockdir / "fds.sock"
     got: list[int] = []
 
-    def handler(conn: afunix.Connection) -> None:
-        with conn.channel() as chan:
-            for msg in chan:
-                with msg:
-                    got.append(len(msg.fds))
-
+    handler = answering(lambda msg: got.append(len(msg.fds)))
     limits = Limits(max_fds_per_message=4)
     with afunix.Server(path, handler, model="thread", limits=limits) as srv:
         srv.start()
@@ -308,12 +321,7 @@ def test_sync_channel_gets_the_shorter_timeout(
     caplog.set_level(logging.INFO, logger="afunix.server")
     path = sockdir / "ct.sock"
 
-    def handler(conn: afunix.Connection) -> None:
-        with conn.channel() as chan:
-            for msg in chan:
-                with msg:
-                    chan.send(b"ok")
-
+    handler = answering(lambda msg: b"ok")
     with afunix.Server(
         path, handler, model="thread", limits=Limits(idle_timeout=5, send_timeout=0.2)
     ) as srv:
@@ -335,12 +343,7 @@ def test_oversized_message_closes_only_that_connection(
     caplog.set_level(logging.INFO, logger="afunix.server")
     path = sockdir / "big.sock"
 
-    def handler(conn: afunix.Connection) -> None:
-        with conn.channel() as chan:
-            for msg in chan:
-                with msg:
-                    chan.send(b"got %d" % len(msg.data))
-
+    handler = answering(lambda msg: b"got %d" % len(msg.data))
     with afunix.Server(path, handler, model="thread", limits=Limits(max_message=1000)) as srv:
         srv.start()
         with afunix.Channel.connect(path) as big, afunix.Channel.connect(path) as small:
