@@ -150,11 +150,19 @@ def take_over(env: MutableMapping[str, str] | None = None) -> Takeover | None:
         except ValueError as exc:
             os.close(fds[0])
             raise ProtocolError(f"bad hand-over header {data[:80]!r}: {exc}") from exc
-        probe = socket.socket(fileno=fds[0])
+        try:
+            probe = socket.socket(fileno=fds[0])
+        except OSError as exc:
+            os.close(fds[0])
+            raise ProtocolError(f"hand-over brought a descriptor that is no socket: {exc}") from exc
         family, sock_type = probe.family, probe.type
         cls = DatagramSocket if sock_type == socket.SOCK_DGRAM else Socket
         sock = cls(family, sock_type, fileno=probe.detach())
-        address = Address.from_sockaddr(family, sock.getsockname())
+        try:
+            address = Address.from_sockaddr(family, sock.getsockname())
+        except BaseException:
+            sock.close()
+            raise
         path = address.filesystem_path
         if path is not None:
             with contextlib.suppress(OSError):

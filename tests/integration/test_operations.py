@@ -341,3 +341,22 @@ def test_server_notifies_ready_stopping_and_stores_its_listener(
             proc.kill()
             proc.wait()
         manager.close()
+
+
+def test_take_over_refuses_a_descriptor_that_is_no_socket() -> None:
+    """A broken predecessor sending a pipe instead of a listener: clear error, nothing leaked."""
+    from afunix._fds import send_fds
+    from afunix._handoff import ENV_VAR, take_over
+
+    ours, theirs = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        send_fds(ours, b'{"afunix-handoff": 1, "address": "", "type": 1}', [r])
+        env = {ENV_VAR: str(theirs.detach())}
+        with pytest.raises(afunix.ProtocolError, match="no socket"):
+            take_over(env)
+        assert env == {}  # consumed, so our own children do not try again
+    finally:
+        ours.close()
+        os.close(r)
+        os.close(w)
