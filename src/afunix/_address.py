@@ -81,7 +81,26 @@ class Address:
         naming the limit and the offending value when the address cannot be
         used: too long for ``sun_path``, a NUL inside a pathname, an abstract
         name where the system has none, or a malformed ``tcp://`` URI.
+
+        A ``str`` or ``bytes`` that parses the same from any working directory
+        (anything but a relative pathname) is parsed once and remembered: a
+        client that connects to the same address again and again pays for the
+        checks only the first time.
         """
+        cache = _PARSED.get(type(value))
+        if cache is None:  # an Address, a path-like or a buffer: not remembered
+            return cls._parse(value)
+        addr = cache.get(value)
+        if addr is None:
+            addr = cls._parse(value)
+            if addr.kind is not AddressKind.PATH or _is_absolute(value):
+                if len(cache) >= _PARSED_MAX:
+                    cache.clear()
+                cache[value] = addr
+        return addr
+
+    @classmethod
+    def _parse(cls, value: AddressLike) -> Address:
         if isinstance(value, Address):
             return value
         if isinstance(value, bytes | bytearray | memoryview):
@@ -309,6 +328,27 @@ class Address:
     def describe(self) -> str:
         """A human label: the path, ``@name``, ``<unnamed>`` or the URI."""
         return str(self) if self.kind is not AddressKind.UNNAMED else "<unnamed>"
+
+
+#: Addresses already parsed from a ``str`` / a ``bytes``, by the value given. Only
+#: results that do not depend on the working directory are kept (see
+#: :meth:`Address.parse`); an :class:`Address` is immutable, so one can be shared.
+#: Bounded: emptied when full, so a program that parses ever new addresses
+#: (replies to many datagram clients) does not grow it without end.
+_PARSED: dict[type, dict[Any, Address]] = {str: {}, bytes: {}}
+_PARSED_MAX = 256
+
+
+def _is_absolute(value: object) -> bool:
+    """Whether *value* is a ``str``/``bytes`` written as an absolute pathname (``/...``).
+
+    A relative one is resolved against the working directory when parsed, so
+    its result must not be remembered. ``unix:/path`` is not recognised here:
+    it is correct to parse it every time, only slower.
+    """
+    if isinstance(value, str):
+        return value.startswith("/")
+    return isinstance(value, bytes) and value.startswith(b"/")
 
 
 def _is_ip(host: str) -> bool:

@@ -120,12 +120,18 @@ class Socket(socket.socket):
         try:
             super().close()
         finally:
-            bound, self._bound = self._bound, None
-            if bound is not None:
-                bound.release()
-            private, self._private_dir = self._private_dir, None
-            if private is not None:
-                shutil.rmtree(private, ignore_errors=True)
+            # Most sockets (every connected stream client) own no file: leave them
+            # quickly, without giving the object an instance dict to store None in.
+            if self._bound is not None or self._private_dir is not None:
+                self._release_files()
+
+    def _release_files(self) -> None:
+        bound, self._bound = self._bound, None
+        if bound is not None:
+            bound.release()
+        private, self._private_dir = self._private_dir, None
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
     def detach(self) -> int:
         """Give up the descriptor and the duty to remove the socket file."""
@@ -391,19 +397,28 @@ def connect(
     """
     addr = Address.parse(address)
     sock_type = socket_type(type)
-    if addr.kind is AddressKind.UNNAMED:
+    kind = addr.kind
+    if kind is AddressKind.UNNAMED:
         raise AfunixError(errno.EDESTADDRREQ, "cannot connect to an unnamed address")
-    if addr.kind is AddressKind.TCP and sock_type == socket.SOCK_SEQPACKET:
+    if kind is AddressKind.TCP and sock_type == socket.SOCK_SEQPACKET:
         raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
+    family = addr.family
+    unix = kind is not AddressKind.TCP
+    reply_to = bind if sock_type == socket.SOCK_DGRAM and unix else None
+    # The common case, a blocking connect to a Unix address, is one plain connect(2).
+    plain = addr.sockaddr if timeout is None and unix else None
     attempt = 0
     while True:
         deadline = None if timeout is None else time.monotonic() + timeout
-        sock = _new_socket(addr.family, sock_type)
+        sock = _new_socket(family, sock_type)
         try:
-            if sock_type == socket.SOCK_DGRAM and addr.is_unix and bind is not None:
-                _bind_reply_address(sock, bind)
+            if reply_to is not None:
+                _bind_reply_address(sock, reply_to)
             try:
-                _connect_once(sock, addr, deadline)
+                if plain is not None:
+                    sock.connect(plain)
+                else:
+                    _connect_once(sock, addr, deadline)
             except AfunixError:
                 raise
             except OSError as exc:

@@ -55,6 +55,50 @@ def test_relative_path_is_resolved_at_parse_time(tmp_path: Path) -> None:
     assert Address.parse(str(addr)) == addr
 
 
+@pytest.mark.parametrize("name", ["rel.sock", b"rel.sock", "unix:rel.sock"])
+def test_relative_path_is_resolved_again_after_chdir(tmp_path: Path, name: str | bytes) -> None:
+    # Parsed addresses are remembered, but a relative one must follow the working
+    # directory: the same text names another file after a chdir.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path / "a")
+        first = Address.parse(name)
+        os.chdir(tmp_path / "b")
+        second = Address.parse(name)
+    finally:
+        os.chdir(old)
+    assert first.raw == os.fsencode(tmp_path / "a" / "rel.sock")
+    assert second.raw == os.fsencode(tmp_path / "b" / "rel.sock")
+
+
+@pytest.mark.parametrize(
+    "value", ["/tmp/again.sock", b"/tmp/again.sock", "@again", "tcp://127.0.0.1:9", ""]
+)
+def test_parsing_the_same_value_again_gives_the_same_address(value: str | bytes) -> None:
+    assert Address.parse(value) == Address.parse(value)
+    assert Address.parse(value) is Address.parse(value)  # remembered, not parsed again
+
+
+def test_a_rejected_address_is_rejected_every_time() -> None:
+    for _ in range(2):
+        with pytest.raises(AddressError) as info:
+            Address.parse("/tmp/" + "x" * 200)
+        assert info.value.errno == errno.ENAMETOOLONG
+
+
+def test_remembered_addresses_are_bounded() -> None:
+    # A program parsing ever new addresses (datagram replies to many clients)
+    # must not grow the memory of parsed ones without end.
+    from afunix import _address
+
+    for i in range(3 * _address._PARSED_MAX):
+        addr = Address.parse(f"/tmp/many-{i}.sock")
+        assert addr.raw == f"/tmp/many-{i}.sock".encode()
+    assert len(_address._PARSED[str]) <= _address._PARSED_MAX
+
+
 @pytest.mark.parametrize(
     ("path", "length"),
     [("/tmp/ux.sock", 15), ("/a", 5), ("/" + "x" * 106, 110)],
