@@ -231,6 +231,28 @@ def decode(
         raise
 
 
+def rights(triples: Sequence[Triple], msg_flags: int = 0, *, room: int | None = None) -> list[int]:
+    """The descriptors of what ``recvmsg`` returned, checked as :func:`decode` checks
+    them (it raises the same errors, every descriptor closed).
+
+    The common case, one well-formed ``SCM_RIGHTS`` and no truncation, is
+    answered without building items; anything else goes through :func:`decode`.
+    """
+    if len(triples) == 1 and not msg_flags & _MSG_CTRUNC:
+        level, kind, data = triples[0]
+        n = len(data) // INT_SIZE
+        if (
+            level == SOL_SOCKET
+            and kind == SCM_RIGHTS
+            and n
+            and n * INT_SIZE == len(data)
+            and (room is None or n <= room)
+        ):
+            return list(struct.unpack(f"{n}i", data))
+    items = decode(triples, msg_flags, room=room)
+    return [fd for item in items if isinstance(item, Rights) for fd in item.fds]
+
+
 def _with_closed(message: str, n: int) -> str:
     if n == 0:
         return message

@@ -17,13 +17,28 @@ payload is the memfd's content and ``length`` its size). The descriptors are
 attached, with ``SCM_RIGHTS``, to the ``sendmsg`` that carries the header's
 first byte, so they never travel with an empty payload.
 
-Over a byte stream the kernel delivers a message's descriptors with the
-``recvmsg`` that returns the first byte of the ``sendmsg`` they were
-attached to: the header's first byte. :class:`StreamDecoder` therefore
-checks that the descriptors of every ``recvmsg`` belong to a header that
-starts in the bytes of that same ``recvmsg``, and that their number is the
-``nfds`` the header announces. Over seqpacket and datagram sockets one
-packet is one message (:func:`decode_packet`).
+Batches. A sender may write several whole frames with one ``sendmsg`` and
+attach the descriptors of all of them, in order, to that one ``sendmsg``
+(at most 253, ``SCM_MAX_FD``): one system call instead of one per message.
+A ``sendmsg`` always starts on a frame boundary, so its descriptors ride
+on the first byte of a header, as for a single message.
+
+Over a byte stream the kernel delivers the descriptors of a ``sendmsg``
+with the ``recvmsg`` that returns its first byte, and the rest of its bytes
+may come with later ``recvmsg`` calls. :class:`StreamDecoder` therefore
+queues descriptors in arrival order and gives each header, in stream order,
+the ``nfds`` it announces from the oldest batch, checking that:
+
+* the batch arrived with (or before) the header's bytes, never after;
+* a header starts in the bytes that came with the batch (descriptors
+  attached to the middle of a payload are an error);
+* a batch is used up before the bytes of the next batch begin (its
+  ``sendmsg`` has ended), and nothing is left over at end of file;
+* no more than two batches' worth of descriptors (``2 * SCM_MAX_FD``)
+  wait for their headers.
+
+Over seqpacket and datagram sockets one packet is one message
+(:func:`decode_packet`).
 
 A frame that is malformed (bad magic, unknown flag), oversized (``length``
 above the configured maximum) or whose descriptors do not match its header
@@ -214,11 +229,21 @@ def decode_packet(
 
 @dataclass(slots=True)
 class _Batch:
-    """Descriptors that came with the bytes at stream offsets [start, end)."""
+    """Descriptors that came with the bytes at stream offsets [start, end).
+
+    Headers take them in order from ``fds[taken:]``; ``started`` says a header
+    began within [start, end), as one must for the descriptors to be legitimate.
+    """
 
     start: int
     end: int
     fds: list[int]
+    taken: int = 0
+    started: bool = False
+
+    @property
+    def left(self) -> list[int]:
+        return self.fds[self.taken :]
 
 
 @dataclass(slots=True)
@@ -261,19 +286,23 @@ class StreamDecoder:
         self._batches: deque[_Batch] = deque()
         self._tags: deque[_Tag] = deque()
         self._pending: _Pending | None = None
-        self._ready: deque[bytes] = deque()  # plain payloads decoded ahead (next_plain)
+        #: Simple frames decoded ahead by next_fast(): payloads of plain ones, the rest.
+        self._ready: deque[bytes | tuple[bytes, list[int]]] = deque()
         self._eof = False
         self._error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned in a message."""
-        return len(self._buf) + sum(HEADER.size + len(d) for d in self._ready)
+        return len(self._buf) + sum(
+            HEADER.size + len(d if isinstance(d, bytes) else d[0]) for d in self._ready
+        )
 
     @property
     def held_fds(self) -> int:
         """Descriptors received but not yet returned in a message."""
-        n = sum(len(b.fds) for b in self._batches)
+        n = sum(len(b.fds) - b.taken for b in self._batches)
+        n += sum(len(r[1]) for r in self._ready if type(r) is tuple)
         return n + (len(self._pending.fds) if self._pending else 0)
 
     @property
@@ -306,19 +335,101 @@ class StreamDecoder:
             return
         start = self._end
         self._end += len(data)
+        if (
+            tag is None
+            and not self._buf
+            and self._pending is None
+            and not self._batches
+            and not self._tags
+        ):
+            # Nothing half-decoded, so *data* starts with a header: take the complete
+            # simple frames straight from it, each with its descriptors, and buffer
+            # only the rest (no copy into the buffer and out, no batch to keep).
+            left = list(fds)
+            used = self._decode_simple(data, left)
+            self._pos += used
+            if used < len(data):
+                self._buf += data[used:]
+            if left:  # for headers still to come: a header did start in these bytes
+                self._batches.append(_Batch(self._pos, self._end, left, 0, used > 0))
+            return
         self._buf += data
         if fds:
             self._batches.append(_Batch(start, self._end, list(fds)))
+            # (one recvmsg brings at most SCM_MAX_FD: only a third batch can overflow)
+            waiting = 0 if len(self._batches) < 3 else self.held_fds
+            if waiting > 2 * SCM_MAX_FD:
+                self._raise(
+                    f"{waiting} descriptors arrived ahead of the headers that should claim "
+                    f"them (at most {2 * SCM_MAX_FD}, two sendmsg calls' worth, may wait)"
+                )
         if tag is not None:
             self._tags.append(_Tag(start, self._end, tag))
 
-    def next_plain(self) -> bytes | None:
-        """Fast path: the payload of the next message if it is a complete *plain* frame.
+    def _decode_simple(self, data: bytes | bytearray | memoryview, fds: list[int]) -> int:
+        """Queue the complete simple frames at the start of *data* (see
+        :meth:`next_fast`), taking their descriptors from the front of *fds*, which
+        arrived with *data*; return how many bytes they took."""
+        unpack, hsize, limit, end, ready = (
+            HEADER.unpack_from,
+            HEADER.size,
+            self.max_size,
+            len(data),
+            self._ready,
+        )
+        if end < hsize:
+            return 0
+        if type(data) is not bytes and end >= 4 * (hsize + unpack(data)[3]):
+            data = bytes(data)  # many small frames: slicing bytes is cheaper than a view
+        max_fds, pos, taken = self.max_fds, 0, 0
+        while end - pos >= hsize:
+            magic, flags, nfds, length = unpack(data, pos)
+            stop = pos + hsize + length
+            if magic != MAGIC or flags or length > limit or stop > end:
+                break
+            if nfds:
+                if nfds > max_fds or len(fds) - taken < nfds:
+                    break  # next_message() explains
+                ready.append(
+                    (bytes(data[pos + hsize : stop]) if length else b"", fds[taken : taken + nfds])
+                )
+                taken += nfds
+            else:
+                ready.append(bytes(data[pos + hsize : stop]) if length else b"")
+            pos = stop
+        del fds[:taken]
+        return pos
 
-        Plain: a valid header with no flags and no descriptors, whose payload
-        is fully buffered before any bytes that came with descriptors, on a
-        stream without tags. All the plain frames buffered are decoded in one
-        go (a ``recvmsg`` of a busy stream holds hundreds). Anything else returns ``None`` and
+    def quiet(self) -> bool:
+        """Nothing buffered, pending or held: the next message needs more data."""
+        return not (
+            self._ready
+            or self._buf
+            or self._batches
+            or self._pending is not None
+            or self._eof
+            or self._error is not None
+        )
+
+    def next_plain(self) -> bytes | None:
+        """Fast path: the payload of the next message if it is a complete *plain* frame
+        (no flags, no descriptors), else ``None``: see :meth:`next_fast`."""
+        item = self.next_fast()
+        if item is None or type(item) is bytes:
+            return item
+        self._ready.appendleft(item)  # for next_message()
+        return None
+
+    def next_fast(self) -> bytes | tuple[bytes, list[int]] | None:
+        """Fast path: the next message if it is a complete *simple* frame, else ``None``.
+
+        Simple: a valid header without flags (no memfd), whose descriptors, if
+        it announces any, are the next ones of a batch that arrived with or
+        before it, on a stream without tags. A plain frame (no descriptors)
+        comes out as its payload ``bytes``, others as ``(payload, fds)``.
+        All the simple frames buffered are decoded in one go (a ``recvmsg``
+        of a busy stream holds hundreds). Anything else, or anything the
+        rules of :meth:`next_message` might object to, returns ``None`` and
         leaves the rest to :meth:`next_message`, which decides (and reports
         any error) as usual.
         """
@@ -329,16 +440,46 @@ class StreamDecoder:
         if len(buf) < HEADER.size or self._pending is not None or self._tags:
             return None
         unpack, hsize, limit, end = HEADER.unpack_from, HEADER.size, self.max_size, len(buf)
-        if self._batches:  # descriptors ahead: only what precedes them is plain
-            end = min(end, self._batches[0].start - self._pos)
+        batches, max_fds, base = self._batches, self.max_fds, self._pos
+        batch = batches[0] if batches else None
         pos = 0
         with memoryview(buf) as view:
             while end - pos >= hsize:
                 magic, flags, nfds, length = unpack(view, pos)
                 stop = pos + hsize + length
-                if magic != MAGIC or flags or nfds or length > limit or stop > end:
+                if magic != MAGIC or flags or length > limit or stop > end:
                     break
-                ready.append(bytes(view[pos + hsize : stop]))
+                payload = bytes(view[pos + hsize : stop]) if length else b""
+                if batch is None:
+                    if nfds:
+                        break  # no descriptors arrived for it
+                    ready.append(payload)
+                    pos = stop
+                    continue
+                # The checks of _claim(); anything unusual is left to next_message().
+                at = base + pos
+                if batch.start > at:
+                    if nfds:
+                        break  # its descriptors have not arrived
+                elif at < batch.end:
+                    batch.started = True
+                elif not batch.started or (len(batches) > 1 and batches[1].start <= at):
+                    break
+                if not nfds:
+                    ready.append(payload)
+                    pos = stop
+                    continue
+                taken = batch.taken
+                left = len(batch.fds) - taken
+                if nfds > max_fds or left < nfds:
+                    break
+                if left == nfds:  # used up
+                    ready.append((payload, batch.fds[taken:] if taken else batch.fds))
+                    batches.popleft()
+                    batch = batches[0] if batches else None
+                else:
+                    batch.taken = taken + nfds
+                    ready.append((payload, batch.fds[taken : taken + nfds]))
                 pos = stop
         if not pos:
             return None
@@ -352,7 +493,7 @@ class StreamDecoder:
         If the next message is a plain frame (see :meth:`next_plain`) of at
         least *minimum* payload bytes, not yet fully buffered, its header is
         consumed and its length returned: the caller then takes the buffered
-        part with :meth:`take_buffered`, receives the rest itself and reports
+        part with :meth:`take_buffered_bytes`, receives the rest itself and reports
         it with :meth:`skip`. Otherwise returns 0 and changes nothing.
         """
         buf = self._buf
@@ -377,12 +518,12 @@ class StreamDecoder:
         self._consume(HEADER.size)
         return int(length)
 
-    def take_buffered(self, into: memoryview) -> int:
-        """Move up to ``len(into)`` buffered bytes into *into* (after :meth:`start_direct`)."""
-        n = min(len(into), len(self._buf))
-        into[:n] = self._buf[:n]
-        self._consume(n)
-        return n
+    def take_buffered_bytes(self) -> bytes:
+        """The payload bytes already buffered (after :meth:`start_direct`): fewer than
+        its length, the caller receives the rest itself."""
+        data = bytes(self._buf)
+        self._consume(len(data))
+        return data
 
     def skip(self, n: int) -> None:
         """Account for *n* stream bytes the caller received itself (after :meth:`start_direct`)."""
@@ -392,7 +533,9 @@ class StreamDecoder:
     def next_message(self) -> RawMessage | Event:
         """The next complete message, :data:`NEED_DATA` or :data:`CLOSED`."""
         if self._ready:
-            return RawMessage(self._ready.popleft())
+            item = self._ready.popleft()
+            data, fds = (item, []) if isinstance(item, bytes) else item
+            return RawMessage(data, fds, 0, len(data))
         if self._error is not None:
             raise self._error
         if self._pending is None:
@@ -404,7 +547,10 @@ class StreamDecoder:
                             f" of the {HEADER.size} header bytes"
                         )
                     if self._batches:
-                        self._raise("descriptors arrived that no message header announced")
+                        self._raise(
+                            f"{self.held_fds} descriptor(s) arrived that no message header "
+                            "announced"
+                        )
                     return CLOSED
                 return NEED_DATA
             self._start_message()
@@ -425,8 +571,10 @@ class StreamDecoder:
 
     def close(self) -> None:
         """Close every descriptor held (the connection is going away)."""
-        fds = [fd for b in self._batches for fd in b.fds]
+        fds = [fd for b in self._batches for fd in b.left]
         self._batches.clear()
+        fds += [fd for r in self._ready if type(r) is tuple for fd in r[1]]
+        self._ready.clear()
         if self._pending is not None:
             fds += self._pending.fds
             self._pending.fds = []
@@ -446,40 +594,57 @@ class StreamDecoder:
             self._raise(exc.strerror or "bad header", err=exc.errno or errno.EPROTO)
         if nfds > self.max_fds:
             self._raise(f"frame announces {nfds} descriptors, more than max_fds={self.max_fds}")
-        # Descriptors come with the recvmsg holding their header's first byte;
-        # a batch that ended before this header belongs to no header.
-        if self._batches and self._batches[0].end <= header_at:
-            self._raise(
-                "descriptors arrived with bytes where no message starts (the peer attached "
-                "them to the middle of a message)"
-            )
-        fds: list[int] = []
-        if nfds:
-            batch = self._batches[0] if self._batches else None
-            if batch is None or batch.start > header_at:
-                self._raise(
-                    f"header announces {nfds} descriptor(s) but none arrived with it (did "
-                    "the sender attach them, or did something receive without room for them?)"
-                )
-            assert batch is not None
-            self._batches.popleft()
-            fds = batch.fds
-            if len(fds) != nfds:
-                self._raise(
-                    f"header announces {nfds} descriptor(s) but {len(fds)} arrived with it",
-                    fds,
-                )
+        fds = self._claim(header_at, nfds) if self._batches or nfds else []
         while self._tags and self._tags[0].end <= header_at:
             self._tags.popleft()
         tag = self._tags[0].tag if self._tags and self._tags[0].start <= header_at else None
         self._consume(HEADER.size)
         self._pending = _Pending(flags, length, 0 if flags & FLAG_MEMFD else length, fds, tag)
 
+    def _claim(self, header_at: int, nfds: int) -> list[int]:
+        """The *nfds* descriptors of the header at stream offset *header_at* (see the
+        module docstring for the rules), checking the batches it passes."""
+        batches = self._batches
+        if batches and batches[0].end <= header_at and not batches[0].started:
+            # The sendmsg's first byte, a header, came with its descriptors.
+            self._raise(
+                "descriptors arrived with bytes where no message starts (the peer "
+                "attached them to the middle of a message)"
+            )
+        if len(batches) > 1 and batches[1].end <= header_at:
+            # The next sendmsg began within the bytes of the next batch, all behind
+            # this header, yet the oldest batch still holds descriptors (a used-up
+            # batch is dropped as soon as it is used up).
+            self._raise(
+                f"{len(batches[0].left)} descriptor(s) arrived that no message header announced"
+            )
+        for each in batches:  # the one whose bytes hold this header's first byte
+            if each.start > header_at:
+                break
+            if header_at < each.end:
+                each.started = True
+        batch = batches[0] if batches and batches[0].start <= header_at else None
+        if not nfds:
+            return []
+        if batch is None:
+            self._raise(
+                f"header announces {nfds} descriptor(s) but none arrived with it (did "
+                "the sender attach them, or did something receive without room for them?)"
+            )
+        left = len(batch.fds) - batch.taken
+        if left < nfds:
+            self._raise(f"header announces {nfds} descriptor(s) but {left} arrived with it")
+        fds = batch.fds[batch.taken : batch.taken + nfds]
+        batch.taken += nfds
+        if batch.taken == len(batch.fds):
+            batches.popleft()  # used up: nothing left to check
+        return fds
+
     def _raise(
         self, message: str, extra: list[int] | None = None, err: int = errno.EPROTO
     ) -> NoReturn:
         held = list(extra or [])
-        held += [fd for b in self._batches for fd in b.fds]
+        held += [fd for b in self._batches for fd in b.left]
         self._batches.clear()
         if self._pending is not None:
             held += self._pending.fds

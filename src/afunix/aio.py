@@ -27,14 +27,142 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._address import AddressLike
+from ._ancillary import close_fds
 from ._errors import AfunixError
-from ._fds import SCM_MAX_FD, FdLike, Outgoing
+from ._fds import SCM_MAX_FD, FdLike, Outgoing, fileno_of
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, available
-from ._protocol import DEFAULT_MAX_SIZE
+from ._protocol import DEFAULT_MAX_SIZE, RawMessage
 from ._sockets import SocketTypeLike, connect, listen, pair, type_name
-from .channel import _RECV_BUFSIZE, Message, _Core
+from .channel import _RECV_BUFSIZE, _SCM_RIGHTS, _SOL_SOCKET, Message, _Core, _pack_fds
 
 __all__ = ["AsyncChannel"]
+
+
+class _Readiness:
+    """What the event loop says about one channel's socket: readable, writable.
+
+    The reader is registered with the loop on the first wait and *stays*
+    registered: a channel being read waits again and again, and an
+    ``add_reader``/``remove_reader`` around every wait costs two
+    ``epoll_ctl`` calls plus asyncio's bookkeeping each time. Readiness is
+    level-triggered, so a registration that nobody waits on fires at every
+    turn of the loop while data sits unread: the first such callback
+    unregisters, and the next wait registers again. The writer is
+    registered only while a task waits on it (a socket is almost always
+    writable, so a lasting registration would fire at every turn).
+
+    This object never refers to its channel (the loop holds it while the
+    reader is registered), so a channel nobody closed can still be
+    collected, and its ``__del__`` unregisters. All waiters of one kind
+    belong to one loop; a channel used from one loop after another moves
+    its registration to the loop it is used from. The loop keeps one reader
+    per descriptor: anything else that waits on the channel's socket with
+    the loop (``loop.sock_recv(chan.socket)``, another ``add_reader``)
+    takes that place over, one more reason never to use the socket itself.
+    """
+
+    __slots__ = ("fd", "loop", "reader", "skip", "writers")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        #: The loop our reader is registered with, or ``None``.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        #: The future of the task waiting to read, or ``None``.
+        self.reader: asyncio.Future[None] | None = None
+        #: Ignore the next reader callback (see :meth:`readable`).
+        self.skip = False
+        #: The futures of the tasks waiting to write (the writer is registered while
+        #: this is not empty).
+        self.writers: list[asyncio.Future[None]] = []
+
+    # -- reading ---------------------------------------------------------------
+
+    def wait_readable(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future done when the socket may be readable (the caller awaits it)."""
+        waiting = self.reader
+        if waiting is not None and not waiting.done():
+            # recv() holds a lock, so this is two loops (or threads) using one channel.
+            raise RuntimeError("another task is already waiting to read this channel")
+        if self.loop is not loop:
+            self.stop_reading()  # registered with an earlier loop (a closed one forgot it)
+            loop.add_reader(self.fd, self.readable)
+            self.loop = loop
+        fut = self.reader = loop.create_future()
+        return fut
+
+    def readable(self) -> None:
+        """The loop's reader callback: wake the task waiting to read, or stop watching."""
+        if self.skip:
+            # The loop polls once more before the task woken last time runs, and that
+            # poll still sees the data the task is about to read: this callback is
+            # old news. (Had we woken a task waiting anew, it would find nothing.)
+            # If more data is there, level-triggered readiness says so again next turn.
+            self.skip = False
+            return
+        fut = self.reader
+        if fut is None or fut.done():  # nobody waits (or the waiter was cancelled)
+            self.stop_reading()
+            return
+        self.reader = None
+        fut.set_result(None)
+        self.skip = True
+
+    def stop_reading(self) -> None:
+        """Unregister the reader, if it is registered."""
+        loop, self.loop, self.skip = self.loop, None, False
+        if loop is not None:
+            loop.remove_reader(self.fd)  # a closed loop returns False: it forgot it already
+
+    # -- writing ---------------------------------------------------------------
+
+    def wait_writable(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future done when the socket may be writable (the caller awaits it)."""
+        writers = self.writers
+        if writers and writers[0].get_loop() is not loop:
+            raise RuntimeError("tasks of another event loop are waiting to write this channel")
+        fut = loop.create_future()
+        if not writers:
+            loop.add_writer(self.fd, self.writable)
+        writers.append(fut)
+        return fut
+
+    def writable(self) -> None:
+        """The loop's writer callback: wake every task waiting to write; unregister."""
+        writers, self.writers = self.writers, []
+        if not writers:  # pragma: no cover - unregistered when the last waiter left
+            return
+        writers[0].get_loop().remove_writer(self.fd)
+        for fut in writers:
+            if not fut.done():
+                fut.set_result(None)
+
+    # -- ending a wait -----------------------------------------------------------
+
+    def forget(self, fut: asyncio.Future[None], writable: bool) -> None:
+        """*fut*'s task stops waiting (woken, cancelled or failed)."""
+        if not writable:
+            if self.reader is fut:
+                self.reader = None  # the reader stays registered for the next wait
+        elif fut in self.writers:
+            self.writers.remove(fut)
+            if not self.writers:
+                fut.get_loop().remove_writer(self.fd)
+
+    def close(self) -> None:
+        """The channel closes: unregister, fail every waiting task with ``EBADF``.
+
+        This runs before the socket closes: a selector that kept the
+        descriptor number would mistake the next socket given that number
+        for this one.
+        """
+        self.stop_reading()
+        writers, self.writers = self.writers, []
+        if writers:
+            writers[0].get_loop().remove_writer(self.fd)
+        reader, self.reader = self.reader, None
+        for fut in [reader, *writers] if reader is not None else writers:
+            if not fut.done() and not fut.get_loop().is_closed():
+                fut.set_exception(AfunixError(errno.EBADF, "the channel was closed"))
 
 
 class AsyncChannel:
@@ -70,7 +198,7 @@ class AsyncChannel:
         self._fd = sock.fileno()
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
-        self._waiters: dict[asyncio.Future[None], tuple[asyncio.AbstractEventLoop, bool]] = {}
+        self._readiness = _Readiness(self._fd)
         self._core.on_close = self._wake_waiters
 
     # -- opening ---------------------------------------------------------------
@@ -126,28 +254,20 @@ class AsyncChannel:
     # -- readiness -------------------------------------------------------------
 
     async def _wait(self, writable: bool) -> None:
+        """Until the socket may be writable (or readable), or ``EBADF`` when the channel closes.
+
+        The caller tries its non-blocking call first and waits only after
+        ``EAGAIN``; a wake-up may still be spurious (try again, wait again).
+        """
         if self._core.closed:
             raise AfunixError(errno.EBADF, "the channel is closed")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        if writable:
-            loop.add_writer(self._fd, ready)
-        else:
-            loop.add_reader(self._fd, ready)
-        self._waiters[fut] = (loop, writable)
+        readiness = self._readiness
+        fut = readiness.wait_writable(loop) if writable else readiness.wait_readable(loop)
         try:
             await fut
         finally:
-            if self._waiters.pop(fut, None) is not None:
-                if writable:
-                    loop.remove_writer(self._fd)
-                else:
-                    loop.remove_reader(self._fd)
+            readiness.forget(fut, writable)
 
     # -- using ---------------------------------------------------------------
 
@@ -178,15 +298,19 @@ class AsyncChannel:
     ) -> None:
         """Send one message; see :meth:`Channel.send` (and its *more*)."""
         core = self._core
-        if memfd is None and address is None and not fds:
-            frame = core.plain_frame(data)
+        if memfd is None and address is None:
+            numbers = [fileno_of(f) for f in fds] if fds else []
+            fds = numbers  # an iterator is read once
+            frame = core.plain_frame(data, len(numbers)) if len(numbers) <= SCM_MAX_FD else None
             if frame is not None:
                 if more or core.held:
-                    if core.hold(frame) or not more:
+                    if not core.room_for(len(numbers)):
+                        await self.flush()
+                    if core.hold(frame, numbers) or not more:
                         await self.flush()
                     return
                 async with self._send_lock:
-                    await self._write(frame)
+                    await self._write(frame, numbers)
                 return
         if core.held:
             await self.flush()  # keep the order: held messages first
@@ -221,10 +345,15 @@ class AsyncChannel:
         finally:
             os.close(mfd)
 
-    async def _write(self, frame: bytes) -> None:
-        """Write whole frames (the send lock is held)."""
+    async def _write(self, frame: bytes, fds: list[int] | None = None) -> None:
+        """Write whole frames, *fds* attached to the first byte (the send lock is held)."""
         sock, sent = self._core.sock, 0
         try:
+            while fds and not sent:
+                try:
+                    sent = sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))])
+                except BlockingIOError:
+                    await self._wait(writable=True)
             while sent < len(frame):
                 try:
                     sent += sock.send(frame[sent:] if sent else frame)
@@ -239,7 +368,11 @@ class AsyncChannel:
         """Write the messages held by ``send(..., more=True)`` now."""
         async with self._send_lock:
             if self._core.held:
-                await self._write(self._core.take_held())
+                frames, fds = self._core.take_held()
+                try:
+                    await self._write(frames, fds)
+                finally:
+                    close_fds(fds)  # our duplicates: the kernel holds what is in flight
 
     async def _push(self, out: Outgoing) -> None:
         async with self._send_lock:
@@ -260,20 +393,30 @@ class AsyncChannel:
         core = self._core
         if core.held:
             await self.flush()  # a reply may depend on what we hold
+        decoder = core.decoder
         async with self._recv_lock:
             while True:
-                if core.decoder is not None:
-                    data = core.decoder.next_plain()  # fast path: no descriptors, no memfd
-                    if data is not None:
-                        return Message(data)
+                if decoder is not None:
+                    item = decoder.next_fast()  # fast path: no memfd, no credentials
+                    if item is not None:
+                        if isinstance(item, bytes):
+                            return Message(item)
+                        data, fds = item
+                        if core.max_fds_in_flight is None:
+                            return Message(data, fds)
+                        return core.message(RawMessage(data, fds, 0, len(data)), None)
                     msg = core.next_message()
                     if msg is not None:
                         return msg
-                try:
-                    msg = core.receive_once()
-                except BlockingIOError:
+                while True:  # the decoder needs bytes: read (no await while there are some)
+                    try:
+                        msg = core.receive_once()
+                        break
+                    except BlockingIOError:
+                        pass  # wait outside the handler: EBADF or a cancellation is no
+                        # "during handling of BlockingIOError" (and the traceback is freed)
+                    # Nothing new for the decoder while we wait: read straight after.
                     await self._wait(writable=False)
-                    continue
                 if msg is not None:
                     return msg
 
@@ -294,19 +437,29 @@ class AsyncChannel:
         """
         core = self._core
         if core.held and not core.closed:
+            frames, fds = core.take_held()
             with contextlib.suppress(OSError):
-                core.sock.send(core.take_held())
+                if fds:
+                    core.sock.sendmsg([frames], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))])
+                else:
+                    core.sock.send(frames)
+            close_fds(fds)
         core.close()
 
     def _wake_waiters(self) -> None:
-        waiters, self._waiters = self._waiters, {}
-        for fut, (loop, writable) in waiters.items():
-            if writable:
-                loop.remove_writer(self._fd)
-            else:
-                loop.remove_reader(self._fd)
-            if not fut.done():
-                fut.set_exception(AfunixError(errno.EBADF, "the channel was closed"))
+        """Called by the core before the socket closes (see :meth:`_Readiness.close`)."""
+        self._readiness.close()
+
+    def __del__(self) -> None:
+        # A channel nobody closed is being collected (its socket closes next, with a
+        # ResourceWarning): take its reader off the loop, whose selector would
+        # otherwise keep the descriptor number for a socket that is gone.
+        readiness = getattr(self, "_readiness", None)  # None: __init__ failed early
+        if readiness is not None and readiness.loop is not None:
+            try:  # no module globals here: they may be gone at interpreter exit
+                readiness.stop_reading()
+            except (RuntimeError, OSError):  # pragma: no cover - a loop of another thread
+                pass
 
     async def aclose(self) -> None:
         """Flush held messages, then close."""

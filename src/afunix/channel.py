@@ -30,9 +30,11 @@ less room than the sender sent) raises :class:`~afunix.ControlTruncated`.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import errno
+import functools
 import os
 import socket
 import threading
@@ -44,11 +46,10 @@ from ._address import AddressLike
 from ._ancillary import (
     ControlError,
     Credentials,
-    Rights,
     close_fds,
     control_space,
-    decode,
     fds_in,
+    rights,
 )
 from ._creds import PeerCredentials, message_credentials
 from ._errors import AfunixError, ProtocolError, UnsupportedFeature
@@ -76,6 +77,9 @@ __all__ = ["Channel", "Listener", "Message"]
 #: ``bytes`` per call is mapped and unmapped by malloc every time, which tripled the
 #: round-trip time of small messages (``afunix bench``, docs/benchmarks.md).
 _RECV_BUFSIZE = 256 * 1024
+#: ... but the first buffer is this small, and grows to ``recv_bufsize`` once a
+#: ``recvmsg`` fills it: zeroing 256 KiB costs a short-lived connection ~5 us.
+_RECV_FIRST = 16 * 1024
 #: Plain stream messages up to this size are sent as one ``header + data`` buffer
 #: with a single ``send`` (the fast path); larger ones use ``sendmsg`` with two buffers.
 _PLAIN_MAX = 8 * 1024
@@ -83,17 +87,27 @@ _PLAIN_TYPES = (bytes, bytearray)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
+def _numbers(fds: Iterable[FdLike]) -> list[int]:
+    """Descriptor numbers of *fds* (see :func:`~afunix._fds.fileno_of`)."""
+    if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
+        (one,) = fds
+        if type(one) is int and one >= 0:
+            return [one]
+    return [fileno_of(f) for f in fds]
+
+
 def _pack_fds(fds: list[int]) -> bytes:
     return array.array("i", fds).tobytes()
 
 
 _pack_header = HEADER.pack
-#: Plain payloads from this size up are received straight into a buffer of their
-#: own (``recvmsg_into``) and handed out as a read-only memoryview of it: one copy
-#: from the kernel instead of three.
+#: Plain payloads from this size up are received straight into ``bytes`` of their
+#: own (``recvmsg`` with ``MSG_WAITALL``): one copy from the kernel instead of three,
+#: and no zeroing of a buffer first.
 _DIRECT_MIN = 256 * 1024
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_WAITALL = int(socket.MSG_WAITALL)
 #: The smallest receive buffer for one seqpacket/datagram message.
 _PACKET_MIN = 512 * 1024
 #: ``send(..., more=True)`` holds plain frames until this many bytes are waiting.
@@ -122,8 +136,8 @@ class Message:
         credentials: PeerCredentials | None = None,
         payload: SealedPayload | None = None,
     ) -> None:
-        #: The payload: ``bytes``, or a read-only ``memoryview`` of a memfd payload or
-        #: of a stream payload of 256 KiB or more (received in place, no extra copy).
+        #: The payload: ``bytes``, or a read-only ``memoryview`` of a memfd payload
+        #: (mapped, valid until the message is closed).
         self.data = data
         #: The sender's address (datagram sockets), else ``None``.
         self.address = address
@@ -160,7 +174,13 @@ class Message:
 
     def take_fd(self, index: int = 0) -> int:
         """Take descriptor *index*: it is yours now (close it with ``os.close``)."""
-        return self._take(index)
+        fds = self._fds
+        if 0 <= index < len(fds) and (fd := fds[index]) >= 0:  # the hot path, inline
+            fds[index] = -1
+            if self._release is not None:
+                self._release(1)
+            return fd
+        return self._take(index)  # explains the error
 
     def take_fds(self) -> list[int]:
         """Take every descriptor not taken yet."""
@@ -212,7 +232,7 @@ class Message:
 
     def __del__(self) -> None:
         fds = getattr(self, "_fds", None)
-        if fds and any(fd >= 0 for fd in fds):
+        if fds and max(fds) >= 0:
             n = sum(fd >= 0 for fd in self._fds)
             self.close()
             warnings.warn(
@@ -227,14 +247,30 @@ class Message:
         return f"<afunix.Message {kind}{len(self.data)} bytes, fds={self._fds}>"
 
 
+# socket.socket's ``family`` and ``type`` properties build an enum member on every
+# read (0.4 us each, four per accepted connection); the C attributes under them
+# are the same numbers as plain ints.
+_family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
+_type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
+_SOCKET_KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
+#: ``control_space`` per (maxfds, credentials): the same few values for every channel.
+_control_space = functools.lru_cache(maxsize=32)(control_space)
+#: The C ``accept`` under ``socket.accept()``, which would read the listener's
+#: family and type again (two enum conversions) for every connection.
+_accept: Callable[[socket.socket], tuple[int, Any]] = _socket.socket._accept  # type: ignore[attr-defined]
+
+
 def _check_socket(sock: socket.socket) -> int:
-    if sock.family != socket.AF_UNIX:
+    try:
+        family, kind = _family_of(sock), _type_of(sock)
+    except TypeError:  # not built on the C socket type: ask it the ordinary way
+        family, kind = sock.family, int(sock.type)
+    if family != socket.AF_UNIX:
         raise UnsupportedFeature(
             "descriptor passing needs an AF_UNIX socket; this one is "
-            f"{socket.AddressFamily(sock.family).name}"
+            f"{socket.AddressFamily(family).name}"
         )
-    kind = int(sock.type)
-    if kind not in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+    if kind not in _SOCKET_KINDS:
         raise UnsupportedFeature(f"unsupported socket type {kind}")
     return kind
 
@@ -267,7 +303,12 @@ class _Core:
         self.memfd_threshold = memfd_threshold if available() else None
         self.recv_bufsize = recv_bufsize
         self.credentials = credentials
-        self.control = control_space(maxfds, credentials)
+        self.stream = self.kind == socket.SOCK_STREAM
+        #: Descriptors one recvmsg makes room for. On a stream one sendmsg may carry the
+        #: descriptors of several messages (``send(..., more=True)``), so always the
+        #: kernel's most; ``maxfds`` is then checked per message, on its header.
+        self.room = SCM_MAX_FD if self.stream else maxfds
+        self.control = _control_space(self.room, credentials)
         #: Read only a header next (set after a large payload was received in place).
         self.header_next = False
         #: The stream fast path's receive buffer (see _RECV_BUFSIZE), made on first use.
@@ -277,7 +318,6 @@ class _Core:
             if passcred is None:  # pragma: no cover - not Linux
                 raise UnsupportedFeature("per-message credentials (SO_PASSCRED) need Linux")
             sock.setsockopt(socket.SOL_SOCKET, passcred, 1)
-        self.stream = self.kind == socket.SOCK_STREAM
         self.decoder = StreamDecoder(max_size, maxfds) if self.stream else None
         if not self.stream:
             # A packet cannot be bigger than its sender's send buffer (at most
@@ -294,9 +334,11 @@ class _Core:
             below_memfd = _PLAIN_MAX if self.memfd_threshold is None else self.memfd_threshold - 1
             self.plain_limit = min(_PLAIN_MAX, max_size, below_memfd)
         self.closed = False
-        #: Plain frames held by ``send(..., more=True)``, written together by ``take_held``.
+        #: Small frames held by ``send(..., more=True)``, written together by ``take_held``,
+        #: and duplicates of their descriptors (ours: closed once sent or dropped).
         self.held: list[bytes] = []
         self.held_size = 0
+        self.held_fds: list[int] = []
         #: Called before the socket closes (the asyncio channel wakes its waiters).
         self.on_close: Callable[[], None] | None = None
 
@@ -321,16 +363,39 @@ class _Core:
             return _pack_header(MAGIC, 0, 0, len(data))
         return None
 
-    def hold(self, frame: bytes) -> bool:
-        """Keep *frame* to write with the next ones; ``True`` once enough is waiting."""
+    def room_for(self, nfds: int) -> bool:
+        """Can a frame with *nfds* descriptors join the held ones (one ``sendmsg``
+        carries at most ``SCM_MAX_FD``)?"""
+        return len(self.held_fds) + nfds <= SCM_MAX_FD
+
+    def hold(self, frame: bytes, fds: list[int] | None = None) -> bool:
+        """Keep *frame* to write with the next ones; ``True`` once enough is waiting.
+
+        The frame's descriptors (*fds*, see :meth:`room_for`) are duplicated:
+        the caller may close its own at once, as after any ``send``.
+        """
+        if fds:  # os.dup: close-on-exec, like every afunix descriptor
+            if len(fds) == 1:
+                self.held_fds.append(os.dup(fds[0]))
+            else:
+                dups: list[int] = []
+                try:
+                    for fd in fds:
+                        dups.append(os.dup(fd))
+                except BaseException:
+                    close_fds(dups)
+                    raise
+                self.held_fds += dups
         self.held.append(frame)
         self.held_size += len(frame)
-        return self.held_size >= _HOLD_MAX
+        return self.held_size >= _HOLD_MAX or len(self.held_fds) >= SCM_MAX_FD
 
-    def take_held(self) -> bytes:
-        """All held frames as one buffer (one ``send`` instead of one each)."""
+    def take_held(self) -> tuple[bytes, list[int]]:
+        """All held frames as one buffer (one ``sendmsg`` instead of one each) and the
+        descriptors to attach to it, which the caller closes once sent."""
         held, self.held, self.held_size = self.held, [], 0
-        return held[0] if len(held) == 1 else b"".join(held)
+        fds, self.held_fds = self.held_fds, []
+        return (held[0] if len(held) == 1 else b"".join(held)), fds
 
     def use_memfd(self, size: int, memfd: bool | None) -> bool:
         if memfd is None:
@@ -408,7 +473,7 @@ class _Core:
         return self.message(event, None)
 
     def receive_direct(self) -> Message | None:
-        """A large plain message received straight into its own buffer, or ``None``.
+        """A large plain message received straight into its own ``bytes``, or ``None``.
 
         Blocking sockets only (the asyncio channel does not use it).
         """
@@ -417,29 +482,36 @@ class _Core:
         length = decoder.start_direct(_DIRECT_MIN)
         if not length:
             return None
-        payload = bytearray(length)
-        view = memoryview(payload)
-        got = buffered = decoder.take_buffered(view)
+        # recvmsg() allocates the payload's bytes without zeroing them and the kernel
+        # copies straight in; MSG_WAITALL asks for all of it in one call (a signal, a
+        # timeout or descriptors attached mid-payload end it early).
+        head = decoder.take_buffered_bytes()
+        chunks, got = [head], len(head)
         try:
             while got < length:
-                n, anc, flags, _ = self.sock.recvmsg_into([view[got:]], self.control, _CLOEXEC)
-                if anc or flags & socket.MSG_CTRUNC:
+                data, anc, flags, _ = self.sock.recvmsg(
+                    length - got, self.control, _CLOEXEC | _WAITALL
+                )
+                if anc or flags & _MSG_CTRUNC:
                     close_fds(fds_in(anc))
                     raise FrameError("descriptors arrived in the middle of a message's payload")
-                if not n:
+                if not data:
                     raise FrameError(
                         f"peer closed the connection mid-message, after {got} of "
                         f"{length} payload bytes"
                     )
-                got += n
+                chunks.append(data)
+                got += len(data)
         except BaseException:
             self.fail()  # the byte stream is out of step for good
             raise
-        decoder.skip(length - buffered)
+        decoder.skip(length - len(head))
         # We stand on a frame boundary with nothing buffered: if large messages keep
         # coming, reading just the next header lets its payload land in place too.
         self.header_next = True
-        return Message(view.toreadonly())
+        if not head and len(chunks) == 2:
+            return Message(chunks[1])
+        return Message(b"".join(chunks))
 
     def receive_once(self) -> Message | None:
         """One ``recvmsg``. Packets give a message; a stream feeds the decoder (``None``)."""
@@ -448,12 +520,14 @@ class _Core:
         if self.decoder is not None and not self.credentials:
             # Fast path: no control data (the common case) needs no decoding at all.
             rview = self.rview
-            if rview is None:
-                rview = self.rview = memoryview(bytearray(self.recv_bufsize))
+            if rview is None:  # small at first: many connections never need more
+                rview = self.rview = memoryview(bytearray(min(self.recv_bufsize, _RECV_FIRST)))
             into = rview[: HEADER.size] if self.header_next else rview
             self.header_next = False
             n, anc, flags, _ = self.sock.recvmsg_into([into], self.control, _CLOEXEC)
             data = into[:n]  # copied by the decoder
+            if n == len(rview) < self.recv_bufsize:  # a busy stream: the full size from now on
+                self.rview = memoryview(bytearray(self.recv_bufsize))
             if not anc and not flags & _MSG_CTRUNC:
                 try:
                     self.decoder.receive_data(data)
@@ -462,12 +536,11 @@ class _Core:
                     raise
                 return None
             try:  # descriptors: checked as recvmsg_items() checks them
-                items = decode(anc, flags, room=self.maxfds)
+                fds = rights(anc, flags, room=self.room)
             except ControlError:
                 self.fail()  # a message's descriptors are gone: the stream is broken
                 raise
             try:
-                fds = [fd for item in items if isinstance(item, Rights) for fd in item.fds]
                 self.decoder.receive_data(data, fds)
             except FrameError:
                 self.fail()
@@ -475,7 +548,7 @@ class _Core:
             return None
         bufsize = self.recv_bufsize if self.stream else self.packet_bufsize
         try:
-            got = recvmsg_items(self.sock, bufsize, self.maxfds, credentials=self.credentials)
+            got = recvmsg_items(self.sock, bufsize, self.room, credentials=self.credentials)
         except ControlError:
             if self.stream:  # a message's descriptors are gone: the stream is broken
                 self.fail()
@@ -544,6 +617,8 @@ class _Core:
             return
         self.closed = True
         self.held, self.held_size = [], 0  # frames held by more=True die with the stream
+        close_fds(self.held_fds)
+        self.held_fds = []
         try:
             if self.on_close is not None:
                 self.on_close()
@@ -562,8 +637,12 @@ class Channel:
             takes ownership and closes it.
         max_size: largest payload accepted, inline or memfd (default 64 MiB);
             a larger frame from the peer is a protocol error.
-        maxfds: room made for descriptors in each ``recvmsg`` (0-253); a
-            peer sending more gets :class:`~afunix.ControlTruncated`.
+        maxfds: most descriptors accepted with one message (0-253). On a
+            stream a message announcing more is a :class:`~afunix.ProtocolError`
+            (each ``recvmsg`` makes room for 253, as one ``sendmsg`` may carry
+            the descriptors of several messages); on seqpacket and datagram
+            sockets it is the room made per packet, and a peer sending more
+            gets :class:`~afunix.ControlTruncated`.
         memfd_threshold: payloads this large or larger go as a sealed memfd
             (default 32 MiB, see :mod:`afunix._memfd` for why); ``None`` never.
         recv_bufsize: bytes asked for per ``recvmsg`` on a stream.
@@ -695,39 +774,53 @@ class Channel:
         datagram channel.
 
         *more* (stream channels) says more messages follow at once, like
-        ``MSG_MORE``: a small message without descriptors may then be held
+        ``MSG_MORE``: a small message (up to 8 KiB, inline) may then be held
         and written together with the next ones, one system call for many
-        (up to 64 KiB). Held messages go out with the next ``send`` without
-        *more*, any message with descriptors, :meth:`flush`, :meth:`recv` or
-        :meth:`close`. Without *more* nothing is ever held back.
+        (up to 64 KiB, or 253 descriptors: ``SCM_MAX_FD``). The descriptors
+        of held messages are duplicated, so yours are still free to close at
+        once; all of them ride on the first byte of the one ``sendmsg``, and
+        the receiver hands each message exactly its own. Held messages go
+        out with the next ``send`` without *more*, a larger message,
+        :meth:`flush`, :meth:`recv` or :meth:`close`. Without *more* nothing
+        is ever held back.
         """
         core = self._core
         if memfd is None and address is None and fds:
-            numbers = [fileno_of(f) for f in fds]
-            frame = core.plain_frame(data, len(numbers)) if len(numbers) <= SCM_MAX_FD else None
-            if frame is not None:
+            numbers = _numbers(fds)
+            fds = numbers  # an iterator is read once
+            nfds = len(numbers)
+            if (
+                type(data) in _PLAIN_TYPES
+                and len(data) <= core.plain_limit
+                and nfds <= SCM_MAX_FD
+                and not core.closed
+            ):
+                frame = _pack_header(MAGIC, 0, nfds, len(data)) + data
                 with self._send_lock:
-                    if core.held:
-                        self._write(core.take_held())
-                    self._write_fds(frame, numbers)
+                    if more or core.held:
+                        if len(core.held_fds) + nfds > SCM_MAX_FD:
+                            self._write_held()
+                        if core.hold(frame, numbers) or not more:
+                            self._write_held()
+                    else:
+                        self._write_fds(frame, numbers)
                 return
         elif memfd is None and address is None:
-            frame = core.plain_frame(data)
-            if frame is not None:
-                if more or core.held:
-                    with self._send_lock:
-                        if core.hold(frame) or not more:
-                            self._write(core.take_held())
-                else:
-                    with self._send_lock:
-                        self._write(frame)
+            if type(data) in _PLAIN_TYPES and len(data) <= core.plain_limit and not core.closed:
+                plain = _pack_header(MAGIC, 0, 0, len(data)) + data  # core.plain_frame()
+                with self._send_lock:
+                    if more or core.held:
+                        if core.hold(plain) or not more:
+                            self._write_held()
+                    else:
+                        self._write(plain)
                 return
             header = core.plain_header(data) if isinstance(data, (bytes, bytearray)) else None
             if header is not None:
                 assert isinstance(data, (bytes, bytearray))
                 with self._send_lock:
                     if core.held:
-                        self._write(core.take_held())
+                        self._write_held()
                     self._write_parts(header, data)
                 return
         if core.held:
@@ -809,11 +902,23 @@ class Channel:
                 self._core.fail()
             raise
 
+    def _write_held(self) -> None:
+        """Write what ``send(..., more=True)`` held, with one ``sendmsg`` (the send
+        lock is held); the descriptors of every held message ride on its first byte."""
+        frames, fds = self._core.take_held()
+        try:
+            if fds:
+                self._write_fds(frames, fds)
+            else:
+                self._write(frames)
+        finally:
+            close_fds(fds)  # our duplicates: the kernel holds what is in flight
+
     def flush(self) -> None:
         """Write the messages held by ``send(..., more=True)`` now."""
         with self._send_lock:
             if self._core.held:
-                self._write(self._core.take_held())
+                self._write_held()
 
     def _push(self, out: Outgoing) -> None:
         with self._send_lock:
@@ -833,13 +938,20 @@ class Channel:
             self.flush()  # a reply may depend on what we hold
         with self._recv_lock:
             while True:
-                if core.decoder is not None:
-                    data = core.decoder.next_plain()  # fast path: no descriptors, no memfd
-                    if data is not None:
-                        return Message(data)
-                    msg = core.receive_direct() or core.next_message()
-                    if msg is not None:
-                        return msg
+                decoder = core.decoder
+                if decoder is not None:
+                    item = decoder.next_fast()  # fast path: no memfd, no credentials
+                    if item is not None:
+                        if isinstance(item, bytes):
+                            return Message(item)
+                        data, fds = item
+                        if core.max_fds_in_flight is None:
+                            return Message(data, fds)
+                        return core.message(RawMessage(data, fds, 0, len(data)), None)
+                    if not decoder.quiet():
+                        msg = core.receive_direct() or core.next_message()
+                        if msg is not None:
+                            return msg
                 msg = core.receive_once()
                 if msg is not None:
                     return msg
@@ -887,9 +999,11 @@ class Listener:
         mode: int | None = None,
         **options: Any,
     ) -> None:
-        if socket_type(type) == socket.SOCK_DGRAM:
+        self._kind = socket_type(type)
+        if self._kind == socket.SOCK_DGRAM:
             raise ValueError("a datagram socket does not listen: use Channel.bind(address)")
         self.sock = listen(address, type, backlog=backlog, mode=mode)
+        self._family = _family_of(self.sock)
         self._options = options
 
     @property
@@ -898,8 +1012,15 @@ class Listener:
 
     def accept(self) -> Channel:
         """Wait for a client; return a channel on the new connection."""
-        conn, _ = self.sock.accept()
+        fd, _ = _accept(self.sock)
         try:
+            conn = socket.socket(self._family, self._kind, 0, fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            # Blocking whatever the listener's timeout or socket.setdefaulttimeout()
+            # (a BSD accept also passes O_NONBLOCK on to the new descriptor).
             conn.setblocking(True)
             return Channel(conn, **self._options)
         except BaseException:

@@ -287,7 +287,11 @@ class AsyncConnection(_Peer):
             raise PeerTimeout(f"client did not read for more than {timeout:g}s") from None
 
     def channel(self, **options: Any) -> AsyncChannel:
-        """This connection as an :class:`~afunix.AsyncChannel` (see :meth:`Connection.channel`)."""
+        """This connection as an :class:`~afunix.AsyncChannel` (see :meth:`Connection.channel`).
+
+        From then on use only the channel: it buffers what it has read, and it
+        keeps the socket registered with the event loop while it is being read.
+        """
         self.describe()
         return AsyncChannel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
 

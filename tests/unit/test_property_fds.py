@@ -72,25 +72,49 @@ messages_st = st.lists(
 def test_random_frames_random_splits(
     messages: list[tuple[bytes, int]], data: st.DataObject
 ) -> None:
+    """Frames grouped at random into sendmsg calls (a group's descriptors ride on its
+    first byte, as ``send(..., more=True)`` batches them), cut at random into recvmsg
+    chunks, decoded by the general path or the fast one."""
     with baseline():
         stream = b""
         header_at: list[int] = []
         for payload, nfds in messages:
             header_at.append(len(stream))
             stream += encode_header(len(payload), nfds) + payload
-        # The kernel's rule: a recvmsg ends at the latest with the sendmsg that
-        # carried descriptors, and those descriptors come with it.
-        ends = {header_at[i] + 8 + len(p) for i, (p, n) in enumerate(messages) if n} | {len(stream)}
+        n = len(messages)
+        new_group = [True, *data.draw(st.lists(st.booleans(), min_size=n - 1, max_size=n - 1))]
+        fast = data.draw(st.booleans())
         cuts = data.draw(st.sets(st.integers(min_value=1, max_value=max(len(stream) - 1, 1))))
-        points = sorted({0, *ends, *(c for c in cuts if c < len(stream))})
-        sent: list[list[int]] = [devnull_fds(n) for _, n in messages]
+        group_of = list(itertools.accumulate(int(g) for g in new_group))
+        sent: list[list[int]] = [devnull_fds(n) for _, n in messages]  # after every draw
+        starts: dict[int, int] = {}  # group -> offset of its first byte
+        ends: dict[int, int] = {}  # group -> offset just past it
+        fds_of: dict[int, list[int]] = {}
+        for i, group in enumerate(group_of):
+            starts.setdefault(group, header_at[i])
+            ends[group] = header_at[i] + 8 + len(messages[i][0])
+            fds_of.setdefault(group, []).extend(sent[i])
+        # The kernel's rule: a recvmsg ends at the latest with the sendmsg that
+        # carried descriptors, and those descriptors come with its first byte.
+        must = {ends[g] for g in fds_of if fds_of[g]} | {len(stream)}
+        points = sorted({0, *must, *(c for c in cuts if c < len(stream))})
         dec = StreamDecoder()
         got: list[RawMessage] = []
+
+        def next_one() -> RawMessage | object:
+            if not fast:
+                return dec.next_message()
+            item = dec.next_fast()
+            if item is None:
+                return dec.next_message()
+            body, fds = (item, []) if isinstance(item, bytes) else item
+            return RawMessage(body, fds, 0, len(body))
+
         try:
             for start, end in itertools.pairwise(points):
-                fds = [fd for i, at in enumerate(header_at) if start <= at < end for fd in sent[i]]
+                fds = [fd for g, at in starts.items() if start <= at < end for fd in fds_of[g]]
                 dec.receive_data(stream[start:end], fds)
-                while isinstance(ev := dec.next_message(), RawMessage):
+                while isinstance(ev := next_one(), RawMessage):
                     got.append(ev)
                 assert ev is NEED_DATA
             dec.receive_data(b"")
@@ -109,19 +133,22 @@ def test_random_frames_random_splits(
     messages=messages_st,
     bufsize=st.integers(min_value=1, max_value=64),
     kind=st.sampled_from(["stream", "seqpacket", "dgram"]),
+    more=st.lists(st.booleans(), min_size=6, max_size=6),
 )
 def test_random_frames_through_the_kernel(
-    messages: list[tuple[bytes, int]], bufsize: int, kind: str
+    messages: list[tuple[bytes, int]], bufsize: int, kind: str, more: list[bool]
 ) -> None:
-    """A real socketpair; a tiny ``recv_bufsize`` makes the kernel split the stream."""
+    """A real socketpair; a tiny ``recv_bufsize`` makes the kernel split the stream;
+    ``more=True`` batches messages and their descriptors into one ``sendmsg``."""
     with baseline():
         a, b = Channel.pair(kind, recv_bufsize=bufsize)
         with a, b:
             base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 st_base = os.fstat(base)
-                for payload, nfds in messages:
-                    a.send(payload, [base] * nfds)
+                for (payload, nfds), held in zip(messages, more, strict=False):
+                    a.send(payload, [base] * nfds, more=held and kind == "stream")
+                a.flush()
                 for payload, nfds in messages:
                     with b.recv() as msg:
                         assert msg.data == payload

@@ -19,6 +19,7 @@ from afunix._protocol import (
     FLAG_MEMFD,
     HEADER,
     NEED_DATA,
+    SCM_MAX_FD,
     FrameError,
     RawMessage,
     StreamDecoder,
@@ -211,6 +212,104 @@ def test_tag_follows_the_header(newfd: Callable[[], int]) -> None:
     assert isinstance(first, RawMessage)
     assert isinstance(second, RawMessage)
     assert (first.tag, second.tag) == ("A", "B")
+
+
+# ------------------------------------------------------------- batched frames
+def test_one_batch_serves_several_headers(newfd: Callable[[], int]) -> None:
+    """One sendmsg of several whole frames carries all their descriptors, in order;
+    the receiver may get its bytes in any cut (the descriptors with the first)."""
+    a, b, c, d = newfd(), newfd(), newfd(), newfd()
+    plain, f1, f2, f3 = frame(b"p"), frame(b"one", 1), frame(b"", 2), frame(b"three", 1)
+    stream = plain + f1 + f2 + f3
+    cuts: list[list[tuple[bytes, list[int]]]] = [
+        [(stream, [a, b, c, d])],
+        [(stream[:8], [a, b, c, d]), (stream[8:30], []), (stream[30:], [])],
+        *([(stream[:i], [a, b, c, d]), (stream[i:], [])] for i in range(1, len(stream))),
+    ]
+    for chunks in cuts:
+        dec = StreamDecoder()
+        got: list[RawMessage | str] = []
+        for data, fds in chunks:
+            dec.receive_data(data, fds)
+            got += [m for m in drain(dec) if m != "NEED_DATA"]
+        dec.receive_data(b"")
+        got += drain(dec)
+        assert got == [
+            RawMessage(b"p", [], 0, 1),
+            RawMessage(b"one", [a], 0, 3),
+            RawMessage(b"", [b, c], 0, 0),
+            RawMessage(b"three", [d], 0, 5),
+            "CLOSED",
+        ]
+        assert dec.held_fds == 0
+
+
+def test_batches_back_to_back(newfd: Callable[[], int]) -> None:
+    """The tail of one batch's bytes and the next batch arrive in one recvmsg."""
+    a, b, c = newfd(), newfd(), newfd()
+    first = frame(b"a", 1) + frame(b"bb", 1)
+    second = frame(b"ccc", 1)
+    dec = StreamDecoder()
+    dec.receive_data(first[:4], [a, b])
+    assert drain(dec) == ["NEED_DATA"]
+    dec.receive_data(first[4:] + second, [c])
+    assert drain(dec) == [
+        RawMessage(b"a", [a], 0, 1),
+        RawMessage(b"bb", [b], 0, 2),
+        RawMessage(b"ccc", [c], 0, 3),
+        "NEED_DATA",
+    ]
+    assert dec.held_fds == 0
+
+
+def test_batch_with_leftover_when_the_next_has_passed(newfd: Callable[[], int]) -> None:
+    """A batch must be used up by the headers of its own sendmsg: once a later batch's
+    bytes are all behind the headers, the oldest batch may hold nothing more."""
+    a, b, c = newfd(), newfd(), newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"a", 1), [a, b])  # two descriptors, one header
+    assert drain(dec) == [RawMessage(b"a", [a], 0, 1), "NEED_DATA"]
+    dec.receive_data(frame(b"c"), [c])
+    dec.receive_data(frame(b"d"))
+    with pytest.raises(FrameError, match=r"1 descriptor.*no message header announced"):
+        drain(dec)
+    assert not is_open(b)
+    assert not is_open(c)
+
+
+def test_batch_with_leftover_at_eof(newfd: Callable[[], int]) -> None:
+    a, b = newfd(), newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"a", 1), [a, b])
+    dec.receive_data(b"")
+    assert dec.next_message() == RawMessage(b"a", [a], 0, 1)
+    with pytest.raises(FrameError, match=r"1 descriptor.*no message header announced"):
+        dec.next_message()
+    assert is_open(a)  # the message's
+    assert not is_open(b)
+
+
+def test_descriptors_never_come_after_their_header(newfd: Callable[[], int]) -> None:
+    a = newfd()
+    dec = StreamDecoder()
+    raw = frame(b"abc", 1)
+    dec.receive_data(raw[:2], [])
+    dec.receive_data(raw[2:], [a])  # the header began before these bytes
+    with pytest.raises(FrameError, match="none arrived with it"):
+        drain(dec)
+    assert not is_open(a)
+
+
+def test_too_many_descriptors_waiting(newfd: Callable[[], int]) -> None:
+    """Descriptors cannot pile up ahead of their headers: at most two batches' worth."""
+    dec = StreamDecoder()
+    fds = [newfd() for _ in range(2 * SCM_MAX_FD + 1)]
+    big = frame(b"x" * 100, 2)
+    dec.receive_data(big[:9], fds[:SCM_MAX_FD])
+    dec.receive_data(big[9:20], fds[SCM_MAX_FD:-1])
+    with pytest.raises(FrameError, match="507 descriptors arrived ahead"):
+        dec.receive_data(big[20:30], fds[-1:])
+    assert not any(is_open(fd) for fd in fds)
 
 
 # --------------------------------------------------------------- stream errors

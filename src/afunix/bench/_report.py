@@ -225,6 +225,29 @@ def targets(run: Run) -> list[Check]:
             "; ".join(behind) if behind else f"{compared} comparisons, all ahead",
         )
     )
+    # Not a target of its own: the asyncio channel against the asyncio code most
+    # people would write (streams), on the cases both measure.
+    slower, pairs = [], 0
+    for cell in run.cells:
+        if cell.impl != "afunix-aio" or not cell.median:
+            continue
+        other = run.find(cell.case, cell.size, "asyncio", "unix")
+        if other is None or not other.median:
+            continue
+        pairs += 1
+        r = ratio(other, cell) if CASES[cell.case].lower_is_better else ratio(cell, other)
+        if r is not None and r < 1.0:
+            slower.append(f"{cell.case} {size_label(cell.case, cell.size)} ({r:.2f}x)")
+    if pairs:
+        checks.append(
+            Check(
+                "(information) every AsyncChannel row ahead of asyncio streams",
+                float(pairs - len(slower)),
+                float(pairs),
+                True,
+                "behind: " + "; ".join(slower) if slower else f"{pairs} comparisons, all ahead",
+            )
+        )
     return checks
 
 

@@ -42,10 +42,11 @@ def channel_of(end: End, job: Job) -> Channel:
 
 
 def send_kwargs(job: Job) -> dict[str, Any]:
-    """``more=True`` for bursts of small messages; ``memfd=True`` for the memfd row."""
+    """``more=True`` for bursts of small messages (with or without a descriptor);
+    ``memfd=True`` for the memfd row."""
     if job.case == "large" and job.transport == "memfd":
         return {"memfd": True}
-    if job.case == "rate":
+    if job.case in ("rate", "fdpass"):
         return {"more": True}
     return {}
 
@@ -86,10 +87,10 @@ def run(job: Job) -> d.Result:
             if job.case == "rtt":
                 return d.rtt_client(chan.send, chan.recv, job)
             if job.case in ("fdpass", "fdpingpong"):
-                send = chan.send
+                send, more = chan.send, job.case == "fdpass"  # a burst: more follow
 
                 def send_fd(fd: int) -> None:
-                    send(b"", (fd,))
+                    send(b"", (fd,), more=more)
 
                 return d.fd_client(send_fd, chan.recv, job, pingpong=pingpong)
             # Bursts say that more messages follow (recv() then flushes what is held).

@@ -67,7 +67,7 @@ async def _client(sock: socket.socket, job: Job) -> d.Result:
                 start = clock()
                 for _ in range(n):
                     if fd is not None:
-                        await chan.send(b"", (fd,))
+                        await chan.send(b"", (fd,), **kwargs)
                         if pingpong:
                             await chan.recv()
                     else:
