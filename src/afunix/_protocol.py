@@ -379,7 +379,7 @@ class StreamDecoder:
         )
         if end < hsize:
             return 0
-        if type(data) is not bytes and end >= 4 * (hsize + unpack(data)[3]):
+        if type(data) is not bytes and end >= 128 and end >= 4 * (hsize + unpack(data)[3]):
             data = bytes(data)  # many small frames: slicing bytes is cheaper than a view
         max_fds, pos, taken = self.max_fds, 0, 0
         while end - pos >= hsize:

@@ -31,7 +31,7 @@ from ._ancillary import close_fds
 from ._errors import AfunixError
 from ._fds import SCM_MAX_FD, FdLike, Outgoing, fileno_of
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, available
-from ._protocol import DEFAULT_MAX_SIZE, RawMessage
+from ._protocol import DEFAULT_MAX_SIZE
 from ._sockets import SocketTypeLike, connect, listen, pair, type_name
 from .channel import _RECV_BUFSIZE, _SCM_RIGHTS, _SOL_SOCKET, Message, _Core, _pack_fds
 
@@ -198,6 +198,8 @@ class AsyncChannel:
         self._fd = sock.fileno()
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
+        #: Tasks in recv() past its fast path (holding or waiting for the lock).
+        self._receivers = 0
         self._readiness = _Readiness(self._fd)
         self._core.on_close = self._wake_waiters
 
@@ -394,17 +396,27 @@ class AsyncChannel:
         if core.held:
             await self.flush()  # a reply may depend on what we hold
         decoder = core.decoder
+        if decoder is not None and not self._receivers:
+            # Nobody else is receiving or queued to: a message decoded already is
+            # ours without the lock (no await between looking and taking it).
+            item = decoder.next_fast()
+            if item is not None:
+                return Message(item) if isinstance(item, bytes) else core.fds_message(item)
+        self._receivers += 1
+        try:
+            return await self._recv_locked()
+        finally:
+            self._receivers -= 1
+
+    async def _recv_locked(self) -> Message:
+        core = self._core
+        decoder = core.decoder
         async with self._recv_lock:
             while True:
                 if decoder is not None:
                     item = decoder.next_fast()  # fast path: no memfd, no credentials
                     if item is not None:
-                        if isinstance(item, bytes):
-                            return Message(item)
-                        data, fds = item
-                        if core.max_fds_in_flight is None:
-                            return Message(data, fds)
-                        return core.message(RawMessage(data, fds, 0, len(data)), None)
+                        return Message(item) if isinstance(item, bytes) else core.fds_message(item)
                     msg = core.next_message()
                     if msg is not None:
                         return msg

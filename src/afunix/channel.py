@@ -37,6 +37,7 @@ import errno
 import functools
 import os
 import socket
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -96,8 +97,12 @@ def _numbers(fds: Iterable[FdLike]) -> list[int]:
     return [fileno_of(f) for f in fds]
 
 
+_INT = struct.Struct("i")
+
+
 def _pack_fds(fds: list[int]) -> bytes:
-    return array.array("i", fds).tobytes()
+    """The ``SCM_RIGHTS`` data of *fds* (native ints)."""
+    return _INT.pack(fds[0]) if len(fds) == 1 else array.array("i", fds).tobytes()
 
 
 _pack_header = HEADER.pack
@@ -114,6 +119,40 @@ _PACKET_MIN = 512 * 1024
 _HOLD_MAX = 64 * 1024
 
 
+class _Fds(list[int]):
+    """A message's descriptor numbers, ``-1`` once taken or closed.
+
+    It is what makes a forgotten message safe: garbage-collected with
+    descriptors still open (its message was never closed), it closes them
+    and says so with a :class:`ResourceWarning`. Only messages that carry
+    descriptors have one, so a plain message costs no finalizer.
+    """
+
+    #: Told how many descriptors left the message (taken or closed), so that the
+    #: channel can count the ones still in flight on its side (set per instance;
+    #: no ``__init__``: building one is then as cheap as building a list).
+    release: Callable[[int], None] | None = None
+
+    def drop(self) -> list[int]:
+        """Mark every open descriptor gone; return them (the caller takes or closes them)."""
+        open_fds = [fd for fd in self if fd >= 0]
+        if open_fds:
+            self[:] = [-1] * len(self)
+            if self.release is not None:
+                self.release(len(open_fds))
+        return open_fds
+
+    def __del__(self) -> None:
+        if self and max(self) >= 0:
+            n = close_fds(self.drop())
+            warnings.warn(
+                f"afunix.Message garbage-collected with {n} descriptor(s) not taken; they "
+                "were closed (use 'with channel.recv() as msg:' or msg.close())",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+
 class Message:
     """A received message: ``data`` plus the descriptors that came with it.
 
@@ -125,7 +164,7 @@ class Message:
     held, by position; a taken one shows as ``-1``.
     """
 
-    __slots__ = ("_fds", "_payload", "_release", "address", "credentials", "data")
+    __slots__ = ("_fds", "_payload", "address", "credentials", "data")
 
     def __init__(
         self,
@@ -144,11 +183,8 @@ class Message:
         #: The sender's :class:`~afunix.PeerCredentials` (``SCM_CREDENTIALS``: pid and
         #: real uid/gid at send time), on channels opened with ``credentials=True``.
         self.credentials = credentials
-        self._fds: list[int] = list(fds)
+        self._fds: list[int] = _Fds(fds) if fds else []
         self._payload = payload
-        #: Told how many descriptors left this message (taken or closed), so that
-        #: the channel can count the ones still in flight on its side.
-        self._release: Callable[[int], None] | None = None
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -168,8 +204,7 @@ class Message:
         if fd < 0:
             raise ValueError(f"descriptor {index} was already taken or the message is closed")
         self._fds[index] = -1
-        if self._release is not None:
-            self._release(1)
+        self._released(1)
         return fd
 
     def take_fd(self, index: int = 0) -> int:
@@ -177,18 +212,20 @@ class Message:
         fds = self._fds
         if 0 <= index < len(fds) and (fd := fds[index]) >= 0:  # the hot path, inline
             fds[index] = -1
-            if self._release is not None:
-                self._release(1)
+            if isinstance(fds, _Fds) and fds.release is not None:
+                fds.release(1)
             return fd
         return self._take(index)  # explains the error
 
     def take_fds(self) -> list[int]:
         """Take every descriptor not taken yet."""
-        fds = [fd for fd in self._fds if fd >= 0]
-        self._fds = [-1] * len(self._fds)
-        if fds and self._release is not None:
-            self._release(len(fds))
-        return fds
+        fds = self._fds
+        return fds.drop() if isinstance(fds, _Fds) else []
+
+    def _released(self, n: int) -> None:
+        fds = self._fds
+        if isinstance(fds, _Fds) and fds.release is not None:
+            fds.release(n)
 
     def take_file(self, index: int = 0, mode: str = "rb", **kwargs: Any) -> IO[Any]:
         """Take descriptor *index* as a file object (``os.fdopen``), which you close."""
@@ -214,11 +251,9 @@ class Message:
 
     def close(self) -> None:
         """Close every descriptor not taken and release a memfd payload."""
-        fds = [fd for fd in self._fds if fd >= 0]
-        self._fds = [-1] * len(self._fds)
-        close_fds(fds)
-        if fds and self._release is not None:
-            self._release(len(fds))
+        fds = self._fds
+        if isinstance(fds, _Fds):
+            close_fds(fds.drop())
         payload, self._payload = self._payload, None
         if payload is not None:
             self.data = b""
@@ -229,18 +264,6 @@ class Message:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        fds = getattr(self, "_fds", None)
-        if fds and max(fds) >= 0:
-            n = sum(fd >= 0 for fd in self._fds)
-            self.close()
-            warnings.warn(
-                f"afunix.Message garbage-collected with {n} descriptor(s) not taken; they "
-                "were closed (use 'with channel.recv() as msg:' or msg.close())",
-                ResourceWarning,
-                stacklevel=1,
-            )
 
     def __repr__(self) -> str:
         kind = "memfd " if self._payload is not None else ""
@@ -571,6 +594,13 @@ class _Core:
         )
         return self.message(raw, got.address)
 
+    def fds_message(self, item: tuple[bytes, list[int]]) -> Message:
+        """The message of a simple frame with descriptors (``StreamDecoder.next_fast``)."""
+        data, fds = item
+        if self.max_fds_in_flight is None:
+            return Message(data, fds)
+        return self.message(RawMessage(data, fds, 0, len(data)), None)
+
     def message(self, raw: RawMessage, address: Any) -> Message:
         creds = message_credentials(raw.tag) if isinstance(raw.tag, Credentials) else None
         fds = raw.fds
@@ -600,7 +630,8 @@ class _Core:
             self.in_flight = held + len(fds)
         data = raw.data if payload is None else payload.view
         msg = Message(data, fds, address=address, credentials=creds, payload=payload)
-        msg._release = self._landed
+        assert isinstance(msg._fds, _Fds)
+        msg._fds.release = self._landed
         return msg
 
     def _landed(self, n: int) -> None:
@@ -942,12 +973,7 @@ class Channel:
                 if decoder is not None:
                     item = decoder.next_fast()  # fast path: no memfd, no credentials
                     if item is not None:
-                        if isinstance(item, bytes):
-                            return Message(item)
-                        data, fds = item
-                        if core.max_fds_in_flight is None:
-                            return Message(data, fds)
-                        return core.message(RawMessage(data, fds, 0, len(data)), None)
+                        return Message(item) if isinstance(item, bytes) else core.fds_message(item)
                     if not decoder.quiet():
                         msg = core.receive_direct() or core.next_message()
                         if msg is not None:

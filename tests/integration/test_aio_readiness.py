@@ -186,6 +186,30 @@ def test_concurrent_receivers_each_get_a_message() -> None:
     run(body())
 
 
+def test_receivers_are_served_in_the_order_they_came() -> None:
+    """recv()'s lock-free fast path never jumps a task already waiting: with two
+    messages buffered at once, the waiting task gets the first, a newcomer the second."""
+
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        with a, b:
+            first = asyncio.ensure_future(b.recv())
+            await turns()  # first is waiting for data now
+            await a.send(b"one", more=True)
+            await a.send(b"two")  # both in one write: decoded together
+            second = asyncio.ensure_future(b.recv())
+            assert bytes((await first).data) == b"one"
+            assert bytes((await second).data) == b"two"
+            # And nobody waiting: buffered messages come straight from the fast path.
+            await a.send(b"x", more=True)
+            await a.send(b"y")
+            assert bytes((await b.recv()).data) == b"x"
+            assert b._receivers == 0
+            assert bytes((await b.recv()).data) == b"y"
+
+    run(body())
+
+
 def test_a_writer_and_a_reader_waiting_together() -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair()

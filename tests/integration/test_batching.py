@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import gc
 import os
 import socket
 import tempfile
@@ -226,3 +227,32 @@ def test_async_batches_descriptors_too() -> None:
     finally:
         for fd in pool:
             os.close(fd)
+
+
+def test_a_forgotten_message_closes_its_descriptors_and_says_so() -> None:
+    """Only messages with descriptors carry a finalizer; it closes what was not taken,
+    warns, and gives the channel's in-flight count back."""
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    a, b = Channel.pair(max_fds_in_flight=2)
+    try:
+        a.send(b"one", [fd, fd])
+        msg = b.recv()
+        received = list(msg.fds)
+        assert b._core.in_flight == 2
+        with pytest.warns(ResourceWarning, match="2 descriptor"):
+            del msg
+            gc.collect()
+        for got in received:
+            with pytest.raises(OSError):
+                os.fstat(got)
+        assert b._core.in_flight == 0
+        a.send(b"two", [fd, fd])  # room again
+        with b.recv() as again:
+            assert len(again.fds) == 2
+        plain = b"plain"
+        a.send(plain)
+        assert b.recv().data == plain  # no finalizer, no warning
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()

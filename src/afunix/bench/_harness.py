@@ -180,21 +180,27 @@ def available_impls(options: Options) -> tuple[list[str], list[str]]:
 
 #: Where the two processes of a measurement run: (cpu, peer_cpu), -1 for "anywhere".
 PLACEMENTS = {"none": (-1, -1), "same": (0, -1), "split": (0, 1)}
-#: Cases whose figure is a round trip: one process always waits for the other.
-LATENCY_CASES = frozenset({"rtt", "fdpingpong"})
+#: Cases whose figure is a round trip: one process always waits for the other
+#: (a connection setup waits for the server's accept and close).
+LATENCY_CASES = frozenset({"rtt", "fdpingpong", "connect"})
 
 
 def placement(case: str, pin: str) -> str:
-    """``--pin auto`` (the default): round trips on one CPU, everything else free.
+    """``--pin auto`` (the default): round trips on one CPU, throughput on two.
 
     A ping-pong keeps one side idle while the other works, so its figure
     depends on how fast an idle CPU is woken; on the 2-vCPU VM this was
     measured on, that wake-up costs ~20 us each way and swamps the IPC path
-    (a 64 B round trip: ~8 us on one CPU, ~45 us across two). Throughput
-    cases gain from two CPUs and stay free.
+    (a 64 B round trip: 3-8 us on one CPU, ~45 us across two). Throughput
+    cases gain from two CPUs working at once: one process per CPU
+    (``split``). Left to the scheduler (``none``), the two sometimes share
+    a CPU and sometimes not, and the figures jump between the two (C's
+    64 KiB bulk rate between 3 and 10 GB/s from one round to the next).
     """
     if pin == "auto":
-        return "same" if case in LATENCY_CASES else "none"
+        if case in LATENCY_CASES:
+            return "same"
+        return "split" if len(os.sched_getaffinity(0)) >= 2 else "none"
     return pin
 
 

@@ -79,8 +79,9 @@ def register(sub: Any) -> None:
         "--pin",
         choices=["auto", "none", "same", "split"],
         default="auto",
-        help="CPU placement of the two ends: auto (default: round trips on CPU 0, the rest "
-        "free), none (the scheduler decides), same (both on CPU 0), split (CPU 0 and 1)",
+        help="CPU placement of the two ends: auto (default: round trips and connection "
+        "setup on CPU 0, throughput one end per CPU), none (the scheduler decides), same "
+        "(both on CPU 0), split (CPU 0 and 1)",
     )
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="draw a chart (needs matplotlib)")
