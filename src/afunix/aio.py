@@ -417,6 +417,9 @@ class AsyncChannel:
                     item = decoder.next_fast()  # fast path: no memfd, no credentials
                     if item is not None:
                         return Message(item) if isinstance(item, bytes) else core.fds_message(item)
+                    started = core.direct_start()  # a large payload: into its own buffer
+                    if started is not None:
+                        return await self._recv_direct(*started)
                     msg = core.next_message()
                     if msg is not None:
                         return msg
@@ -431,6 +434,22 @@ class AsyncChannel:
                     await self._wait(writable=False)
                 if msg is not None:
                     return msg
+
+    async def _recv_direct(self, view: memoryview, got: int) -> Message:
+        """The rest of a large plain payload, read straight into *view*."""
+        core, head = self._core, got
+        try:
+            while got < len(view):
+                try:
+                    got += core.direct_read(view, got)
+                    continue
+                except BlockingIOError:
+                    pass  # wait outside the handler (see recv())
+                await self._wait(writable=False)
+        except BaseException:
+            self.close()  # half a payload read (or a bad one): the stream is out of step
+            raise
+        return core.direct_done(view, head)
 
     def __aiter__(self) -> AsyncChannel:
         return self

@@ -235,6 +235,48 @@ def test_large_plain_payloads_arrive_whole_and_in_order() -> None:
     assert [bytes(g) for g in got] == [big, b"small", big[:70000], big]
 
 
+def test_async_large_plain_payloads_arrive_whole_and_in_order() -> None:
+    """The asyncio channel receives large payloads in place too, waiting as they come."""
+    big = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffer holds
+
+    async def main() -> list[bytes | memoryview]:
+        a, b = AsyncChannel.pair(memfd_threshold=None)
+        async with a, b:
+
+            async def sender() -> None:
+                for data in (big, b"small", big[:300_000], big):
+                    await a.send(data)
+
+            task = asyncio.ensure_future(sender())
+            got = [(await b.recv()).data for _ in range(4)]
+            await task
+            return got
+
+    got = asyncio.run(main())
+    assert isinstance(got[0], memoryview) and got[0].readonly  # received in place
+    assert [bytes(g) for g in got] == [big, b"small", big[:300_000], big]
+
+
+def test_async_peer_closing_mid_payload_closes_the_channel() -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        chan = AsyncChannel(b)
+        try:
+            a.sendall(frame(b"y" * 400_000)[:100_000])
+            recv = asyncio.ensure_future(chan.recv())
+            await asyncio.sleep(0.05)  # it is waiting for the rest of the payload
+            assert not recv.done()
+            a.close()
+            with pytest.raises(FrameError, match="mid-message"):
+                await recv
+            assert chan.closed
+        finally:
+            a.close()
+            chan.close()
+
+    asyncio.run(main())
+
+
 def test_peer_closing_mid_payload_is_a_protocol_error() -> None:
     a, b = socket.socketpair()
     chan = Channel(b)
