@@ -114,16 +114,17 @@ def test_close_wakes_a_blocked_sender_and_unregisters() -> None:
     run(body())
 
 
+async def exchange(a: AsyncChannel, b: AsyncChannel, word: bytes) -> None:
+    """*b* waits to receive (its reader registered with the running loop), then *a* sends."""
+    task = asyncio.ensure_future(b.recv())
+    await turns()
+    await a.send(word)
+    assert (await asyncio.wait_for(task, 5)).data == word
+
+
 def test_close_after_the_loop_is_gone() -> None:
     a, b = AsyncChannel.pair()
-
-    async def body() -> None:
-        task = asyncio.ensure_future(b.recv())
-        await turns()
-        await a.send(b"hi")
-        assert (await task).data == b"hi"
-
-    run(body())  # b's reader was registered with that loop, now closed
+    run(exchange(a, b, b"hi"))  # b's reader was registered with that loop, now closed
     b.close()
     a.close()
 
@@ -298,36 +299,22 @@ def test_descriptors_in_flight_are_counted_on_the_fast_path() -> None:
 
 def test_used_from_one_loop_after_another() -> None:
     a, b = AsyncChannel.pair()
-
-    async def exchange(word: bytes) -> None:
-        task = asyncio.ensure_future(b.recv())
-        await turns()  # b waits: its reader is registered with this loop
-        await a.send(word)
-        assert (await asyncio.wait_for(task, 5)).data == word
-
     with a, b:
-        run(exchange(b"first"))  # that loop is closed afterwards
-        run(exchange(b"second"))
+        run(exchange(a, b, b"first"))  # that loop is closed afterwards
+        run(exchange(a, b, b"second"))
 
 
 def test_moving_between_open_loops_unregisters_from_the_earlier() -> None:
     a, b = AsyncChannel.pair()
     fd = b.fileno()
     first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
-
-    async def exchange(word: bytes) -> None:
-        task = asyncio.ensure_future(b.recv())
-        await turns()
-        await a.send(word)
-        assert (await asyncio.wait_for(task, 5)).data == word
-
     try:
         with a, b:
-            first.run_until_complete(exchange(b"one"))
+            first.run_until_complete(exchange(a, b, b"one"))
             assert watched(first, fd) & selectors.EVENT_READ  # kept for the next wait
-            second.run_until_complete(exchange(b"two"))
+            second.run_until_complete(exchange(a, b, b"two"))
             assert watched(first, fd) == 0
-            first.run_until_complete(exchange(b"three"))
+            first.run_until_complete(exchange(a, b, b"three"))
             assert watched(second, fd) == 0
         assert watched(first, fd) == 0
     finally:

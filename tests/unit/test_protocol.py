@@ -127,6 +127,16 @@ def drain(dec: StreamDecoder) -> list[RawMessage | str]:
         out.append(ev)
 
 
+def feed(dec: StreamDecoder, chunks: list[tuple[bytes, list[int]]]) -> list[RawMessage | str]:
+    """Feed each ``recvmsg`` chunk, then end of file; every message and the last event."""
+    got: list[RawMessage | str] = []
+    for data, fds in chunks:
+        dec.receive_data(data, fds)
+        got += [m for m in drain(dec) if m != "NEED_DATA"]
+    dec.receive_data(b"")
+    return got + drain(dec)
+
+
 # ------------------------------------------------------ stream decoding table
 def test_one_message_one_chunk(newfd: Callable[[], int]) -> None:
     a, b = newfd(), newfd()
@@ -155,13 +165,7 @@ def test_bytes_to_frames_table(newfd: Callable[[], int]) -> None:
     ]
     for chunks in cases:
         dec = StreamDecoder()
-        got: list[RawMessage | str] = []
-        for data, fds in chunks:
-            dec.receive_data(data, fds)
-            got += [m for m in drain(dec) if m != "NEED_DATA"]
-        dec.receive_data(b"")
-        got += drain(dec)
-        assert got == [
+        assert feed(dec, chunks) == [
             RawMessage(b"one", [fd1], 0, 3),
             RawMessage(b"", [], 0, 0),
             RawMessage(b"three!", [fd2, fd3], 0, 6),
@@ -228,13 +232,7 @@ def test_one_batch_serves_several_headers(newfd: Callable[[], int]) -> None:
     ]
     for chunks in cuts:
         dec = StreamDecoder()
-        got: list[RawMessage | str] = []
-        for data, fds in chunks:
-            dec.receive_data(data, fds)
-            got += [m for m in drain(dec) if m != "NEED_DATA"]
-        dec.receive_data(b"")
-        got += drain(dec)
-        assert got == [
+        assert feed(dec, chunks) == [
             RawMessage(b"p", [], 0, 1),
             RawMessage(b"one", [a], 0, 3),
             RawMessage(b"", [b, c], 0, 0),
