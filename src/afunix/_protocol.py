@@ -32,8 +32,9 @@ the ``nfds`` it announces from the oldest batch, checking that:
 * the batch arrived with (or before) the header's bytes, never after;
 * a header starts in the bytes that came with the batch (descriptors
   attached to the middle of a payload are an error);
-* a batch is used up before the bytes of the next batch begin (its
-  ``sendmsg`` has ended), and nothing is left over at end of file;
+* a batch is used up by the time the bytes that came with the next batch
+  have all gone by (its ``sendmsg`` ended before the next one began), and
+  nothing is left over at end of file;
 * no more than two batches' worth of descriptors (``2 * SCM_MAX_FD``)
   wait for their headers.
 

@@ -847,7 +847,7 @@ class Channel:
                 frame = _pack_header(MAGIC, 0, nfds, len(data)) + data
                 with self._send_lock:
                     if more or core.held:
-                        if len(core.held_fds) + nfds > SCM_MAX_FD:
+                        if not core.room_for(nfds):
                             self._write_held()
                         if core.hold(frame, numbers) or not more:
                             self._write_held()
