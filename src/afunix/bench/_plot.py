@@ -99,7 +99,10 @@ def _panel(ax: Any, run: Run, case: str, size: int, cells: list[Any]) -> None:
     label = size_label(case, size)
     better = "lower is better" if spec.lower_is_better else "higher is better"
     where = {"same": " (one CPU)", "split": " (two CPUs)"}.get(cells[0].placement, "")
-    ax.set_title(f"{spec.title}{', ' + label if label else ''}{where}", fontsize=9)
+    title = f"{spec.title}{', ' + label if label else ''}{where}"
+    if len(title) > 45:  # a long one would run past its panel: two lines
+        title = title.replace(", ", ",\n", 1)
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"{unit} ({better})", fontsize=7)
     for y, cell in zip(ys, cells, strict=True):
         ax.text(
