@@ -35,8 +35,10 @@ the ``nfds`` it announces from the oldest batch, checking that:
 * a batch is used up by the time the bytes that came with the next batch
   have all gone by (its ``sendmsg`` ended before the next one began), and
   nothing is left over at end of file;
-* no more than two batches' worth of descriptors (``2 * SCM_MAX_FD``)
-  wait for their headers.
+* the headers that take a batch's descriptors start within
+  :data:`BATCH_SPAN` (256 KiB) of the batch's first byte, and no more than
+  two batches' worth of descriptors (``2 * SCM_MAX_FD``) wait for their
+  headers: a peer cannot park descriptors in the receiver.
 
 Over seqpacket and datagram sockets one packet is one message
 (:func:`decode_packet`).
@@ -61,6 +63,7 @@ from ._ancillary import close_fds
 from ._errors import ProtocolError
 
 __all__ = [
+    "BATCH_SPAN",
     "CLOSED",
     "DEFAULT_MAX_SIZE",
     "FLAG_MEMFD",
@@ -84,6 +87,10 @@ KNOWN_FLAGS: Final = FLAG_MEMFD
 HEADER: Final = struct.Struct("!BBHI")
 #: Linux's limit of descriptors per ``sendmsg`` (``SCM_MAX_FD`` in ``include/net/scm.h``).
 SCM_MAX_FD: Final = 253
+#: The headers that take a batch's descriptors start within this many bytes of
+#: the batch's first byte. (afunix holds at most 64 KiB of frames per batch.) A
+#: peer cannot park descriptors in the receiver while other traffic flows.
+BATCH_SPAN: Final = 256 * 1024
 #: Default largest payload accepted (inline or memfd): 64 MiB.
 DEFAULT_MAX_SIZE: Final = 64 * 1024 * 1024
 
@@ -464,7 +471,11 @@ class StreamDecoder:
                         break  # its descriptors have not arrived
                 elif at < batch.end:
                     batch.started = True
-                elif not batch.started or (len(batches) > 1 and batches[1].start <= at):
+                elif (
+                    not batch.started
+                    or (len(batches) > 1 and batches[1].start <= at)
+                    or batch.start + BATCH_SPAN <= at
+                ):
                     break
                 if not nfds:
                     ready.append(payload)
@@ -612,10 +623,13 @@ class StreamDecoder:
                 "descriptors arrived with bytes where no message starts (the peer "
                 "attached them to the middle of a message)"
             )
-        if len(batches) > 1 and batches[1].end <= header_at:
-            # The next sendmsg began within the bytes of the next batch, all behind
-            # this header, yet the oldest batch still holds descriptors (a used-up
-            # batch is dropped as soon as it is used up).
+        if batches and (
+            (len(batches) > 1 and batches[1].end <= header_at)
+            or batches[0].start + BATCH_SPAN <= header_at
+        ):
+            # The oldest batch still holds descriptors (a used-up batch is dropped as
+            # soon as it is used up), yet the next sendmsg began within the bytes of
+            # the next batch, all behind this header, or its headers are long past.
             self._raise(
                 f"{len(batches[0].left)} descriptor(s) arrived that no message header announced"
             )

@@ -15,6 +15,7 @@ import pytest
 
 from afunix import ProtocolError
 from afunix._protocol import (
+    BATCH_SPAN,
     CLOSED,
     FLAG_MEMFD,
     HEADER,
@@ -273,6 +274,32 @@ def test_batch_with_leftover_when_the_next_has_passed(newfd: Callable[[], int]) 
         drain(dec)
     assert not is_open(b)
     assert not is_open(c)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_batch_descriptors_cannot_be_parked(newfd: Callable[[], int], fast: bool) -> None:
+    """Descriptors no header takes within BATCH_SPAN bytes of their batch fail the
+    stream, even while plain traffic keeps flowing and no new batch comes."""
+
+    def drain_either() -> list[RawMessage | str]:
+        while fast and dec.next_fast() is not None:  # the fast path, as channels use it
+            pass
+        return drain(dec)
+
+    a, b = newfd(), newfd()
+    dec = StreamDecoder()
+    dec.receive_data(frame(b"a", 1), [a, b])  # one descriptor too many
+    assert dec.next_message() == RawMessage(b"a", [a], 0, 1)
+    chunk = frame(b"p" * 8000) * 8
+    sent = len(frame(b"a", 1))
+    while sent + len(chunk) < BATCH_SPAN:  # every header of these within the span
+        dec.receive_data(chunk)
+        assert drain_either()[-1] == "NEED_DATA"  # plain frames still come out
+        sent += len(chunk)
+    dec.receive_data(chunk)  # headers past the span
+    with pytest.raises(FrameError, match=r"1 descriptor.*no message header announced"):
+        drain_either()
+    assert not is_open(b)
 
 
 def test_batch_with_leftover_at_eof(newfd: Callable[[], int]) -> None:
