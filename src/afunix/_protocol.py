@@ -419,15 +419,6 @@ class StreamDecoder:
             or self._error is not None
         )
 
-    def next_plain(self) -> bytes | None:
-        """Fast path: the payload of the next message if it is a complete *plain* frame
-        (no flags, no descriptors), else ``None``: see :meth:`next_fast`."""
-        item = self.next_fast()
-        if item is None or type(item) is bytes:
-            return item
-        self._ready.appendleft(item)  # for next_message()
-        return None
-
     def next_fast(self) -> bytes | tuple[bytes, list[int]] | None:
         """Fast path: the next message if it is a complete *simple* frame, else ``None``.
 
@@ -502,7 +493,7 @@ class StreamDecoder:
     def start_direct(self, minimum: int) -> int:
         """Let the caller receive a large plain payload straight into its own buffer.
 
-        If the next message is a plain frame (see :meth:`next_plain`) of at
+        If the next message is a plain frame (no flags, no descriptors) of at
         least *minimum* payload bytes, not yet fully buffered, its header is
         consumed and its length returned: the caller then takes the buffered
         part with :meth:`take_buffered_bytes`, receives the rest itself and reports

@@ -12,7 +12,15 @@ import time
 
 import pytest
 
-from afunix._protocol import HEADER, MAGIC, NEED_DATA, FrameError, RawMessage, StreamDecoder
+from afunix._protocol import (
+    FLAG_MEMFD,
+    HEADER,
+    MAGIC,
+    NEED_DATA,
+    FrameError,
+    RawMessage,
+    StreamDecoder,
+)
 from afunix.aio import AsyncChannel
 from afunix.channel import Channel
 
@@ -21,34 +29,48 @@ def frame(payload: bytes, nfds: int = 0, magic: int = MAGIC) -> bytes:
     return HEADER.pack(magic, 0, nfds, len(payload)) + payload
 
 
-# ---- sans-IO: StreamDecoder.next_plain -------------------------------------------------
+# ---- sans-IO: StreamDecoder.next_fast --------------------------------------------------
 
 
-def test_next_plain_decodes_every_buffered_frame_in_order() -> None:
+def test_next_fast_decodes_every_buffered_frame_in_order() -> None:
     dec = StreamDecoder()
     dec.receive_data(b"".join(frame(bytes([i]) * i) for i in range(5)) + frame(b"tail")[:6])
-    got = [dec.next_plain() for _ in range(5)]
+    got = [dec.next_fast() for _ in range(5)]
     assert got == [bytes([i]) * i for i in range(5)]
-    assert dec.next_plain() is None  # the tail is incomplete
+    assert dec.next_fast() is None  # the tail is incomplete
     assert dec.next_message() is NEED_DATA
     dec.receive_data(frame(b"tail")[6:])
-    assert dec.next_plain() == b"tail"
+    assert dec.next_fast() == b"tail"
     assert dec.buffered == 0
 
 
-def test_next_plain_leaves_descriptors_to_next_message() -> None:
+def test_next_fast_gives_descriptors_with_their_frame() -> None:
     r, w = os.pipe()
     os.close(w)
     dec = StreamDecoder()
     try:
         dec.receive_data(frame(b"one") + frame(b"two"))
         dec.receive_data(frame(b"fd", nfds=1) + frame(b"three"), [r])
-        assert dec.next_plain() == b"one"
-        assert dec.next_plain() == b"two"
-        assert dec.next_plain() is None  # descriptors come next: the general path
+        assert dec.next_fast() == b"one"
+        assert dec.next_fast() == b"two"
+        assert dec.next_fast() == (b"fd", [r])  # the descriptor, owned by the caller now
+        assert dec.held_fds == 0
+        assert dec.next_fast() == b"three"
+    finally:
+        dec.close()
+        os.close(r)
+
+
+def test_next_fast_leaves_a_memfd_frame_to_next_message() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    dec = StreamDecoder()
+    try:
+        dec.receive_data(frame(b"one") + HEADER.pack(MAGIC, FLAG_MEMFD, 1, 10), [r])
+        assert dec.next_fast() == b"one"
+        assert dec.next_fast() is None  # a flag: the general path decides
         msg = dec.next_message()
-        assert isinstance(msg, RawMessage) and msg.data == b"fd" and msg.fds == [r]
-        assert dec.next_plain() == b"three"
+        assert isinstance(msg, RawMessage) and msg.memfd and msg.fds == [r]
     finally:
         dec.close()
         os.close(r)
@@ -57,7 +79,7 @@ def test_next_plain_leaves_descriptors_to_next_message() -> None:
 def test_next_message_returns_frames_decoded_ahead_first() -> None:
     dec = StreamDecoder()
     dec.receive_data(frame(b"a") + frame(b"b") + frame(b"c"))
-    assert dec.next_plain() == b"a"
+    assert dec.next_fast() == b"a"
     got = [dec.next_message() for _ in range(2)]
     assert [m.data for m in got if isinstance(m, RawMessage)] == [b"b", b"c"]
 
@@ -66,11 +88,11 @@ def test_next_message_returns_frames_decoded_ahead_first() -> None:
     "bad",
     [frame(b"x", magic=0x00), HEADER.pack(MAGIC, 0x80, 0, 1) + b"x", HEADER.pack(MAGIC, 0, 0, 99)],
 )
-def test_next_plain_never_decides_a_bad_frame(bad: bytes) -> None:
+def test_next_fast_never_decides_a_bad_frame(bad: bytes) -> None:
     dec = StreamDecoder(max_size=64)
     dec.receive_data(frame(b"ok") + bad + b"\0" * 99)
-    assert dec.next_plain() == b"ok"
-    assert dec.next_plain() is None
+    assert dec.next_fast() == b"ok"
+    assert dec.next_fast() is None
     with pytest.raises(FrameError):
         dec.next_message()
 
@@ -212,7 +234,7 @@ def test_start_direct_take_buffered_and_skip() -> None:
     dec.skip(len(body) - 992)  # what the caller received itself
     assert dec.take_buffered_bytes() == b""
     dec.receive_data(frame(b"next"))
-    assert dec.next_plain() == b"next"
+    assert dec.next_fast() == b"next"
     assert dec.next_message() is NEED_DATA
 
 
