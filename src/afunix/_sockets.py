@@ -405,8 +405,6 @@ def connect(
     family = addr.family
     unix = kind is not AddressKind.TCP
     reply_to = bind if sock_type == socket.SOCK_DGRAM and unix else None
-    # The common case, a blocking connect to a Unix address, is one plain connect(2).
-    plain = addr.sockaddr if timeout is None and unix else None
     attempt = 0
     while True:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -415,10 +413,7 @@ def connect(
             if reply_to is not None:
                 _bind_reply_address(sock, reply_to)
             try:
-                if plain is not None:
-                    sock.connect(plain)
-                else:
-                    _connect_once(sock, addr, deadline)
+                _connect_once(sock, addr, deadline)
             except AfunixError:
                 raise
             except OSError as exc:

@@ -29,11 +29,19 @@ from typing import Any
 from ._address import AddressLike
 from ._ancillary import close_fds
 from ._errors import AfunixError
-from ._fds import SCM_MAX_FD, FdLike, Outgoing, fileno_of
+from ._fds import SCM_MAX_FD, FdLike, Outgoing
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, available
 from ._protocol import DEFAULT_MAX_SIZE
 from ._sockets import SocketTypeLike, connect, listen, pair, type_name
-from .channel import _RECV_BUFSIZE, _SCM_RIGHTS, _SOL_SOCKET, Message, _Core, _pack_fds
+from .channel import (
+    _RECV_BUFSIZE,
+    _SCM_RIGHTS,
+    _SOL_SOCKET,
+    Message,
+    _Core,
+    _numbers,
+    _pack_fds,
+)
 
 __all__ = ["AsyncChannel"]
 
@@ -301,7 +309,7 @@ class AsyncChannel:
         """Send one message; see :meth:`Channel.send` (and its *more*)."""
         core = self._core
         if memfd is None and address is None:
-            numbers = [fileno_of(f) for f in fds] if fds else []
+            numbers = _numbers(fds) if fds else []
             fds = numbers  # an iterator is read once
             frame = core.plain_frame(data, len(numbers)) if len(numbers) <= SCM_MAX_FD else None
             if frame is not None:

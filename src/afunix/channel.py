@@ -13,7 +13,9 @@ socket of any type, with the same semantics on each::
     ...                                       # ...the rest is closed on exit
 
 * stream: messages are framed (:mod:`afunix._protocol`), each message's
-  descriptors travel with its header's first byte and are counted;
+  descriptors travel with its header's first byte and are counted
+  (``send(..., more=True)`` writes several messages and all their
+  descriptors with one ``sendmsg``; each message still gets exactly its own);
 * seqpacket and datagram: one packet is one message;
 * payloads of :data:`~afunix._memfd.MEMFD_THRESHOLD` bytes or more (or
   with ``memfd=True``) travel as a sealed ``memfd`` mapped read-only by the
@@ -838,13 +840,8 @@ class Channel:
             numbers = _numbers(fds)
             fds = numbers  # an iterator is read once
             nfds = len(numbers)
-            if (
-                type(data) in _PLAIN_TYPES
-                and len(data) <= core.plain_limit
-                and nfds <= SCM_MAX_FD
-                and not core.closed
-            ):
-                frame = _pack_header(MAGIC, 0, nfds, len(data)) + data
+            frame = core.plain_frame(data, nfds) if nfds <= SCM_MAX_FD else None
+            if frame is not None:
                 with self._send_lock:
                     if more or core.held:
                         if not core.room_for(nfds):
@@ -855,8 +852,8 @@ class Channel:
                         self._write_fds(frame, numbers)
                 return
         elif memfd is None and address is None:
-            if type(data) in _PLAIN_TYPES and len(data) <= core.plain_limit and not core.closed:
-                plain = _pack_header(MAGIC, 0, 0, len(data)) + data  # core.plain_frame()
+            plain = core.plain_frame(data)
+            if plain is not None:
                 with self._send_lock:
                     if more or core.held:
                         if core.hold(plain) or not more:
