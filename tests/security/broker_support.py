@@ -148,6 +148,16 @@ class BrokerProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def fd_table(self) -> dict[int, str]:
+        """The broker's descriptors and what each refers to."""
+        table = {}
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                table[int(name)] = os.readlink(f"/proc/{self.pid}/fd/{name}")
+            except OSError:  # closed meanwhile
+                pass
+        return table
+
     def stop(self) -> str:
         """SIGTERM (SIGKILL if needed); return what it wrote to stderr."""
         if self.proc.poll() is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import afunix
 from afunix.broker import Broker, Client, confine, parse_policy
 from afunix.broker.flags import Wire
 from afunix.broker.protocol import OpenRequest, encode_request
@@ -121,7 +122,7 @@ def test_descriptors_sent_with_a_request_are_closed_unused(
     to it, openat-style) gets EINVAL; the descriptor is closed in the broker."""
     b = BrokerProcess(tree)
     try:
-        base = b.fd_count()
+        base = _serving(b)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(tree.sock))
             s.settimeout(10)
@@ -138,21 +139,51 @@ def test_descriptors_sent_with_a_request_are_closed_unused(
             reply = s.recv(4096)
             assert struct.unpack("!i", reply[16:20])[0] == errno.EINVAL
             assert b"requests carry no descriptors" in reply
-        assert _settles(b, base)
+        left = _settles(b, base)
+        assert not left, f"the broker still holds {left}"
     finally:
         b.stop()
-    [rec] = tree.opens()
+    warmup, rec = tree.opens()
+    assert warmup["decision"] == "denied"  # no such file (the _serving() request)
     assert rec["decision"] == "invalid" and rec["errno"] == "EINVAL"
 
 
-def _settles(b: BrokerProcess, base: int) -> bool:
-    """Whether the broker's descriptor count comes back to *base* (it closes lazily)."""
+def _serving(b: BrokerProcess) -> dict[int, str]:
+    """The broker's descriptor table once it is serving and idle.
+
+    Its socket file appears at ``bind``, before ``listen`` and before the accept loop
+    makes its selector
+    (an epoll descriptor): one request answered first, and the table read only once
+    it stops changing, so that the baseline is the serving broker's.
+    """
+    # (The file exists from bind on; until listen, a connect is refused: retry.)
+    with afunix.connect(b.tree.sock, retries=8, backoff=0.01) as s:
+        s.settimeout(10)
+        s.sendall(encode_request(OpenRequest(1, b"no-such-file", int(Wire.READ))))
+        assert s.recv(4096)  # a reply: the broker is in its loop
     deadline = time.monotonic() + 3
-    while b.fd_count() != base:
+    table = b.fd_table()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        again = b.fd_table()
+        if again == table:
+            break
+        table = again
+    return table
+
+
+def _settles(b: BrokerProcess, base: dict[int, str]) -> dict[int, str]:
+    """What differs from *base* in the broker's descriptor table once it settles
+    (it closes lazily); empty when it is back to *base* within 3 s."""
+    deadline = time.monotonic() + 3
+    while True:
+        now = b.fd_table()
+        if now == base:
+            return {}
         if time.monotonic() > deadline:
-            return False
+            extra = {fd: t for fd, t in now.items() if base.get(fd) != t}
+            return extra or {fd: f"{t} (closed)" for fd, t in base.items() if fd not in now}
         time.sleep(0.01)
-    return True
 
 
 # ------------------------------------------------------------------ races
