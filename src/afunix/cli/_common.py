@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from .._address import Address
@@ -84,6 +86,80 @@ def mode_arg(text: str) -> int:
     if not 0 <= value <= 0o7777:
         raise argparse.ArgumentTypeError(f"mode {text} is out of range 0-7777")
     return value
+
+
+MAX_SECONDS = 365 * 24 * 3600
+"""The longest time any option takes: 365 days (31,536,000 s).
+
+Longer waits overflow the kernel's timeouts (``settimeout(1e10)`` raises
+``OverflowError``); leave a timeout option out for no limit at all.
+"""
+
+INT_MAX = 2**31 - 1
+"""The largest C ``int``: the kernel's limit for counts such as ``listen()``'s backlog."""
+
+ID_MAX = 2**32 - 2
+"""The largest user or group id (``(uid_t)-1`` means "no id" to the kernel)."""
+
+
+def seconds_arg(*, zero: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number of seconds, above 0 (or from 0 when *zero*).
+
+    Negative, ``nan`` and ``inf`` values are usage errors (exit status 2) whose
+    message says what is allowed, e.g.::
+
+        afunix serve: error: argument --idle-timeout: -1 is not allowed: give a
+        number of seconds above 0, at most 31536000 (such as 0.5 or 30)
+    """
+    allowed = f"from 0 to {MAX_SECONDS}" if zero else f"above 0, at most {MAX_SECONDS}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not allowed: give a number of seconds {allowed} "
+                f"(such as {'0, ' if zero else ''}0.5 or 30)"
+            )
+        if value > MAX_SECONDS:
+            raise argparse.ArgumentTypeError(
+                f"{text} is too long: at most {MAX_SECONDS} seconds (365 days); "
+                "leave the option out for no limit"
+            )
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+def count_arg(minimum: int = 1, maximum: int = INT_MAX, *, what: str = "") -> Callable[[str], int]:
+    """argparse type: a whole number from *minimum* to *maximum* (decimal).
+
+    *what* names the kind of number in the message ("a user id"); out of range
+    or not a whole number is a usage error (exit status 2).
+    """
+    kind = what or "a whole number"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"{text} is not allowed: give {kind} from {minimum} to {maximum}"
+            )
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+def id_arg(what: str) -> Callable[[str], int]:
+    """argparse type: a numeric user, group or process id (0 or more)."""
+    return count_arg(0, ID_MAX if what != "a process id" else INT_MAX, what=what)
 
 
 def print_line(text: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from ..bench import Options, run_bench, to_json
 from ..bench._report import render_markdown, render_plain, render_rich, run_from_json
 from ..bench._spec import CASES, IMPLS
+from ._common import count_arg, seconds_arg
 
 
 def size_arg(text: str) -> int:
@@ -60,10 +61,12 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument("--quick", action="store_true", help="short rounds and smaller large payloads")
-    p.add_argument("--rounds", type=int, metavar="N", help="rounds per row (quick 3, full 5)")
+    p.add_argument(
+        "--rounds", type=count_arg(), metavar="N", help="rounds per row (quick 3, full 5)"
+    )
     p.add_argument(
         "--seconds",
-        type=float,
+        type=seconds_arg(),
         metavar="S",
         help="target length of one measurement (quick 0.03, full 0.25)",
     )
@@ -101,8 +104,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             extra[name] = value
-    if extra.get("rounds", 1) < 1 or extra.get("seconds", 1.0) <= 0:
-        raise ValueError("--rounds must be at least 1 and --seconds more than 0")
     options = Options.quick(**extra) if args.quick else Options.full(**extra)
     if args.plot and not args.from_json:
         try:

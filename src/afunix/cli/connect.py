@@ -14,7 +14,7 @@ from typing import Any
 
 from .._errors import AfunixError, strerror
 from .._sockets import Socket, connect
-from ._common import SOCKET_TYPES, address_arg
+from ._common import SOCKET_TYPES, address_arg, count_arg, seconds_arg
 
 
 def register(sub: Any) -> None:
@@ -33,11 +33,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("address", type=address_arg, metavar="ADDR", help="server address")
     p.add_argument("--type", choices=SOCKET_TYPES, default="stream", help="socket type")
-    p.add_argument("--timeout", type=float, default=10.0, help="connect timeout in seconds")
-    p.add_argument("--retries", type=int, default=0, help="retry a refused/full connect N times")
+    p.add_argument("--timeout", type=seconds_arg(), default=10.0, help="connect timeout in seconds")
+    p.add_argument(
+        "--retries", type=count_arg(0), default=0, help="retry a refused/full connect N times"
+    )
     p.add_argument(
         "--linger",
-        type=float,
+        type=seconds_arg(zero=True),
         default=5.0,
         help="after end of input, wait at most this many quiet seconds for replies",
     )

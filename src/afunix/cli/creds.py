@@ -42,7 +42,7 @@ from .._errors import AfunixError, PeerError
 from .._sockets import connect
 from ..policy import PeerPolicy
 from ..server import AsyncConnection, Connection, Datagram, Handler
-from ._common import address_arg, print_json, print_line
+from ._common import address_arg, id_arg, print_json, print_line, seconds_arg
 
 REQUEST = b"afunix-creds?\n"
 REPLY_PREFIX = b"afunix-creds "
@@ -64,8 +64,12 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print each peer's pid, uid, gid and executable; answer 'afunix creds'",
     )
-    g.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
-    g.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
+    g.add_argument(
+        "--allow-uid", type=id_arg("a user id"), action="append", default=[], metavar="UID"
+    )
+    g.add_argument(
+        "--allow-gid", type=id_arg("a group id"), action="append", default=[], metavar="GID"
+    )
     g.add_argument("--allow-user", action="append", default=[], metavar="NAME")
     g.add_argument(
         "--allow-group",
@@ -255,16 +259,18 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--type", choices=["stream", "dgram", "seqpacket"], default="stream", help="socket type"
     )
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the report")
+    p.add_argument(
+        "--timeout", type=seconds_arg(), default=5.0, help="seconds to wait for the report"
+    )
     p.add_argument("--json", action="store_true", help="print the server's report as JSON")
     claims = p.add_argument_group(
         "claimed credentials (datagrams only)",
         "Attach these ids instead of your own (SCM_CREDENTIALS). The kernel lets only a "
         "privileged process claim another identity; otherwise the send fails with EPERM.",
     )
-    claims.add_argument("--claim-pid", type=int, metavar="PID")
-    claims.add_argument("--claim-uid", type=int, metavar="UID")
-    claims.add_argument("--claim-gid", type=int, metavar="GID")
+    claims.add_argument("--claim-pid", type=id_arg("a process id"), metavar="PID")
+    claims.add_argument("--claim-uid", type=id_arg("a user id"), metavar="UID")
+    claims.add_argument("--claim-gid", type=id_arg("a group id"), metavar="GID")
     p.set_defaults(func=cmd_creds)
 
 

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._address import Address
-from ._common import address_arg, print_json
+from ._common import address_arg, count_arg, print_json, seconds_arg
+
+MAX_SIZE = 64 << 20
+"""The largest ``--size``: 64 MiB (the client holds the request and a buffer for its echo)."""
 
 
 def register(sub: Any) -> None:
@@ -39,11 +42,20 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("address", type=address_arg, metavar="ADDR", help="an echo server")
-    p.add_argument("--clients", type=int, default=100, help="busy clients (default 100)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
-    p.add_argument("--size", type=int, default=64, help="request size in bytes (default 64)")
-    p.add_argument("--hold", type=int, metavar="N", help="hold N connections open instead")
-    p.add_argument("--server-pid", type=int, help="report this server's memory (with --hold)")
+    p.add_argument("--clients", type=count_arg(), default=100, help="busy clients (default 100)")
+    p.add_argument("--duration", type=seconds_arg(), default=5.0, help="seconds (default 5)")
+    p.add_argument(
+        "--size",
+        type=count_arg(1, MAX_SIZE),
+        default=64,
+        help=f"request size in bytes (default 64, at most {MAX_SIZE})",
+    )
+    p.add_argument("--hold", type=count_arg(), metavar="N", help="hold N connections open instead")
+    p.add_argument(
+        "--server-pid",
+        type=count_arg(what="a process id"),
+        help="report this server's memory (with --hold)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_load)
@@ -250,8 +262,6 @@ async def run_hold(
 
 def cmd_load(args: argparse.Namespace) -> int:
     addr: Address = args.address
-    if args.clients < 1 or args.size < 1 or args.duration <= 0:
-        raise ValueError("--clients and --size must be at least 1, --duration positive")
     progress = not args.no_progress and sys.stderr.isatty()
     if args.hold is not None:
         raise_nofile(args.hold + 64)

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..broker.client import Client
-from ._common import mode_arg
+from ._common import mode_arg, seconds_arg
 
 
 def register(sub: Any) -> None:
@@ -52,7 +52,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--nofollow", action="store_true", help="refuse a symlink as last component")
     p.add_argument("--stat", action="store_true", help="describe the received descriptor")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
+    p.add_argument(
+        "--timeout", type=seconds_arg(), default=10.0, help="seconds to wait for the broker"
+    )
     p.set_defaults(func=cmd_open)
 
 

@@ -14,20 +14,7 @@ import argparse
 from typing import Any
 
 from ..opener import openfile_main
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a decimal number: {text!r}") from None
-
-
-def _octal(text: str) -> int:
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+from ._common import INT_MAX, count_arg, mode_arg
 
 
 def register(sub: Any) -> None:
@@ -41,12 +28,22 @@ def register(sub: Any) -> None:
             "Meant to be run by my_open (afunix cat), not by hand."
         ),
     )
-    p.add_argument("sockfd", type=_int, metavar="SOCKFD", help="inherited socket descriptor")
+    p.add_argument(
+        "sockfd",
+        type=count_arg(0, what="a descriptor number"),
+        metavar="SOCKFD",
+        help="inherited socket descriptor",
+    )
     p.add_argument("path", metavar="PATH", help="file to open")
-    p.add_argument("flags", type=_int, metavar="MODE", help="open(2) flags, decimal")
+    p.add_argument(
+        "flags",
+        type=count_arg(0, INT_MAX, what="open(2) flags"),
+        metavar="MODE",
+        help="open(2) flags, decimal",
+    )
     p.add_argument(
         "perm",
-        type=_octal,
+        type=mode_arg,
         nargs="?",
         default=0o666,
         metavar="PERM",

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .._sockets import pair
+from ._common import count_arg
 
 
 def register(sub: Any) -> None:
@@ -21,7 +22,7 @@ def register(sub: Any) -> None:
             "the parent closes its end, the child sees end of file and exits)."
         ),
     )
-    p.add_argument("--rounds", type=int, default=3, help="messages each way (default 3)")
+    p.add_argument("--rounds", type=count_arg(), default=3, help="messages each way (default 3)")
     p.add_argument("--type", choices=["stream", "seqpacket", "dgram"], default="stream")
     p.set_defaults(func=cmd_pair)
 
@@ -63,8 +64,6 @@ def run_pair(rounds: int, sock_type: str, write: Any = print) -> int:
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
-    if args.rounds < 1:
-        raise ValueError("--rounds must be at least 1")
     code = run_pair(args.rounds, args.type)
     print(f"child exited with status {code}")
     return 0 if code == 0 else 1

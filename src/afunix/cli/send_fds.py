@@ -44,9 +44,11 @@ def _open(spec: str) -> tuple[int, bool]:
     """A descriptor for FILE or fd:N, and whether we opened it (and must close it)."""
     if spec.startswith("fd:"):
         try:
-            fd = int(spec[3:])
+            fd = int(spec[3:], 10)
         except ValueError:
-            raise ValueError(f"bad descriptor spec {spec!r}: use fd:N") from None
+            fd = -1
+        if fd < 0:
+            raise ValueError(f"bad descriptor spec {spec!r}: use fd:N with N 0 or more")
         os.fstat(fd)  # EBADF now, with a clear message, rather than in sendmsg
         return fd, False
     return os.open(spec, os.O_RDONLY | os.O_CLOEXEC), True

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._sockets import socket_type
 from ..server import Handler, Limits, Model, Server, echo_handler
-from ._common import SOCKET_TYPES, address_arg, mode_arg
+from ._common import SOCKET_TYPES, address_arg, count_arg, mode_arg, seconds_arg
 from .creds import add_serve_options, policy_from_args, show_creds_handler
 
 
@@ -45,24 +45,30 @@ def register(sub: Any) -> None:
     p.add_argument("--owner", help="socket file owner (user name or uid)")
     p.add_argument("--group", help="socket file group (group name or gid)")
     p.add_argument("--parent-mode", type=mode_arg, help="create a missing parent directory")
-    p.add_argument("--backlog", type=int, default=128, help="listen queue length")
-    p.add_argument("--max-clients", type=int, help="at most this many clients at once")
+    p.add_argument("--backlog", type=count_arg(), default=128, help="listen queue length")
+    p.add_argument("--max-clients", type=count_arg(), help="at most this many clients at once")
     p.add_argument(
-        "--shutdown-timeout", type=float, default=5.0, help="seconds to let clients finish"
+        "--shutdown-timeout",
+        type=seconds_arg(zero=True),
+        default=5.0,
+        help="seconds to let clients finish (0: close them at once)",
     )
     p.add_argument(
-        "--idle-timeout", type=float, metavar="S", help="close clients silent for S seconds"
+        "--idle-timeout",
+        type=seconds_arg(),
+        metavar="S",
+        help="close clients silent for S seconds",
     )
     p.add_argument(
         "--send-timeout",
-        type=float,
+        type=seconds_arg(),
         metavar="S",
         help="close clients that leave replies unread for S seconds",
     )
     p.add_argument("--pidfile", help="write this process's pid here once accepting")
     p.add_argument(
         "--nofile",
-        type=int,
+        type=count_arg(),
         metavar="N",
         help="raise the descriptor limit (RLIMIT_NOFILE) to N, for many connections",
     )

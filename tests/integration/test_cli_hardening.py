@@ -1,0 +1,226 @@
+"""The command line under hostile or careless use (issue 15, items 15-18).
+
+* ``afunix load`` with requests larger than the socket buffers, and against
+  servers that never answer: it reads while it writes, and ``--duration``
+  (``--timeout`` with ``--hold``) bounds the run whatever the server does.
+* ``afunix serve --show-creds`` / ``--show-fds`` whose standard output reader
+  has gone: one line on standard error, no more printing, every client still
+  served; only a peer policy refuses a client.
+* ``afunix connect --type dgram`` against a server that does not answer: an
+  error and exit status ETIMEDOUT after ``--reply-timeout``, never a silent 0.
+* Every numeric option of every command refuses negative (and, where they make
+  no sense, zero, nan and infinite) values as a usage error: exit status 2 and
+  a message saying what is allowed. A test walks the parser so that an option
+  added later with a bare ``int``/``float`` type fails here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from afunix.cli import build_parser
+from afunix.cli._common import count_arg, id_arg, mode_arg, seconds_arg
+from afunix.cli.bench import size_arg
+
+from ..conftest import afunix_cmd
+
+
+def afunix(
+    *args: str, data: bytes = b"", timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        afunix_cmd(*args), input=data, capture_output=True, timeout=timeout, check=False
+    )
+
+
+@contextmanager
+def mute_listener(path: str) -> Iterator[list[socket.socket]]:
+    """A stream server that accepts every connection and never reads or writes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    listener.settimeout(0.05)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    try:
+        yield held
+    finally:
+        stop.set()
+        t.join(10)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+# --------------------------------------------------- item 18: numeric options
+POSITIVE_SECONDS = ["-1", "0", "nan", "inf", "-inf", "1e10"]
+NONNEGATIVE_SECONDS = ["-1", "-0.5", "nan", "inf"]
+AT_LEAST_1 = ["-1", "0", "1.5", "nan"]
+AT_LEAST_0 = ["-1", "nan"]
+IDS = ["-1", "4294967295", "nan"]
+MODES = ["-1", "8", "nan"]
+SIZES = ["-1", "0", "nan"]
+
+P = "/tmp/afx-not-used.sock"
+# (command and positionals, option, values refused): every numeric option of every command.
+NUMERIC: list[tuple[list[str], str, list[str]]] = [
+    (["serve", P], "--backlog", AT_LEAST_1),
+    (["serve", P], "--max-clients", AT_LEAST_1),
+    (["serve", P], "--shutdown-timeout", NONNEGATIVE_SECONDS),
+    (["serve", P], "--idle-timeout", POSITIVE_SECONDS),
+    (["serve", P], "--send-timeout", POSITIVE_SECONDS),
+    (["serve", P], "--nofile", AT_LEAST_1),
+    (["serve", P], "--allow-uid", IDS),
+    (["serve", P], "--allow-gid", IDS),
+    (["serve", P], "--mode", MODES),
+    (["serve", P], "--parent-mode", MODES),
+    (["connect", P], "--timeout", POSITIVE_SECONDS),
+    (["connect", P], "--retries", AT_LEAST_0),
+    (["connect", P], "--linger", NONNEGATIVE_SECONDS),
+    (["creds", P], "--timeout", POSITIVE_SECONDS),
+    (["creds", P], "--claim-pid", ["-1", "2147483648", "nan"]),
+    (["creds", P], "--claim-uid", IDS),
+    (["creds", P], "--claim-gid", IDS),
+    (["load", P], "--clients", AT_LEAST_1),
+    (["load", P], "--duration", POSITIVE_SECONDS),
+    (["load", P], "--size", [*AT_LEAST_1, str((64 << 20) + 1)]),
+    (["load", P], "--hold", AT_LEAST_1),
+    (["load", P], "--server-pid", AT_LEAST_1),
+    (["bench"], "--rounds", AT_LEAST_1),
+    (["bench"], "--seconds", POSITIVE_SECONDS),
+    (["bench"], "--max-size", SIZES),
+    (["open", P], "--mode", MODES),
+    (["open", P], "--timeout", POSITIVE_SECONDS),
+    (["pair"], "--rounds", AT_LEAST_1),
+    (["bind", P], "--mode", MODES),
+    (["broker"], "--mode", MODES),
+]
+# Positional numbers (the book's openfile SOCKFD PATH MODE [PERM]).
+POSITIONAL: list[tuple[list[str], str, list[str]]] = [
+    (["openfile", "--", "{}", "/etc/hostname", "0"], "SOCKFD", AT_LEAST_0),
+    (["openfile", "--", "3", "/etc/hostname", "{}"], "MODE", AT_LEAST_0),
+    (["openfile", "--", "3", "/etc/hostname", "0", "{}"], "PERM", MODES),
+]
+NUMERIC_TYPES = {"seconds", "count", "mode_arg", "size_arg"}
+
+
+def _refuses(
+    argv: list[str], name: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int | str | None, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert f"usage: afunix {argv[0]}" in err
+    assert f"argument {name}: " in err
+    return exit_info.value.code, err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("head", "option", "value"),
+    [(head, option, value) for head, option, values in NUMERIC for value in values],
+)
+def test_a_bad_number_is_a_usage_error_that_says_what_is_allowed(
+    head: list[str], option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, line = _refuses([*head, f"{option}={value}"], option, capsys)
+    assert code == 2
+    assert line.startswith(f"afunix {head[0]}: error: argument {option}: ")
+    if "mode" not in option and option != "--max-size":
+        assert f"{value} is not allowed: give " in line or f"{value} is too long" in line, line
+        assert (" from " in line) or (" above " in line) or ("at most" in line), line
+
+
+@pytest.mark.parametrize(
+    ("argv", "name", "value"),
+    [(argv, name, value) for argv, name, values in POSITIONAL for value in values],
+)
+def test_a_bad_positional_number_is_a_usage_error(
+    argv: list[str], name: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, line = _refuses([a.format(value) for a in argv], name, capsys)
+    assert code == 2
+    assert line.startswith(f"afunix openfile: error: argument {name}: "), line
+
+
+def test_every_numeric_option_is_in_the_table_and_none_takes_a_bare_int_or_float() -> None:
+    """The audit, enforced: a new numeric option must use a checked type and join the table."""
+    listed = {(head[0], option) for head, option, _ in NUMERIC}
+    listed |= {("openfile", name) for _, name, _ in POSITIONAL}
+    found = set()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, cmd_parser in sub.choices.items():
+        for action in cmd_parser._actions:
+            kind = action.type
+            assert kind not in (int, float), (command, action.dest)
+            if kind is not None and getattr(kind, "__name__", "") in NUMERIC_TYPES:
+                name = action.option_strings[0] if action.option_strings else action.metavar
+                found.add((command, name))
+    assert found == listed
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "want"),
+    [
+        (["serve", P, "--shutdown-timeout=0"], "shutdown_timeout", 0.0),
+        (["serve", P, "--idle-timeout=0.25"], "idle_timeout", 0.25),
+        (["serve", P, "--backlog=1"], "backlog", 1),
+        (["serve", P, "--allow-uid=4294967294"], "allow_uid", [4294967294]),
+        (["connect", P, "--retries=0"], "retries", 0),
+        (["connect", P, "--linger=0"], "linger", 0.0),
+        (["load", P, "--size", str(64 << 20)], "size", 64 << 20),
+        (["creds", P, "--claim-pid", "0"], "claim_pid", 0),
+        (["bench", "--max-size=64K"], "max_size", 65536),
+        (["openfile", "0", "/etc/hostname", "0", "600"], "perm", 0o600),
+    ],
+)
+def test_the_edges_of_what_is_allowed_are_accepted(
+    argv: list[str], dest: str, want: object
+) -> None:
+    assert getattr(build_parser().parse_args(argv), dest) == want
+
+
+def test_the_argument_types_themselves() -> None:
+    assert seconds_arg()("1e-3") == 0.001
+    assert seconds_arg(zero=True)("0") == 0.0
+    assert count_arg(0)("0") == 0
+    assert id_arg("a user id")("0") == 0
+    assert mode_arg("0o640") == 0o640
+    assert size_arg("1M") == 1 << 20
+    for bad in ("", " ", "1_0x", "0x10"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            count_arg()(bad)
+        with pytest.raises(argparse.ArgumentTypeError):
+            seconds_arg()(bad)
+
+
+def test_serve_with_a_negative_idle_timeout_exits_2_without_serving(sockdir: Path) -> None:
+    """The reported case, as a user runs it: it used to serve and drop every client."""
+    path = sockdir / "neg.sock"
+    result = afunix("serve", str(path), "--idle-timeout", "-1", timeout=15)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.decode().splitlines()[-1] == (
+        "afunix serve: error: argument --idle-timeout: -1 is not allowed: give a number of "
+        "seconds above 0, at most 31536000 (such as 0.5 or 30)"
+    )
+    assert not path.exists()
