@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +73,93 @@ def mute_listener(path: str) -> Iterator[list[socket.socket]]:
         listener.close()
 
 
+# ------------------------------------------------ item 17: connect --type dgram
+@contextmanager
+def datagram_server(path: str, answer: int) -> Iterator[None]:
+    """A datagram server that echoes the first *answer* datagrams, then falls silent."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.05)
+    stop = threading.Event()
+
+    def run() -> None:
+        answered = 0
+        while not stop.is_set():
+            try:
+                data, sender = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            if answered < answer:
+                sock.sendto(data, sender)
+                answered += 1
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(10)
+        sock.close()
+
+
+def test_datagram_connect_fails_when_no_reply_comes(sockdir: Path) -> None:
+    """The default --reply-timeout (5 s): the old code exited 0 here, silently."""
+    path = str(sockdir / "silent.sock")
+    with datagram_server(path, answer=0):
+        started = time.monotonic()
+        result = afunix("connect", path, "--type", "dgram", data=b"a\nb\n")
+        elapsed = time.monotonic() - started
+    assert result.returncode == errno.ETIMEDOUT, result.stderr
+    assert result.stdout == b""
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        f"afunix: error: no reply from the server at {path} to datagram 1 (of 2 sent, "
+        "0 answered) within 5s: it dropped the datagram or does not answer; "
+        "--reply-timeout S waits longer [ETIMEDOUT]"
+    ]
+    assert 5 <= elapsed < 20
+
+
+def test_datagram_connect_names_the_first_unanswered_datagram(sockdir: Path) -> None:
+    path = str(sockdir / "half.sock")
+    with datagram_server(path, answer=1):
+        result = afunix(
+            "connect", path, "--type", "dgram", "--reply-timeout", "0.5", data=b"one\ntwo\n"
+        )
+    assert result.returncode == errno.ETIMEDOUT
+    assert result.stdout == b"one\n"  # the reply that came is still printed
+    assert b"to datagram 2 (of 2 sent, 1 answered) within 0.5s" in result.stderr
+
+
+def test_datagram_connect_waits_for_a_slow_reply_within_the_timeout(sockdir: Path) -> None:
+    path = str(sockdir / "slow.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    with (
+        sock,
+        subprocess.Popen(
+            afunix_cmd("connect", path, "--type", "dgram", "--reply-timeout", "20"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as proc,
+    ):
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            proc.stdin.write(b"late\n")
+            proc.stdin.close()
+            sock.settimeout(10)
+            data, sender = sock.recvfrom(100)
+            time.sleep(1)  # the reply is late on purpose, well within --reply-timeout
+            sock.sendto(data, sender)
+            assert proc.wait(20) == 0, proc.stderr.read()
+            assert proc.stdout.read() == b"late\n"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 # --------------------------------------------------- item 18: numeric options
 POSITIVE_SECONDS = ["-1", "0", "nan", "inf", "-inf", "1e10"]
 NONNEGATIVE_SECONDS = ["-1", "-0.5", "nan", "inf"]
@@ -96,6 +185,7 @@ NUMERIC: list[tuple[list[str], str, list[str]]] = [
     (["connect", P], "--timeout", POSITIVE_SECONDS),
     (["connect", P], "--retries", AT_LEAST_0),
     (["connect", P], "--linger", NONNEGATIVE_SECONDS),
+    (["connect", P], "--reply-timeout", POSITIVE_SECONDS),
     (["creds", P], "--timeout", POSITIVE_SECONDS),
     (["creds", P], "--claim-pid", ["-1", "2147483648", "nan"]),
     (["creds", P], "--claim-uid", IDS),

@@ -27,7 +27,9 @@ def register(sub: Any) -> None:
             "write side is shut down and afunix waits for the server to finish replying. "
             "On datagram and seqpacket sockets each input line is one message; a datagram "
             "client binds a private reply address automatically (UNP 15.4 point 8) and "
-            "waits for one reply per datagram sent. Exit status 0 on success."
+            "waits for one reply per datagram sent: when a reply is owed and none comes "
+            "for --reply-timeout seconds, afunix stops with an error and exit status "
+            "ETIMEDOUT (110). Exit status 0 on success."
         ),
         epilog="Example: printf 'hello\\n' | afunix connect /tmp/echo.sock",
     )
@@ -41,17 +43,37 @@ def register(sub: Any) -> None:
         "--linger",
         type=seconds_arg(zero=True),
         default=5.0,
-        help="after end of input, wait at most this many quiet seconds for replies",
+        help="stream and seqpacket: after end of input, wait at most this many quiet "
+        "seconds for replies (default 5)",
+    )
+    p.add_argument(
+        "--reply-timeout",
+        type=seconds_arg(),
+        default=5.0,
+        metavar="S",
+        help="dgram: fail when a reply is owed and none has come for S seconds (default 5)",
     )
     p.set_defaults(func=cmd_connect)
 
 
-def _pump_stdin(sock: Socket, per_line: bool, sent: list[int], errors: list[BaseException]) -> None:
+def _pump_stdin(
+    sock: Socket,
+    per_line: bool,
+    sent: list[int],
+    errors: list[BaseException],
+    sent_at: list[float] | None = None,
+) -> None:
+    """Copy standard input to *sock*; count in ``sent[0]``, append -1 at end of input.
+
+    *sent_at*, when given, gets the time (``time.monotonic()``) each message went out.
+    """
     stdin = sys.stdin.buffer
     try:
         if per_line:
             for line in stdin:
                 sock.send(line)
+                if sent_at is not None:
+                    sent_at.append(time.monotonic())
                 sent[0] += 1
         else:
             fd = stdin.fileno()
@@ -87,27 +109,50 @@ def _explain(exc: BaseException, sock: Socket) -> BaseException:
     return exc
 
 
+def _no_reply(sock: Socket, answered: int, sent: int, timeout: float) -> AfunixError:
+    """The error for a datagram server that leaves a datagram unanswered."""
+    try:
+        where = f"the server at {sock.peer_address.describe()}"
+    except OSError:
+        where = "the server"
+    return AfunixError(
+        errno.ETIMEDOUT,
+        f"no reply from {where} to datagram {answered + 1} (of {sent} sent, {answered} "
+        f"answered) within {timeout:g}s: it dropped the datagram or does not answer; "
+        "--reply-timeout S waits longer",
+    )
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
     sock = connect(args.address, args.type, timeout=args.timeout, retries=args.retries)
     with sock:
         per_message = sock.type != socket.SOCK_STREAM
+        datagrams = sock.type == socket.SOCK_DGRAM
         sent = [0]
+        sent_at: list[float] = []
         errors: list[BaseException] = []
-        pump = threading.Thread(target=_pump_stdin, args=(sock, per_message, sent, errors))
+        pump = threading.Thread(target=_pump_stdin, args=(sock, per_message, sent, errors, sent_at))
         pump.daemon = True
         pump.start()
         out = sys.stdout.buffer
         received = 0
         quiet_since: float | None = None
+        last_reply = 0.0
         while True:
             done_input = len(sent) > 1
             if done_input and quiet_since is None:
                 quiet_since = time.monotonic()
             if errors:
                 raise errors[0]
-            if done_input and sock.type == socket.SOCK_DGRAM and received >= sent[0]:
-                break
-            if quiet_since is not None and time.monotonic() - quiet_since > args.linger:
+            if datagrams:
+                owed = sent[0]  # read before sent_at: the pump appends to it first
+                if done_input and received >= owed:
+                    break
+                if received < owed:
+                    waited = time.monotonic() - max(sent_at[received], last_reply)
+                    if waited > args.reply_timeout:
+                        raise _no_reply(sock, received, owed, args.reply_timeout)
+            elif quiet_since is not None and time.monotonic() - quiet_since > args.linger:
                 break
             ready, _, _ = select.select([sock], [], [], 0.05)
             if not ready:
@@ -119,6 +164,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
             if not data and sock.type != socket.SOCK_DGRAM:
                 break
             received += 1
+            last_reply = time.monotonic()
             out.write(data)
             out.flush()
             if quiet_since is not None:
