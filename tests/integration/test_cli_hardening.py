@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import socket
 import subprocess
 import threading
@@ -32,7 +33,7 @@ from afunix.cli import build_parser
 from afunix.cli._common import count_arg, id_arg, mode_arg, seconds_arg
 from afunix.cli.bench import size_arg
 
-from ..conftest import afunix_cmd
+from ..conftest import afunix_cmd, serving
 
 
 def afunix(
@@ -71,6 +72,60 @@ def mute_listener(path: str) -> Iterator[list[socket.socket]]:
         for conn in held:
             conn.close()
         listener.close()
+
+
+# ------------------------------------------------------------------ item 15: load
+@pytest.mark.parametrize("model", ["async", "thread", "fork"])
+def test_load_with_requests_larger_than_the_socket_buffers_ends_on_time(
+    sockdir: Path, model: str
+) -> None:
+    """1 MB requests used to deadlock with the echo server (both blocked in send)."""
+    path = str(sockdir / "big.sock")
+    with serving(sockdir, path, "--model", model):
+        started = time.monotonic()
+        result = afunix(
+            "load", path, "--size", "1000000", "--duration", "2", "--clients", "4", "--json"
+        )
+        elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["errors"] == {}
+    assert report["requests"] > 0  # whole megabyte echoes came back
+    assert 0 <= report["unfinished"] <= 4
+    assert report["latency_us"]["p50"] > 0
+    assert 2 <= report["duration_s"] < 3
+    assert elapsed < 15  # start-up plus the 2 s, even with both CPUs busy
+
+
+def test_load_against_a_server_that_never_reads_ends_at_its_deadline(sockdir: Path) -> None:
+    path = str(sockdir / "mute.sock")
+    with mute_listener(path):
+        started = time.monotonic()
+        result = afunix(
+            "load", path, "--size", "1000000", "--duration", "1", "--clients", "3", "--json"
+        )
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    report = json.loads(result.stdout)  # valid JSON: no NaN for the empty percentiles
+    assert (report["requests"], report["errors"], report["unfinished"]) == (0, {}, 3)
+    assert report["latency_us"]["p50"] is None
+    assert elapsed < 12
+    assert b"no echo came back from " + path.encode() + b" within 1s" in result.stderr
+
+
+def test_load_hold_bounds_opening_and_checking_by_its_timeout(sockdir: Path) -> None:
+    path = str(sockdir / "hold.sock")
+    with mute_listener(path):
+        started = time.monotonic()
+        result = afunix(
+            "load", path, "--hold", "3", "--duration", "0.2", "--timeout", "0.5", "--json"
+        )
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["errors"] == {"ETIMEDOUT": 3}  # connected, but the echo never came
+    assert report["requests"] == 0
+    assert elapsed < 12
 
 
 # ------------------------------------------------ item 17: connect --type dgram
@@ -194,6 +249,7 @@ NUMERIC: list[tuple[list[str], str, list[str]]] = [
     (["load", P], "--duration", POSITIVE_SECONDS),
     (["load", P], "--size", [*AT_LEAST_1, str((64 << 20) + 1)]),
     (["load", P], "--hold", AT_LEAST_1),
+    (["load", P], "--timeout", POSITIVE_SECONDS),
     (["load", P], "--server-pid", AT_LEAST_1),
     (["bench"], "--rounds", AT_LEAST_1),
     (["bench"], "--seconds", POSITIVE_SECONDS),

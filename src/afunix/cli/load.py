@@ -3,11 +3,17 @@
 Two modes:
 
 * ``--clients N --duration S``: N busy clients, each on its own connection, send a
-  request of ``--size`` bytes and wait for its echo, over and over, for S seconds.
-  Reports requests per second, latency percentiles, and every error by errno.
+  request of ``--size`` bytes and read its echo, over and over, for S seconds.
+  Each client reads the echo while it is still writing the request, so requests
+  larger than the socket buffers work. The run ends after S seconds whatever the
+  server does: a request still in flight then is counted as ``unfinished``, not
+  as an error. Reports requests per second, latency percentiles, and every error
+  by errno; the exit status is 1 when there were errors or no request completed.
 * ``--hold N``: open N connections at once, echo one message over each, keep them
   all open for ``--duration`` seconds, then close them. With ``--server-pid`` it
-  reports the server's memory per connection (``VmRSS`` from ``/proc``).
+  reports the server's memory per connection (``VmRSS`` from ``/proc``). Opening
+  the connections, and checking them at the end, each take at most ``--timeout``
+  seconds; whatever is not done by then counts as an ``ETIMEDOUT`` error.
 
 The client raises its own descriptor limit (``RLIMIT_NOFILE``) to the hard limit
 when N needs it; the server needs the same (``afunix serve --nofile N``).
@@ -24,6 +30,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +50,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("address", type=address_arg, metavar="ADDR", help="an echo server")
     p.add_argument("--clients", type=count_arg(), default=100, help="busy clients (default 100)")
-    p.add_argument("--duration", type=seconds_arg(), default=5.0, help="seconds (default 5)")
+    p.add_argument(
+        "--duration",
+        type=seconds_arg(),
+        default=5.0,
+        help="seconds (default 5); the busy run ends then, whatever the server does",
+    )
     p.add_argument(
         "--size",
         type=count_arg(1, MAX_SIZE),
@@ -51,6 +63,13 @@ def register(sub: Any) -> None:
         help=f"request size in bytes (default 64, at most {MAX_SIZE})",
     )
     p.add_argument("--hold", type=count_arg(), metavar="N", help="hold N connections open instead")
+    p.add_argument(
+        "--timeout",
+        type=seconds_arg(),
+        default=30.0,
+        help="with --hold: seconds for opening all connections, and again for checking "
+        "them at the end (default 30)",
+    )
     p.add_argument(
         "--server-pid",
         type=count_arg(what="a process id"),
@@ -67,6 +86,8 @@ class Report:
     clients: int
     duration_s: float
     requests: int = 0
+    #: Requests still in flight when the run's deadline came (busy mode).
+    unfinished: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ns: list[int] = field(default_factory=list)
     held: int = 0
@@ -90,9 +111,12 @@ class Report:
             "errors": dict(self.errors),
         }
         if self.mode == "busy":
+            out["unfinished"] = self.unfinished
             out["requests_per_s"] = round(self.requests / self.duration_s, 1)
+            # null, not NaN (which is not JSON), when no request completed
             out["latency_us"] = {
-                f"p{q:g}": round(self.percentile(q), 1) for q in (50, 90, 99, 99.9)
+                f"p{q:g}": round(self.percentile(q), 1) if self.latencies_ns else None
+                for q in (50, 90, 99, 99.9)
             }
             out["latency_us"]["max"] = round(max(self.latencies_ns, default=0) / 1000, 1)
         else:
@@ -121,6 +145,7 @@ def _errname(exc: BaseException) -> str:
 
 
 async def _open(addr: Address) -> socket.socket:
+    """A non-blocking connection to *addr*; the caller bounds the wait (a timeout scope)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(addr.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
@@ -145,35 +170,71 @@ async def _open(addr: Address) -> socket.socket:
     return sock
 
 
-async def _echo_once(sock: socket.socket, payload: bytes) -> None:
+async def _echo_once(sock: socket.socket, payload: bytes, buf: memoryview | None = None) -> None:
+    """Send *payload* and read its echo, reading while still writing.
+
+    An echo server writes back as it reads. A client that wrote the whole
+    request before reading would, once the request outgrows the two socket
+    buffers, wait forever for a server that waits for it (both blocked in
+    ``send``). So the part of the request that does not go out at once is
+    sent by a task of its own while this coroutine reads. The caller bounds
+    the whole exchange with a deadline (a timeout scope); on cancellation the
+    sending task is cancelled too.
+    """
     loop = asyncio.get_running_loop()
-    await loop.sock_sendall(sock, payload)
-    got = 0
-    while got < len(payload):
-        chunk = await loop.sock_recv(sock, len(payload) - got)
-        if not chunk:
-            raise ConnectionResetError(errno.ECONNRESET, "server closed the connection")
-        got += len(chunk)
+    size = len(payload)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(size))
+    try:
+        sent = sock.send(payload)
+    except BlockingIOError:
+        sent = 0
+    sender = (
+        loop.create_task(loop.sock_sendall(sock, memoryview(payload)[sent:]))
+        if sent < size
+        else None
+    )
+    try:
+        got = 0
+        while got < size:
+            n = await loop.sock_recv_into(sock, buf[got:size])
+            if not n:
+                raise ConnectionResetError(errno.ECONNRESET, "server closed the connection")
+            got += n
+        if sender is not None:
+            await sender
+    finally:
+        if sender is not None:
+            # Let the task drop its writer callback before the socket is closed,
+            # and take its exception (a broken pipe) when reading failed first.
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
 
 
 async def _busy_client(addr: Address, payload: bytes, deadline: float, report: Report) -> None:
+    """Echo *payload* over one connection until *deadline* (event loop time)."""
+    loop = asyncio.get_running_loop()
+    sock: socket.socket | None = None
+    buf = memoryview(bytearray(len(payload)))
+    in_flight = False
     try:
-        sock = await _open(addr)
+        async with asyncio.timeout_at(deadline):
+            sock = await _open(addr)
+            while loop.time() < deadline:
+                t0 = time.perf_counter_ns()
+                in_flight = True
+                await _echo_once(sock, payload, buf)
+                in_flight = False
+                report.latencies_ns.append(time.perf_counter_ns() - t0)
+                report.requests += 1
     except OSError as exc:
-        report.errors[_errname(exc)] += 1
-        return
-    try:
-        while time.monotonic() < deadline:
-            t0 = time.perf_counter_ns()
-            try:
-                await _echo_once(sock, payload)
-            except OSError as exc:
-                report.errors[_errname(exc)] += 1
-                return
-            report.latencies_ns.append(time.perf_counter_ns() - t0)
-            report.requests += 1
+        if isinstance(exc, TimeoutError) and exc.errno is None:  # the run's deadline
+            report.unfinished += in_flight
+        else:
+            report.errors[_errname(exc)] += 1
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 def _rss_kib(pid: int) -> int:
@@ -205,7 +266,7 @@ async def run_busy(
     report = Report("busy", clients, duration)
     payload = b"x" * size
     start = time.monotonic()
-    deadline = start + duration
+    deadline = asyncio.get_running_loop().time() + duration
     ticker = asyncio.ensure_future(_progress(f"{clients} clients", duration, progress))
     await asyncio.gather(*(_busy_client(addr, payload, deadline, report) for _ in range(clients)))
     ticker.cancel()
@@ -216,7 +277,13 @@ async def run_busy(
 
 
 async def run_hold(
-    addr: Address, count: int, duration: float, server_pid: int | None, progress: bool
+    addr: Address,
+    count: int,
+    duration: float,
+    server_pid: int | None,
+    progress: bool,
+    *,
+    timeout: float = 30.0,
 ) -> Report:
     report = Report("hold", count, duration)
     if server_pid is not None:
@@ -231,28 +298,29 @@ async def run_hold(
             except OSError as exc:
                 report.errors[_errname(exc)] += 1
                 return
-            socks.append(sock)
             try:
                 await _echo_once(sock, b"held\n")
             except OSError as exc:
+                sock.close()
                 report.errors[_errname(exc)] += 1
                 return
+            except BaseException:  # cut off by --timeout
+                sock.close()
+                raise
+            socks.append(sock)  # held: connected and answering
             report.requests += 1
 
     start = time.monotonic()
     try:
-        await asyncio.gather(*(one() for _ in range(count)))
-        report.held = sum(1 for s in socks if s.fileno() >= 0)
+        await _bounded(report, timeout, [one() for _ in range(count)])
+        report.held = len(socks)
         await _progress(f"holding {report.held} connections", duration, progress)
         if not progress:
             await asyncio.sleep(duration)
         if server_pid is not None:
             report.rss_after_kib = _rss_kib(server_pid)
         # Every held connection still works at the end.
-        ok = await asyncio.gather(*(_echo_once(s, b"ok\n") for s in socks), return_exceptions=True)
-        for result in ok:
-            if isinstance(result, BaseException):
-                report.errors[_errname(result)] += 1
+        await _bounded(report, timeout, [_checked(report, s) for s in socks])
     finally:
         for s in socks:
             s.close()
@@ -260,21 +328,53 @@ async def run_hold(
     return report
 
 
+async def _checked(report: Report, sock: socket.socket) -> None:
+    try:
+        await _echo_once(sock, b"ok\n")
+    except OSError as exc:
+        report.errors[_errname(exc)] += 1
+
+
+async def _bounded(report: Report, timeout: float, jobs: list[Coroutine[Any, Any, None]]) -> None:
+    """Run *jobs* at once for at most *timeout* seconds; each one cut off is an ETIMEDOUT error."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if pending:
+        report.errors["ETIMEDOUT"] += len(pending)
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     addr: Address = args.address
     progress = not args.no_progress and sys.stderr.isatty()
     if args.hold is not None:
         raise_nofile(args.hold + 64)
-        report = asyncio.run(run_hold(addr, args.hold, args.duration, args.server_pid, progress))
+        report = asyncio.run(
+            run_hold(
+                addr, args.hold, args.duration, args.server_pid, progress, timeout=args.timeout
+            )
+        )
     else:
         raise_nofile(args.clients + 64)
         report = asyncio.run(run_busy(addr, args.clients, args.duration, args.size, progress))
     data = report.as_dict()
+    if args.hold is None and not report.requests and not report.errors:
+        print(
+            f"afunix: error: no echo came back from {addr.describe()} within "
+            f"{args.duration:g}s ({report.unfinished} request(s) in flight at the end): "
+            "is it an echo server, and is it accepting?",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.json:
         print_json(data)
     else:
         _print_table(data)
-    return 1 if report.errors else 0
+    return 1 if report.errors or (args.hold is None and not report.requests) else 0
 
 
 def _print_table(data: dict[str, Any]) -> None:
