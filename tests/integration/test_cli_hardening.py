@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -26,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -33,7 +36,7 @@ from afunix.cli import build_parser
 from afunix.cli._common import count_arg, id_arg, mode_arg, seconds_arg
 from afunix.cli.bench import size_arg
 
-from ..conftest import afunix_cmd, serving
+from ..conftest import NOBODY, afunix_cmd, serving, wait_for_path
 
 
 def afunix(
@@ -126,6 +129,151 @@ def test_load_hold_bounds_opening_and_checking_by_its_timeout(sockdir: Path) -> 
     assert report["errors"] == {"ETIMEDOUT": 3}  # connected, but the echo never came
     assert report["requests"] == 0
     assert elapsed < 12
+
+
+# ----------------------------------------------------- item 16: serve's stdout gone
+@contextmanager
+def serve_into_a_pipe(
+    sockdir: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], BinaryIO]]:
+    """``afunix serve`` with standard output a pipe; yields the process and the read end."""
+    log = sockdir / "serve.log"
+    r, w = os.pipe()
+    reader = os.fdopen(r, "rb", buffering=0)
+    try:
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                afunix_cmd("serve", *args), stdin=subprocess.DEVNULL, stdout=w, stderr=err
+            )
+    finally:
+        os.close(w)
+    try:
+        deadline = time.monotonic() + 10
+        while b"serving" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        yield proc, reader
+    finally:
+        reader.close()  # if the test has not
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hung server
+            proc.kill()
+            proc.wait()
+
+
+def read_line(reader: BinaryIO) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = reader.read(1)
+        assert chunk, line
+        line += chunk
+    return line
+
+
+@pytest.mark.parametrize(
+    ("model", "sock_type"),
+    [
+        ("async", "stream"),
+        ("thread", "stream"),
+        ("fork", "stream"),
+        ("async", "seqpacket"),
+        ("thread", "dgram"),
+        ("async", "dgram"),
+    ],
+)
+def test_show_creds_keeps_answering_when_its_stdout_reader_is_gone(
+    sockdir: Path, model: str, sock_type: str
+) -> None:
+    path = str(sockdir / "c.sock")
+    args = (path, "--show-creds", "--model", model, "--type", sock_type)
+    with serve_into_a_pipe(sockdir, *args) as (proc, r):
+        first = afunix("creds", path, "--type", sock_type, "--json")
+        assert first.returncode == 0, first.stderr
+        assert read_line(r).startswith(b"peer: pid=")  # printing works while read
+        r.close()  # the reader goes away (a pager quit, `| head` exited)
+        for _ in range(5):
+            result = afunix("creds", path, "--type", sock_type, "--json")
+            assert result.returncode == 0, result.stderr  # not "refused"
+            assert json.loads(result.stdout)["policy"] is None
+        echo = afunix("connect", path, "--type", sock_type, data=b"still echoing\n")
+        assert (echo.returncode, echo.stdout) == (0, b"still echoing\n"), echo.stderr
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    lines = (sockdir / "serve.log").read_text().splitlines()
+    broken = [line for line in lines if "standard output" in line]
+    # One line, even with a process per client (fork model).
+    assert broken == [
+        "afunix serve: cannot write to standard output (Broken pipe [EPIPE]); "
+        "no longer printing, still serving"
+    ], lines
+    assert not [line for line in lines if "Exception ignored" in line or "Traceback" in line]
+
+
+def test_show_creds_with_stdout_closed_from_the_start(sockdir: Path) -> None:
+    """Started with standard output closed (``>&-``): serve and say so once."""
+    path = str(sockdir / "closed.sock")
+    log = sockdir / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            ["sh", "-c", 'exec "$@" >&-', "sh", *afunix_cmd("serve", path, "--show-creds")],
+            stdin=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        wait_for_path(path)
+        for _ in range(2):
+            result = afunix("creds", path, "--json")
+            assert result.returncode == 0, result.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    text = log.read_text()
+    assert text.count("cannot write to standard output") == 1, text
+    assert "[EBADF]" in text
+
+
+def test_only_a_policy_refusal_is_reported_as_refused(sockdir: Path) -> None:
+    """With a policy and no stdout reader: root is answered, nobody refused and logged."""
+    path = str(sockdir / "p.sock")
+    with serve_into_a_pipe(sockdir, path, "--show-creds", "--allow-uid", "0", "--mode", "666") as (
+        proc,
+        r,
+    ):
+        r.close()
+        ok = afunix("creds", path, "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["policy"] == "uid 0 (root) is allowed"
+        refused = subprocess.run(
+            [*NOBODY, *afunix_cmd("creds", path)], capture_output=True, timeout=30, check=False
+        )
+        assert refused.returncode == errno.EACCES
+        assert b"closed the connection without a report" in refused.stderr
+        assert proc.poll() is None
+    text = (sockdir / "serve.log").read_text()
+    assert text.count("refused connection from") == 1, text
+    assert "uid 65534" in text
+
+
+def test_show_fds_keeps_serving_when_its_stdout_reader_is_gone(sockdir: Path) -> None:
+    path = str(sockdir / "fds.sock")
+    with serve_into_a_pipe(sockdir, path, "--show-fds") as (proc, r):
+        sent = afunix("send-fds", path, "/etc/hostname", "-q")
+        assert sent.returncode == 0, sent.stderr
+        assert read_line(r).startswith(b"message 1 from ")
+        r.close()
+        for _ in range(3):
+            sent = afunix("send-fds", path, "/etc/hostname", "-q")
+            assert sent.returncode == 0, sent.stderr
+        assert proc.poll() is None  # used to die with exit 141, silently
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    text = (sockdir / "serve.log").read_text()
+    assert text.count("cannot write to standard output (Broken pipe [EPIPE])") == 1, text
 
 
 # ------------------------------------------------ item 17: connect --type dgram

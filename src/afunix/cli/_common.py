@@ -6,8 +6,10 @@ import argparse
 import errno
 import json
 import math
+import mmap
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -172,6 +174,69 @@ def print_line(text: str) -> None:
     encoding = sys.stdout.encoding or "utf-8"
     sys.stdout.buffer.write(text.encode(encoding, "surrogateescape") + b"\n")
     sys.stdout.buffer.flush()
+
+
+class ServerOutput:
+    """What a server prints on standard output for its user (peers, descriptors).
+
+    A server must never fail a client because of its own standard output: a
+    pager quit, ``| head`` exited, the disk is full. The first write that fails
+    (``EPIPE``, ``ENOSPC``, ``EIO``, ...) makes the server say so in one line
+    on standard error and stop printing; it goes on serving every client as
+    before. Standard output is then pointed at ``/dev/null``, so that the
+    interpreter's flush at exit does not fail again.
+
+    Created before serving: the "stopped printing" flag lives in a shared
+    anonymous mapping, so that with the fork model the first child that finds
+    standard output gone stops the others printing as well (one line on
+    standard error, not one per client). Thread-safe.
+    """
+
+    def __init__(self, command: str = "afunix serve") -> None:
+        self.command = command
+        self._lock = threading.Lock()
+        self._stopped = mmap.mmap(-1, 1)  # MAP_SHARED | MAP_ANONYMOUS: seen across fork()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether printing stopped because standard output failed."""
+        return self._stopped[0] != 0
+
+    def lines(self, *texts: str) -> None:
+        """Print *texts*, one line each (bytes of undecodable paths kept), then flush."""
+        with self._lock:
+            if self.stopped:
+                return
+            try:
+                if sys.stdout is None:  # started with standard output closed
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+                for text in texts:
+                    print_line(text)
+            except OSError as exc:
+                self._stop(exc)
+
+    def _stop(self, exc: OSError) -> None:
+        self._stopped[0] = 1
+        # Only when sys.stdout exists: started with descriptor 1 closed, the
+        # number may since belong to a socket, which must not be replaced.
+        try:
+            if sys.stdout is not None:
+                devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.dup2(devnull, sys.stdout.fileno())
+                finally:
+                    os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        try:
+            print(
+                f"{self.command}: cannot write to standard output ({describe_error(exc)}); "
+                "no longer printing, still serving",
+                file=sys.stderr,
+                flush=True,
+            )
+        except (OSError, AttributeError):
+            pass
 
 
 def print_json(data: Any) -> None:

@@ -5,7 +5,9 @@ prints the payload size and, for each descriptor, its number in this
 process, kind (regular file, directory, pipe, socket, ...), target path,
 inode and open mode. Works on stream, seqpacket and datagram sockets;
 connections are served one ``recvmsg`` at a time from one loop, so any
-number of clients can be connected at once.
+number of clients can be connected at once. When standard output fails (a
+closed pipe, a full disk) the server says so once on standard error, stops
+printing and goes on receiving and closing descriptors.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .._address import Address
 from .._ancillary import ControlError, close_fds
 from .._fds import SCM_MAX_FD, describe_fd, recvmsg_items
 from .._sockets import listen
+from ._common import ServerOutput
 
 _BUFSIZE = 65536
 
@@ -34,29 +37,28 @@ def _peer(sock: socket.socket, raw: Any) -> str:
         return "unknown peer"
 
 
-def show_message(sock: socket.socket, peer: str | None, count: int, out: Any) -> bool:
+def show_message(sock: socket.socket, peer: str | None, count: int, out: ServerOutput) -> bool:
     """One ``recvmsg``: print what came and close its descriptors. ``False`` at EOF."""
     try:
         got = recvmsg_items(sock, _BUFSIZE, SCM_MAX_FD)
     except ControlError as exc:
-        print(f"message {count}: error: {exc}", file=out, flush=True)
+        out.lines(f"message {count}: error: {exc}")
         return True
     fds = got.fds
     try:
         if not got.data and not fds and sock.type != socket.SOCK_DGRAM:
             return False
         sender = peer if peer is not None else _peer(sock, got.address)
-        print(
+        lines = [
             f"message {count} from {sender}: {len(got.data)} byte(s) of payload, "
-            f"{len(fds)} descriptor(s)",
-            file=out,
-        )
+            f"{len(fds)} descriptor(s)"
+        ]
         for fd in fds:
             try:
-                print(f"  {describe_fd(fd).describe()}", file=out)
+                lines.append(f"  {describe_fd(fd).describe()}")
             except OSError as exc:  # pragma: no cover - fd vanished under us
-                print(f"  fd {fd}: cannot describe: {exc}", file=out)
-        out.flush()
+                lines.append(f"  fd {fd}: cannot describe: {exc}")
+        out.lines(*lines)
     finally:
         close_fds(fds)
     return True
@@ -88,7 +90,7 @@ def serve_show_fds(args: argparse.Namespace) -> int:
     sel = selectors.DefaultSelector()
     conns: dict[socket.socket, str] = {}
     count = 0
-    out = sys.stdout
+    out = ServerOutput()
     try:
         sel.register(sock, selectors.EVENT_READ)
         sel.register(wake_r, selectors.EVENT_READ)

@@ -24,7 +24,11 @@ The protocol, version 1:
   message is simply echoed, so a plain echo server sends the request back:
   that is how the client tells "not a --show-creds server".
 * A client that the server's policy refuses gets no reply: its connection is
-  closed (end of file), its datagram dropped.
+  closed (end of file), its datagram dropped. Nothing else refuses a client:
+  when the server cannot print (its standard output is a closed pipe or a full
+  disk) it says so once on standard error, stops printing and goes on
+  answering. A client cannot tell a refusal from a server that failed while
+  answering, so its error says both; the server's log says which.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .._errors import AfunixError, PeerError
 from .._sockets import connect
 from ..policy import PeerPolicy
 from ..server import AsyncConnection, Connection, Datagram, Handler
-from ._common import address_arg, id_arg, print_json, print_line, seconds_arg
+from ._common import ServerOutput, address_arg, id_arg, print_json, print_line, seconds_arg
 
 REQUEST = b"afunix-creds?\n"
 REPLY_PREFIX = b"afunix-creds "
@@ -140,16 +144,15 @@ def report(creds: PeerCredentials | None, policy: PeerPolicy | None) -> dict[str
     return out
 
 
-def _show(info: dict[str, Any]) -> None:
-    """One grep-friendly line per peer on the server's standard output."""
+def _show(info: dict[str, Any]) -> str:
+    """One grep-friendly line per peer, for the server's standard output."""
     if info.get("mechanism") is None:
-        print_line("peer: no credentials (not a Unix-domain socket, or none attached)")
-        return
+        return "peer: no credentials (not a Unix-domain socket, or none attached)"
     groups = info["groups"]
     via = info["mechanism"] + ("+pidfd" if info["pidfd"] else "")
     user = f"({info['user']})" if info["user"] else ""
     group = f"({info['group']})" if info["group"] else ""
-    print_line(
+    return (
         f"peer: pid={info['pid'] if info['pid'] is not None else '?'} "
         f"uid={info['uid']}{user} gid={info['gid']}{group} "
         f"groups={','.join(map(str, groups)) if groups else '-'} "
@@ -168,9 +171,18 @@ def _credentials_of(conn: Connection | AsyncConnection) -> PeerCredentials | Non
         return None  # TCP, or an exotic socket: nothing to show
 
 
-def show_creds_handler(model: str, sock_type: int, policy: PeerPolicy | None) -> Handler:
-    """The ``--show-creds`` handler for *model* and *sock_type* (echo after the report)."""
+def show_creds_handler(
+    model: str, sock_type: int, policy: PeerPolicy | None, output: ServerOutput | None = None
+) -> Handler:
+    """The ``--show-creds`` handler for *model* and *sock_type* (echo after the report).
+
+    Each peer's line goes to *output* (standard output); when that fails the
+    server stops printing and still answers every client (see
+    :class:`~afunix.cli._common.ServerOutput`): a client is refused only by
+    the peer policy, never because the server could not print.
+    """
     packets = sock_type != socket.SOCK_STREAM
+    printer = ServerOutput() if output is None else output
 
     def first_message(buf: bytes) -> bool:
         """Whether to stop reading the first message: complete, or cannot be the request."""
@@ -180,7 +192,7 @@ def show_creds_handler(model: str, sock_type: int, policy: PeerPolicy | None) ->
 
         def on_datagram(dgram: Datagram) -> bytes:
             info = report(dgram.credentials, policy)
-            _show(info)
+            printer.lines(_show(info))
             return _reply(info) if dgram.data == REQUEST else dgram.data
 
         if model != "asyncio":
@@ -201,7 +213,7 @@ def show_creds_handler(model: str, sock_type: int, policy: PeerPolicy | None) ->
 
         def on_connection(conn: Connection) -> None:
             info = report(_credentials_of(conn), policy)
-            _show(info)
+            printer.lines(_show(info))
             first = b""
             while True:
                 chunk = conn.recv()
@@ -219,7 +231,7 @@ def show_creds_handler(model: str, sock_type: int, policy: PeerPolicy | None) ->
 
     async def on_connection_async(conn: AsyncConnection) -> None:
         info = report(_credentials_of(conn), policy)
-        _show(info)
+        printer.lines(_show(info))
         first = b""
         while True:
             chunk = await conn.recv()
@@ -247,8 +259,9 @@ def register(sub: Any) -> None:
             "kernel reported them (SO_PEERCRED for connections, SCM_CREDENTIALS for "
             "datagrams). The server must run 'afunix serve ADDR --show-creds'. Exit status "
             "0 when the server answered; EACCES (13) when it closed the connection without "
-            "answering (its peer policy refused this client); EPERM (1) when the kernel "
-            "refused to send claimed credentials."
+            "answering: a server refuses clients its peer policy (--allow-*) does not admit "
+            "that way, and its log says so with the rule; ETIMEDOUT (110) when no report "
+            "came in time; EPERM (1) when the kernel refused to send claimed credentials."
         ),
         epilog=(
             "Example: afunix serve @demo --show-creds --allow-uid 0 &  "
@@ -277,8 +290,9 @@ def register(sub: Any) -> None:
 def _refused(where: str) -> AfunixError:
     return PeerError(
         errno.EACCES,
-        f"{where} closed the connection without a report: its peer policy refused this "
-        f"client (uid {os.geteuid()}, gid {os.getegid()}); the server's log names the rule",
+        f"{where} closed the connection without a report: it refused this client "
+        f"(uid {os.geteuid()}, gid {os.getegid()}) or failed while answering; the "
+        "server's log says which",
     )
 
 
@@ -340,8 +354,9 @@ def ask(
             what = "datagram" if sock_type == "dgram" else "request"
             raise AfunixError(
                 errno.ETIMEDOUT,
-                f"no report from {where} within {timeout:g}s: it dropped the {what} (its peer "
-                "policy refused this client?) or it is not 'afunix serve --show-creds'",
+                f"no report from {where} within {timeout:g}s: it dropped the {what} (it "
+                "refused this client, or it is not 'afunix serve --show-creds'; the server's "
+                "log says which)",
             ) from None
         except (ConnectionResetError, BrokenPipeError):
             raise _refused(where) from None

@@ -29,7 +29,12 @@ def register(sub: Any) -> None:
             "downtime: the same command is started again, takes over the listening socket "
             "(passed with SCM_RIGHTS), and this process finishes its connections and exits. "
             "Under systemd socket activation (LISTEN_FDS) the inherited socket is used "
-            "instead of binding ADDR, and READY=1/STOPPING=1 go to NOTIFY_SOCKET."
+            "instead of binding ADDR, and READY=1/STOPPING=1 go to NOTIFY_SOCKET. "
+            "--show-creds and --show-fds print on standard output; if that fails (a closed "
+            "pipe, a full disk) serve says so once on standard error, stops printing and "
+            "goes on serving: only a peer policy (--allow-*) ever refuses a client. "
+            "Numbers are checked: a negative, zero (where it makes no sense), nan or "
+            "infinite value is a usage error (exit status 2)."
         ),
         epilog="Example: afunix serve /tmp/echo.sock --model fork --mode 660 --group staff",
     )
