@@ -100,6 +100,21 @@ def test_load_with_requests_larger_than_the_socket_buffers_ends_on_time(
     assert elapsed < 15  # start-up plus the 2 s, even with both CPUs busy
 
 
+def test_load_exactly_as_reported_finishes_and_reports(sockdir: Path) -> None:
+    """`afunix load --size 1000000 --duration 2` (100 clients) against `afunix serve`."""
+    path = str(sockdir / "as-reported.sock")
+    with serving(sockdir, path):
+        started = time.monotonic()
+        result = afunix("load", path, "--size", "1000000", "--duration", "2", "--json")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["clients"], report["errors"]) == (100, {})
+    assert report["requests"] > 0
+    assert report["requests"] + report["unfinished"] >= 100  # every client got going
+    assert elapsed < 20
+
+
 def test_load_against_a_server_that_never_reads_ends_at_its_deadline(sockdir: Path) -> None:
     path = str(sockdir / "mute.sock")
     with mute_listener(path):
