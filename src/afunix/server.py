@@ -47,12 +47,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import os
 import selectors
 import signal
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -86,6 +89,95 @@ Handler: TypeAlias = Callable[[Any], Any]
 Verifier: TypeAlias = Callable[[socket.socket, Address], bool]
 
 _BUFSIZE = 65536
+
+#: ``max_clients`` of a ``model="thread"`` server when none is given: a thread per
+#: client is a task the kernel counts against ``RLIMIT_NPROC``, so the model is
+#: bounded by default; more clients wait in the listen queue.
+THREAD_MAX_CLIENTS = 256
+
+#: Seconds the accept loop pauses after running out of descriptors, threads or
+#: processes: clients that arrive meanwhile wait in the listen queue.
+_PAUSE = 0.1
+
+#: Seconds between two log lines about clients refused for one reason.
+REFUSAL_LOG_INTERVAL = 10.0
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERCRED: int | None = (
+    getattr(socket, "SO_PEERCRED", None) if sys.platform.startswith("linux") else None
+)
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The client's effective uid at ``connect`` time.
+
+    On Linux one ``SO_PEERCRED`` ``getsockopt``, no groups, no pidfd: cheap
+    enough to run on every accepted connection before anything else.
+    """
+    if _SO_PEERCRED is not None:
+        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(raw)[1])
+    with peer_credentials(conn, pidfd=False) as creds:  # pragma: no cover - not Linux
+        return creds.uid
+
+
+class _Refusals:
+    """Clients turned away without a handler, counted by reason and logged in aggregate.
+
+    A flood must not turn into a flood of log lines: the first refusal for a
+    reason is logged at once, later ones are counted, and the count is logged
+    with the next refusal that comes :data:`REFUSAL_LOG_INTERVAL` seconds after
+    the last line, and at shutdown. Used by the accepting thread only.
+    """
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        #: Refusals since the server started, by reason.
+        self.counts: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def add(self, reason: str, detail: str) -> None:
+        """Count one refusal; log *detail* unless a line for *reason* went out recently."""
+        total = self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < self.interval:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._logged_at[reason] = now
+        self._unlogged.pop(reason, None)
+        log.warning(
+            "%s (%s: %d refused so far; logged at most every %gs)",
+            detail,
+            reason,
+            total,
+            self.interval,
+        )
+
+    def flush(self) -> None:
+        """Log what was counted and not yet logged (at shutdown)."""
+        for reason, n in sorted(self._unlogged.items()):
+            log.warning("%s: %d more client(s) refused, %d in all", reason, n, self.counts[reason])
+        self._unlogged.clear()
+
+
+@functools.cache
+def somaxconn() -> int:
+    """The system's cap on a listen queue: ``net.core.somaxconn``, read once.
+
+    The default ``backlog`` of a :class:`Server` (as in Go's ``net`` package): a
+    burst of clients larger than the queue is refused (``EAGAIN``) or made to
+    wait, so the server asks for as much as the kernel allows. Falls back to
+    :data:`socket.SOMAXCONN` where ``/proc`` cannot say.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn", "rb") as f:
+            value = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return socket.SOMAXCONN
+    return value if value > 0 else socket.SOMAXCONN
 
 
 @dataclass(frozen=True)
@@ -387,12 +479,14 @@ class Server:
         *,
         type: SocketTypeLike = "stream",
         model: Model = "asyncio",
-        backlog: int = 128,
+        backlog: int | None = None,
         mode: int | None = None,
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
         max_clients: int | None = None,
+        max_clients_per_uid: int | None = None,
+        refuse_with: bytes = b"",
         shutdown_timeout: float = 5.0,
         verify: Verifier | None = None,
         policy: PeerPolicy | None = None,
@@ -415,12 +509,32 @@ class Server:
             raise TypeError(f"model={model!r} needs a plain function, not an 'async def' handler")
         if max_clients is not None and max_clients < 1:
             raise ValueError("max_clients must be at least 1")
+        if max_clients is None and model == "thread":
+            max_clients = THREAD_MAX_CLIENTS
+        if max_clients_per_uid is not None and max_clients_per_uid < 1:
+            raise ValueError("max_clients_per_uid must be at least 1")
+        if backlog is not None and backlog < 0:
+            raise ValueError(f"backlog must be 0 or more, not {backlog}")
         self.handler = handler
         self.model: Model = model
         self.max_clients = max_clients
         self.shutdown_timeout = shutdown_timeout
         self.verify = verify
         self.type = socket_type(type)
+        if max_clients_per_uid is not None and self.type == socket.SOCK_DGRAM:
+            raise ValueError("max_clients_per_uid counts connections: a datagram server has none")
+        #: Connections one uid may hold at once (see :attr:`uid_limit`); ``None``: no cap.
+        self.max_clients_per_uid = max_clients_per_uid
+        #: Sent, best effort and without waiting, to a client refused by the per-uid cap.
+        self.refuse_with = refuse_with
+        self._uid_conns: dict[int, int] = {}  # thread and asyncio models: uid -> connections
+        self._uid_lock = threading.Lock()
+        self._child_uid: dict[int, int] = {}  # fork model: pid -> uid
+        self._refusals = _Refusals()
+        #: Clients turned away before any handler ran, by reason: ``"uid-limit"``
+        #: (:attr:`uid_limit`), ``"no-thread"`` (a thread could not be started),
+        #: ``"no-process"`` (``fork()`` failed). Each is logged in aggregate.
+        self.refused = self._refusals.counts
         self.on_ready = on_ready
         self.fdstore = fdstore
         if event_loop not in ("asyncio", "uvloop"):
@@ -438,7 +552,7 @@ class Server:
             self.sock = listen(
                 address,
                 self.type,
-                backlog=backlog,
+                backlog=somaxconn() if backlog is None else backlog,
                 mode=mode,
                 owner=owner,
                 group=group,
@@ -646,6 +760,11 @@ class Server:
                 f"a peer policy needs the kernel's credentials of each client, which exist "
                 f"only for Unix-domain sockets, not for {self.address.describe()}"
             )
+        if self.max_clients_per_uid is not None and self.sock.family != socket.AF_UNIX:
+            raise UnsupportedFeature(
+                f"max_clients_per_uid needs the kernel's credentials of each client, which "
+                f"exist only for Unix-domain sockets, not for {self.address.describe()}"
+            )
         if self.type != socket.SOCK_DGRAM or self.sock.family != socket.AF_UNIX:
             return False
         try:
@@ -712,6 +831,72 @@ class Server:
                 creds.close()
             return False, None
         return True, creds
+
+    @property
+    def uid_limit(self) -> int | None:
+        """Connections one uid may hold at once; ``None``: no per-uid cap.
+
+        ``max_clients_per_uid``, but never more than three quarters of
+        ``max_clients`` (``max_clients - max_clients // 4``): the last quarter,
+        rounded down, is kept for the other uids, so one local user cannot take
+        every slot however high its own cap. The check runs right after
+        ``accept``, before ``policy``, ``verify``, a thread, a child or a task.
+        """
+        cap = self.max_clients_per_uid
+        if cap is not None and self.max_clients:
+            cap = min(cap, self.max_clients - self.max_clients // 4)
+        return cap
+
+    def _uid_admit(self, conn: socket.socket) -> tuple[bool, int | None]:
+        """The per-uid cap, checked with one ``SO_PEERCRED`` and no thread, no log line.
+
+        Returns whether *conn* may be served (refused: already closed) and the
+        uid it was counted under (``None`` without a cap); give that uid back
+        with :meth:`_uid_release` when the connection ends.
+        """
+        cap = self.uid_limit
+        if cap is None:
+            return True, None
+        try:
+            uid = _peer_uid(conn)
+        except OSError as exc:
+            self._refuse(conn, "uid-limit", f"refused a client: its uid cannot be read ({exc})")
+            return False, None
+        if self.model == "fork":  # children end in _reap, maybe in a signal handler
+            held = list(self._child_uid.values()).count(uid)
+            ok = held < cap
+        else:
+            with self._uid_lock:
+                held = self._uid_conns.get(uid, 0)
+                ok = held < cap
+                if ok:
+                    self._uid_conns[uid] = held + 1
+        if not ok:
+            self._refuse(
+                conn,
+                "uid-limit",
+                f"refused a connection from uid {uid}: it holds {held}, the limit per uid",
+            )
+            return False, None
+        return True, uid
+
+    def _uid_release(self, uid: int | None) -> None:
+        if uid is None or self.model == "fork":
+            return
+        with self._uid_lock:
+            left = self._uid_conns.get(uid, 0) - 1
+            if left > 0:
+                self._uid_conns[uid] = left
+            else:
+                self._uid_conns.pop(uid, None)
+
+    def _refuse(self, conn: socket.socket, reason: str, detail: str) -> None:
+        """Turn a client away: :attr:`refuse_with` if its buffer has room, close, count."""
+        if self.refuse_with:
+            with contextlib.suppress(OSError):
+                conn.send(self.refuse_with, socket.MSG_DONTWAIT | _NOSIGNAL)
+        conn.close()
+        self._refusals.add(reason, detail)
 
     def _recv_datagram(self) -> Datagram | None:
         """One datagram with its sender's credentials, or ``None`` if it was dropped.
@@ -811,6 +996,7 @@ class Server:
                     workers = {w for w in workers if w.is_alive()}
         finally:
             sel.close()
+            self._refusals.flush()
             self._stop_accepting()
             self._drain_sync(workers, conns, lock)
             if old_chld is not None:
@@ -845,26 +1031,53 @@ class Server:
                 return False
             raise
         conn.setblocking(True)
+        ok, uid = self._uid_admit(conn)
+        if not ok:
+            return False
         peer = self._peer(raw)
         ok, creds = self._admit(conn, peer)
         if not ok:
             conn.close()
+            self._uid_release(uid)
             return False
-        self.served += 1
         if self.model == "fork":
-            self._fork_child(conn, peer, creds)
+            self._fork_child(conn, peer, creds, uid)
             return False
         with lock:
             conns.add(conn)
         t = threading.Thread(
             target=self._run_thread,
             args=(conn, peer, conns, lock, slots),
-            kwargs={"creds": creds},
+            kwargs={"creds": creds, "uid": uid},
             daemon=True,
         )
+        try:
+            t.start()
+        except RuntimeError as exc:  # "can't start new thread": RLIMIT_NPROC, memory
+            with lock:
+                conns.discard(conn)
+            conn.close()
+            if creds is not None:
+                creds.close()
+            self._uid_release(uid)
+            self._out_of("no-thread", f"cannot start a thread for a client ({exc})")
+            return False
         workers.add(t)
-        t.start()
+        self.served += 1
         return True
+
+    def _out_of(self, reason: str, detail: str) -> None:
+        """No thread or process for a client: it was refused; pause accepting briefly.
+
+        Like ``EMFILE``: the server keeps serving the clients it has, and new
+        ones wait in the listen queue until the pause is over.
+        """
+        self._refusals.add(
+            reason,
+            f"{detail}; refused that client and pausing accepts for {_PAUSE:g}s "
+            f"(threads and processes count against RLIMIT_NPROC; lower max_clients)",
+        )
+        self._stop.wait(_PAUSE)
 
     def _serve_datagram_sync(self) -> None:
         try:
@@ -873,9 +1086,13 @@ class Server:
             return
         if dgram is None:
             return
-        self.served += 1
         if self.model == "fork":
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max) or ENOMEM
+                self._out_of("no-process", f"cannot fork a child for a datagram ({exc})")
+                return
+            self.served += 1
             if pid == 0:  # pragma: no cover - child; measured through its effects
                 code = 0
                 try:
@@ -888,6 +1105,7 @@ class Server:
                     os._exit(code)
             self._children.add(pid)
         else:
+            self.served += 1
             self._reply(dgram)
 
     def _reply(self, dgram: Datagram) -> None:
@@ -919,6 +1137,7 @@ class Server:
         slots: threading.BoundedSemaphore | None,
         *,
         creds: PeerCredentials | None = None,
+        uid: int | None = None,
     ) -> None:
         connection = Connection(conn, peer, creds, self.limits)
         try:
@@ -929,6 +1148,7 @@ class Server:
             with lock:
                 conns.discard(conn)
             connection.close()
+            self._uid_release(uid)
             if slots is not None:
                 slots.release()
 
@@ -947,9 +1167,20 @@ class Server:
             os.close(fd)
 
     def _fork_child(
-        self, conn: socket.socket, peer: Address, creds: PeerCredentials | None = None
+        self,
+        conn: socket.socket,
+        peer: Address,
+        creds: PeerCredentials | None = None,
+        uid: int | None = None,
     ) -> None:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max) or ENOMEM
+            conn.close()
+            if creds is not None:
+                creds.close()
+            self._out_of("no-process", f"cannot fork a child for a client ({exc})")
+            return
         if pid == 0:  # pragma: no cover - child; measured through its effects
             code = 0
             connection = Connection(conn, peer, creds, self.limits)
@@ -964,6 +1195,9 @@ class Server:
                     connection.close()
                 os._exit(code)
         self._children.add(pid)
+        if uid is not None:
+            self._child_uid[pid] = uid
+        self.served += 1
         conn.close()  # the parent's copies; the child has its own
         if creds is not None:
             creds.close()
@@ -977,6 +1211,7 @@ class Server:
                 done = pid
             if done == pid:
                 self._children.discard(pid)
+                self._child_uid.pop(pid, None)
                 log.debug("child %d terminated", pid)
 
     def _stop_accepting(self) -> None:
@@ -1005,6 +1240,7 @@ class Server:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
                 self._children.discard(pid)
+                self._child_uid.pop(pid, None)
             return
         for t in list(workers):
             t.join(max(deadline - time.monotonic(), 0))
@@ -1075,22 +1311,28 @@ class Server:
                     task = asyncio.ensure_future(self._async_datagram(first, limit))
                 else:
                     conn: socket.socket = first
+                    ok, uid = self._uid_admit(conn)
                     peer = self._peer(raw)
-                    ok, creds = self._admit(conn, peer)
+                    creds = None
+                    if ok:
+                        ok, creds = self._admit(conn, peer)
+                        if not ok:
+                            conn.close()
+                            self._uid_release(uid)
                     if not ok:
-                        conn.close()
                         if limit is not None:
                             limit.release()
                         if stop_after:
                             break
                         continue
-                    task = asyncio.ensure_future(self._async_conn(conn, peer, limit, creds))
+                    task = asyncio.ensure_future(self._async_conn(conn, peer, limit, creds, uid))
                 self.served += 1
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 if stop_after:
                     break
             stopper.cancel()
+            self._refusals.flush()
             self._stop_accepting()
             if tasks:
                 _, pending = await asyncio.wait(set(tasks), timeout=self.shutdown_timeout)
@@ -1111,6 +1353,7 @@ class Server:
         peer: Address,
         limit: asyncio.Semaphore | None,
         creds: PeerCredentials | None = None,
+        uid: int | None = None,
     ) -> None:
         connection = AsyncConnection(conn, peer, creds, self.limits)
         try:
@@ -1121,6 +1364,7 @@ class Server:
             log_handler_failure(exc, connection.describe())
         finally:
             connection.close()
+            self._uid_release(uid)
             if limit is not None:
                 limit.release()
 
