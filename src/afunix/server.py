@@ -51,6 +51,7 @@ import functools
 import inspect
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -120,6 +121,24 @@ def _peer_uid(conn: socket.socket) -> int:
         return int(_UCRED.unpack(raw)[1])
     with peer_credentials(conn, pidfd=False) as creds:  # pragma: no cover - not Linux
         return creds.uid
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the client closed its end before we accepted it, sending nothing.
+
+    Such a connection can neither ask nor hear anything: a handler would only
+    see end of file. One ``recv(MSG_PEEK)``; a client still connected (the
+    usual case) makes it fail with ``EAGAIN``. ``POLLHUP`` tells a closed
+    client from one that only shut down its writing side and waits for a reply.
+    """
+    try:
+        if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return False
+    except OSError:
+        return False
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
 
 
 class _Refusals:
@@ -531,6 +550,10 @@ class Server:
         self._uid_lock = threading.Lock()
         self._child_uid: dict[int, int] = {}  # fork model: pid -> uid
         self._refusals = _Refusals()
+        self._queue_ready = False  # thread/fork models: the last accept found a client
+        #: Clients dropped at accept because they had already hung up, sending
+        #: nothing (with a per-uid cap only; they would hold a slot for nothing).
+        self.hung_up = 0
         #: Clients turned away before any handler ran, by reason: ``"uid-limit"``
         #: (:attr:`uid_limit`), ``"no-thread"`` (a thread could not be started),
         #: ``"no-process"`` (``fork()`` failed). Each is logged in aggregate.
@@ -857,6 +880,10 @@ class Server:
         cap = self.uid_limit
         if cap is None:
             return True, None
+        if _hung_up(conn):
+            conn.close()
+            self.hung_up += 1
+            return False, None
         try:
             uid = _peer_uid(conn)
         except OSError as exc:
@@ -993,7 +1020,8 @@ class Server:
                     finally:
                         if slots is not None and not dispatched:
                             slots.release()
-                    workers = {w for w in workers if w.is_alive()}
+                    if dispatched:  # (not per refusal: a flood is refused cheaply)
+                        workers = {w for w in workers if w.is_alive()}
         finally:
             sel.close()
             self._refusals.flush()
@@ -1013,16 +1041,20 @@ class Server:
         """Wait briefly for a client; hand it to a thread or child.
 
         Returns whether a thread took over the slot (it releases it when done).
+        After an accept the next call tries ``accept`` straight away, without
+        ``select``: a full listen queue drains at the cost of its refusals.
         """
-        events = sel.select(timeout=0.25)
-        if not any(key.fileobj is self.sock for key, _ in events):
-            return False
+        if not self._queue_ready:
+            events = sel.select(timeout=0.25)
+            if not any(key.fileobj is self.sock for key, _ in events):
+                return False
         if self.type == socket.SOCK_DGRAM:
             self._serve_datagram_sync()
             return False
         try:
             conn, raw = self.sock.accept()  # EINTR is retried (PEP 475)
         except (BlockingIOError, InterruptedError):
+            self._queue_ready = False
             return False
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -1030,10 +1062,11 @@ class Server:
                 time.sleep(0.1)
                 return False
             raise
-        conn.setblocking(True)
+        self._queue_ready = True
         ok, uid = self._uid_admit(conn)
         if not ok:
             return False
+        conn.setblocking(True)
         peer = self._peer(raw)
         ok, creds = self._admit(conn, peer)
         if not ok:

@@ -380,3 +380,36 @@ def test_uid_limit_needs_connections_on_unix_sockets(sockdir: Path) -> None:
         )
     with pytest.raises(ValueError, match="at least 1"):
         afunix.Server(sockdir / "z.sock", afunix.server.echo, model="thread", max_clients_per_uid=0)
+
+
+def test_uid_limit_drops_clients_that_hung_up_before_accept(sockdir: Path) -> None:
+    """With a per-uid cap, a client that connected and closed again before it was
+    accepted, sending nothing, gets no handler (a connect-and-close flood costs one
+    recv each); one that only shut down its writing side is still served."""
+    path = sockdir / "h.sock"
+    gate = threading.Event()
+    calls = [0]
+
+    def handler(conn: afunix.Connection) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            gate.wait(10)  # holds the only slot: the next clients wait in the queue
+        conn.send(b"hello")
+
+    srv = afunix.Server(path, handler, model="thread", max_clients=1, max_clients_per_uid=5)
+    with srv.start():
+        first = _connect(path)
+        try:
+            _wait(lambda: calls[0] == 1)
+            for _ in range(20):
+                _connect(path).close()
+            half = _connect(path)
+            half.shutdown(socket.SHUT_WR)  # still reading: waits for the greeting
+            gate.set()
+            assert _recv_all(first) == b"hello"
+            assert _recv_all(half) == b"hello"
+            half.close()
+        finally:
+            gate.set()
+            first.close()
+        assert (srv.hung_up, calls[0]) == (20, 2)
