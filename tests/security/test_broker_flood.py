@@ -10,14 +10,20 @@ attacker's 9th and later connections cost almost nothing and root is answered.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from afunix.broker import Broker, Client, parse_policy
+import pytest
+
+from afunix.broker import AsyncClient, Broker, Client, parse_policy
+from afunix.broker import client as client_module
 from afunix.broker.client import BrokerError
 from tests.conftest import NOBODY
 
@@ -75,3 +81,52 @@ def test_root_is_answered_during_a_connection_flood_from_another_uid(
     events = [json.loads(line)["event"] for line in audit.read_text().splitlines()]
     assert events.count("connection-refused") == 0
     assert events.count("open") == ok
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_client_refused_at_accept_hears_why(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The broker refuses a connection past connections_per_peer right after accept,
+    often before the client has sent its request; the client's send then fails
+    (EPIPE), and it must still report the broker's EAGAIN "too many connections"
+    rather than "the broker closed the connection". The client's connect is made to
+    wait until the broker has refused it, so the send always comes second."""
+    data = sockdir / "data"
+    data.mkdir()
+    (data / "f.txt").write_text("f")
+    policy = parse_policy(
+        f'[limits]\nconnections_per_peer = 1\n[[rule]]\nroot = "{data}"\nanyone = true\n'
+        'allow = ["read"]\n'
+    )
+    broker = Broker(sockdir / "b.sock", policy, audit=None).start()
+    path = str(broker.address.describe())
+    real_connect = client_module.connect
+
+    def connect_then_wait_for_the_refusal(*args: Any, **kwargs: Any) -> Any:
+        before = broker.server.refused.get("uid-limit", 0)
+        sock = real_connect(*args, **kwargs)
+        deadline = time.monotonic() + 10
+        while broker.server.refused.get("uid-limit", 0) == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        return sock
+
+    try:
+        with Client(path) as first:
+            os.close(first.open_fd(str(data / "f.txt")))  # holds root's one connection
+            monkeypatch.setattr(client_module, "connect", connect_then_wait_for_the_refusal)
+            with pytest.raises(BrokerError, match="too many connections") as info:
+                if kind == "sync":
+                    with Client(path) as second:
+                        second.open_fd(str(data / "f.txt"))
+                else:
+
+                    async def ask() -> None:
+                        async with AsyncClient(path) as second:
+                            await second.open_fd(str(data / "f.txt"))
+
+                    asyncio.run(ask())
+            assert info.value.errno == errno.EAGAIN
+    finally:
+        broker.stop()
