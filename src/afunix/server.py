@@ -28,8 +28,8 @@ The models:
 ``asyncio``
     one event loop, a task per connection; scales to many idle connections.
 ``thread``
-    a thread per connection (``max_clients`` bounds them; past it new
-    clients wait in the listen queue).
+    a thread per connection (``max_clients``, 256 unless given, bounds them;
+    past it new clients wait in the listen queue).
 ``fork``
     the book's model: a child process per connection, the listening socket
     closed in the child, ``SIGCHLD`` reaped with a ``waitpid(WNOHANG)`` loop
@@ -489,6 +489,25 @@ class Server:
     Exceeding a limit closes that connection only, logged once with the
     client's credentials; a handler's own exception is logged with its
     traceback; either way the server goes on serving everyone else.
+
+    Floods (see ``docs/operations.md``, "Threat model"):
+
+    * ``backlog`` (default ``None``: the system's ``net.core.somaxconn``, see
+      :func:`somaxconn`) is the kernel's listen queue: a burst of clients up to
+      that size waits there instead of being refused.
+    * ``max_clients`` bounds the clients served at once; past it new clients
+      wait in the listen queue. ``model="thread"`` defaults to
+      :data:`THREAD_MAX_CLIENTS` (256). When a thread cannot be started or
+      ``fork()`` fails (``RLIMIT_NPROC``, memory), that client is closed,
+      accepts pause 0.1 s and the server goes on; such refusals are logged in
+      aggregate and counted in :attr:`refused`.
+    * ``max_clients_per_uid`` caps the connections one uid holds at once (Unix
+      stream and seqpacket sockets): checked right after ``accept`` with one
+      ``SO_PEERCRED``, before ``policy``, ``verify`` and any thread, child or
+      task; a client past it is sent ``refuse_with`` (if its buffer has room)
+      and closed. No uid gets more than three quarters of ``max_clients``
+      (:attr:`uid_limit`). With the cap on, a client that hung up before it was
+      accepted, sending nothing, is dropped without a handler.
     """
 
     def __init__(

@@ -18,7 +18,8 @@ slow open from delaying another's) whose handler speaks the protocol of
 
 Limits (the policy's ``[limits]``), all per peer uid unless said otherwise:
 a token bucket of requests per second (past it: ``EAGAIN``); connections per
-uid (past it: an ``EAGAIN`` error frame and the connection is closed);
+uid (past it: an ``EAGAIN`` error frame and the connection is closed, by
+the :class:`afunix.Server` right after ``accept``: no thread, no audit line);
 ``max_clients`` connections in all (more wait in the listen queue); a
 request size limit (larger: ``EMSGSIZE`` and closed); descriptors in flight
 per connection (sent but not yet read: the broker stops reading that
