@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -32,8 +33,12 @@ BURST = 3000
 
 def _connect(path: Path, timeout: float = 10.0) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(path))
+    try:
+        s.settimeout(timeout)
+        s.connect(str(path))
+    except BaseException:
+        s.close()
+        raise
     return s
 
 
@@ -413,3 +418,88 @@ def test_uid_limit_drops_clients_that_hung_up_before_accept(sockdir: Path) -> No
             gate.set()
             first.close()
         assert (srv.hung_up, calls[0]) == (20, 2)
+
+
+NPROC_SERVER = textwrap.dedent(
+    """
+    import logging, resource, sys, afunix
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    room = int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_NPROC, (room, room))
+    afunix.Server(sys.argv[1], afunix.server.echo, model="thread", mode=0o666).serve_forever()
+    """
+)
+
+
+def _tasks_of(uid: int) -> int:
+    """Tasks (threads included) of *uid* on the system: what RLIMIT_NPROC counts."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(fields["Uid"].split()[0]) == uid:
+            total += int(fields["Threads"])
+    return total
+
+
+def test_thread_model_under_a_real_rlimit_nproc(sockdir: Path) -> None:
+    """A thread-model server as uid 65534 whose RLIMIT_NPROC leaves room for about
+    3 threads (counting the tasks uid 65534 has when it starts); 30 idle clients: the ones past the limit are closed, the server
+    stays up, logs once, and serves again once threads end (RLIMIT_NPROC is not
+    enforced for root, hence the other uid)."""
+    home = sockdir / "nobody"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    path = home / "n.sock"
+    room = _tasks_of(65534) + 4  # the server's main thread, and 3 more
+    proc = subprocess.Popen(
+        [*NOBODY, sys.executable, "-c", NPROC_SERVER, str(path), str(room)],
+        stderr=subprocess.PIPE,
+    )
+    held: list[socket.socket] = []
+    try:
+        wait_for_path(path)
+        with _connect(path) as c:  # serving: its accept loop runs
+            c.sendall(b"up")
+            assert c.recv(2) == b"up"
+        served = refused = 0
+        for _ in range(30):
+            c = _connect(path)
+            held.append(c)
+            c.sendall(b"hi")
+            try:
+                answer = c.recv(2)
+            except ConnectionResetError:  # closed with our "hi" unread
+                answer = b""
+            if answer == b"hi":
+                served += 1
+            else:
+                refused += 1
+        assert refused > 0 and proc.poll() is None, (served, refused)
+        for c in held:
+            c.close()
+        held.clear()
+        deadline = time.monotonic() + 20
+        while True:  # threads end as their clients leave: room again
+            with _connect(path) as c:
+                c.sendall(b"again")
+                c.shutdown(socket.SHUT_WR)
+                if _recv_all(c) == b"again":
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        for c in held:
+            c.close()
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    print(f"RLIMIT_NPROC: {served} clients served, {refused} refused")
+    assert err.count("cannot start a thread") == 1, err
