@@ -28,8 +28,8 @@ The models:
 ``asyncio``
     one event loop, a task per connection; scales to many idle connections.
 ``thread``
-    a thread per connection (``max_clients`` bounds them; past it new
-    clients wait in the listen queue).
+    a thread per connection (``max_clients``, 256 unless given, bounds them;
+    past it new clients wait in the listen queue).
 ``fork``
     the book's model: a child process per connection, the listening socket
     closed in the child, ``SIGCHLD`` reaped with a ``waitpid(WNOHANG)`` loop
@@ -47,12 +47,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -86,6 +90,113 @@ Handler: TypeAlias = Callable[[Any], Any]
 Verifier: TypeAlias = Callable[[socket.socket, Address], bool]
 
 _BUFSIZE = 65536
+
+#: ``max_clients`` of a ``model="thread"`` server when none is given: a thread per
+#: client is a task the kernel counts against ``RLIMIT_NPROC``, so the model is
+#: bounded by default; more clients wait in the listen queue.
+THREAD_MAX_CLIENTS = 256
+
+#: Seconds the accept loop pauses after running out of descriptors, threads or
+#: processes: clients that arrive meanwhile wait in the listen queue.
+_PAUSE = 0.1
+
+#: Seconds between two log lines about clients refused for one reason.
+REFUSAL_LOG_INTERVAL = 10.0
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERCRED: int | None = (
+    getattr(socket, "SO_PEERCRED", None) if sys.platform.startswith("linux") else None
+)
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The client's effective uid at ``connect`` time.
+
+    On Linux one ``SO_PEERCRED`` ``getsockopt``, no groups, no pidfd: cheap
+    enough to run on every accepted connection before anything else.
+    """
+    if _SO_PEERCRED is not None:
+        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(raw)[1])
+    with peer_credentials(conn, pidfd=False) as creds:  # pragma: no cover - not Linux
+        return creds.uid
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the client closed its end before we accepted it, sending nothing.
+
+    Such a connection can neither ask nor hear anything: a handler would only
+    see end of file. One ``recv(MSG_PEEK)``; a client still connected (the
+    usual case) makes it fail with ``EAGAIN``. ``POLLHUP`` tells a closed
+    client from one that only shut down its writing side and waits for a reply.
+    """
+    try:
+        if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return False
+    except OSError:
+        return False
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
+
+
+class _Refusals:
+    """Clients turned away without a handler, counted by reason and logged in aggregate.
+
+    A flood must not turn into a flood of log lines: the first refusal for a
+    reason is logged at once, later ones are counted, and the count is logged
+    with the next refusal that comes :data:`REFUSAL_LOG_INTERVAL` seconds after
+    the last line, and at shutdown. Used by the accepting thread only.
+    """
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        #: Refusals since the server started, by reason.
+        self.counts: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def add(self, reason: str, detail: str) -> None:
+        """Count one refusal; log *detail* unless a line for *reason* went out recently."""
+        total = self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < self.interval:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._logged_at[reason] = now
+        self._unlogged.pop(reason, None)
+        log.warning(
+            "%s (%s: %d refused so far; logged at most every %gs)",
+            detail,
+            reason,
+            total,
+            self.interval,
+        )
+
+    def flush(self) -> None:
+        """Log what was counted and not yet logged (at shutdown)."""
+        for reason, n in sorted(self._unlogged.items()):
+            log.warning("%s: %d more client(s) refused, %d in all", reason, n, self.counts[reason])
+        self._unlogged.clear()
+
+
+@functools.cache
+def somaxconn() -> int:
+    """The system's cap on a listen queue: ``net.core.somaxconn``, read once.
+
+    The default ``backlog`` of a :class:`Server` (as in Go's ``net`` package): a
+    burst of clients larger than the queue is refused (``EAGAIN``) or made to
+    wait, so the server asks for as much as the kernel allows. Falls back to
+    :data:`socket.SOMAXCONN` where ``/proc`` cannot say.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn", "rb") as f:
+            value = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return socket.SOMAXCONN
+    return value if value > 0 else socket.SOMAXCONN
 
 
 @dataclass(frozen=True)
@@ -378,6 +489,25 @@ class Server:
     Exceeding a limit closes that connection only, logged once with the
     client's credentials; a handler's own exception is logged with its
     traceback; either way the server goes on serving everyone else.
+
+    Floods (see ``docs/operations.md``, "Threat model"):
+
+    * ``backlog`` (default ``None``: the system's ``net.core.somaxconn``, see
+      :func:`somaxconn`) is the kernel's listen queue: a burst of clients up to
+      that size waits there instead of being refused.
+    * ``max_clients`` bounds the clients served at once; past it new clients
+      wait in the listen queue. ``model="thread"`` defaults to
+      :data:`THREAD_MAX_CLIENTS` (256). When a thread cannot be started or
+      ``fork()`` fails (``RLIMIT_NPROC``, memory), that client is closed,
+      accepts pause 0.1 s and the server goes on; such refusals are logged in
+      aggregate and counted in :attr:`refused`.
+    * ``max_clients_per_uid`` caps the connections one uid holds at once (Unix
+      stream and seqpacket sockets): checked right after ``accept`` with one
+      ``SO_PEERCRED``, before ``policy``, ``verify`` and any thread, child or
+      task; a client past it is sent ``refuse_with`` (if its buffer has room)
+      and closed. No uid gets more than three quarters of ``max_clients``
+      (:attr:`uid_limit`). With the cap on, a client that hung up before it was
+      accepted, sending nothing, is dropped without a handler.
     """
 
     def __init__(
@@ -387,12 +517,14 @@ class Server:
         *,
         type: SocketTypeLike = "stream",
         model: Model = "asyncio",
-        backlog: int = 128,
+        backlog: int | None = None,
         mode: int | None = None,
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
         max_clients: int | None = None,
+        max_clients_per_uid: int | None = None,
+        refuse_with: bytes = b"",
         shutdown_timeout: float = 5.0,
         verify: Verifier | None = None,
         policy: PeerPolicy | None = None,
@@ -415,12 +547,36 @@ class Server:
             raise TypeError(f"model={model!r} needs a plain function, not an 'async def' handler")
         if max_clients is not None and max_clients < 1:
             raise ValueError("max_clients must be at least 1")
+        if max_clients is None and model == "thread":
+            max_clients = THREAD_MAX_CLIENTS
+        if max_clients_per_uid is not None and max_clients_per_uid < 1:
+            raise ValueError("max_clients_per_uid must be at least 1")
+        if backlog is not None and backlog < 0:
+            raise ValueError(f"backlog must be 0 or more, not {backlog}")
         self.handler = handler
         self.model: Model = model
         self.max_clients = max_clients
         self.shutdown_timeout = shutdown_timeout
         self.verify = verify
         self.type = socket_type(type)
+        if max_clients_per_uid is not None and self.type == socket.SOCK_DGRAM:
+            raise ValueError("max_clients_per_uid counts connections: a datagram server has none")
+        #: Connections one uid may hold at once (see :attr:`uid_limit`); ``None``: no cap.
+        self.max_clients_per_uid = max_clients_per_uid
+        #: Sent, best effort and without waiting, to a client refused by the per-uid cap.
+        self.refuse_with = refuse_with
+        self._uid_conns: dict[int, int] = {}  # thread and asyncio models: uid -> connections
+        self._uid_lock = threading.Lock()
+        self._child_uid: dict[int, int] = {}  # fork model: pid -> uid
+        self._refusals = _Refusals()
+        self._queue_ready = False  # thread/fork models: the last accept found a client
+        #: Clients dropped at accept because they had already hung up, sending
+        #: nothing (with a per-uid cap only; they would hold a slot for nothing).
+        self.hung_up = 0
+        #: Clients turned away before any handler ran, by reason: ``"uid-limit"``
+        #: (:attr:`uid_limit`), ``"no-thread"`` (a thread could not be started),
+        #: ``"no-process"`` (``fork()`` failed). Each is logged in aggregate.
+        self.refused = self._refusals.counts
         self.on_ready = on_ready
         self.fdstore = fdstore
         if event_loop not in ("asyncio", "uvloop"):
@@ -438,7 +594,7 @@ class Server:
             self.sock = listen(
                 address,
                 self.type,
-                backlog=backlog,
+                backlog=somaxconn() if backlog is None else backlog,
                 mode=mode,
                 owner=owner,
                 group=group,
@@ -646,6 +802,11 @@ class Server:
                 f"a peer policy needs the kernel's credentials of each client, which exist "
                 f"only for Unix-domain sockets, not for {self.address.describe()}"
             )
+        if self.max_clients_per_uid is not None and self.sock.family != socket.AF_UNIX:
+            raise UnsupportedFeature(
+                f"max_clients_per_uid needs the kernel's credentials of each client, which "
+                f"exist only for Unix-domain sockets, not for {self.address.describe()}"
+            )
         if self.type != socket.SOCK_DGRAM or self.sock.family != socket.AF_UNIX:
             return False
         try:
@@ -712,6 +873,76 @@ class Server:
                 creds.close()
             return False, None
         return True, creds
+
+    @property
+    def uid_limit(self) -> int | None:
+        """Connections one uid may hold at once; ``None``: no per-uid cap.
+
+        ``max_clients_per_uid``, but never more than three quarters of
+        ``max_clients`` (``max_clients - max_clients // 4``): the last quarter,
+        rounded down, is kept for the other uids, so one local user cannot take
+        every slot however high its own cap. The check runs right after
+        ``accept``, before ``policy``, ``verify``, a thread, a child or a task.
+        """
+        cap = self.max_clients_per_uid
+        if cap is not None and self.max_clients:
+            cap = min(cap, self.max_clients - self.max_clients // 4)
+        return cap
+
+    def _uid_admit(self, conn: socket.socket) -> tuple[bool, int | None]:
+        """The per-uid cap, checked with one ``SO_PEERCRED`` and no thread, no log line.
+
+        Returns whether *conn* may be served (refused: already closed) and the
+        uid it was counted under (``None`` without a cap); give that uid back
+        with :meth:`_uid_release` when the connection ends.
+        """
+        cap = self.uid_limit
+        if cap is None:
+            return True, None
+        if _hung_up(conn):
+            conn.close()
+            self.hung_up += 1
+            return False, None
+        try:
+            uid = _peer_uid(conn)
+        except OSError as exc:
+            self._refuse(conn, "uid-limit", f"refused a client: its uid cannot be read ({exc})")
+            return False, None
+        if self.model == "fork":  # children end in _reap, maybe in a signal handler
+            held = list(self._child_uid.values()).count(uid)
+            ok = held < cap
+        else:
+            with self._uid_lock:
+                held = self._uid_conns.get(uid, 0)
+                ok = held < cap
+                if ok:
+                    self._uid_conns[uid] = held + 1
+        if not ok:
+            self._refuse(
+                conn,
+                "uid-limit",
+                f"refused a connection from uid {uid}: it holds {held}, the limit per uid",
+            )
+            return False, None
+        return True, uid
+
+    def _uid_release(self, uid: int | None) -> None:
+        if uid is None or self.model == "fork":
+            return
+        with self._uid_lock:
+            left = self._uid_conns.get(uid, 0) - 1
+            if left > 0:
+                self._uid_conns[uid] = left
+            else:
+                self._uid_conns.pop(uid, None)
+
+    def _refuse(self, conn: socket.socket, reason: str, detail: str) -> None:
+        """Turn a client away: :attr:`refuse_with` if its buffer has room, close, count."""
+        if self.refuse_with:
+            with contextlib.suppress(OSError):
+                conn.send(self.refuse_with, socket.MSG_DONTWAIT | _NOSIGNAL)
+        conn.close()
+        self._refusals.add(reason, detail)
 
     def _recv_datagram(self) -> Datagram | None:
         """One datagram with its sender's credentials, or ``None`` if it was dropped.
@@ -808,9 +1039,11 @@ class Server:
                     finally:
                         if slots is not None and not dispatched:
                             slots.release()
-                    workers = {w for w in workers if w.is_alive()}
+                    if dispatched:  # (not per refusal: a flood is refused cheaply)
+                        workers = {w for w in workers if w.is_alive()}
         finally:
             sel.close()
+            self._refusals.flush()
             self._stop_accepting()
             self._drain_sync(workers, conns, lock)
             if old_chld is not None:
@@ -827,16 +1060,20 @@ class Server:
         """Wait briefly for a client; hand it to a thread or child.
 
         Returns whether a thread took over the slot (it releases it when done).
+        After an accept the next call tries ``accept`` straight away, without
+        ``select``: a full listen queue drains at the cost of its refusals.
         """
-        events = sel.select(timeout=0.25)
-        if not any(key.fileobj is self.sock for key, _ in events):
-            return False
+        if not self._queue_ready:
+            events = sel.select(timeout=0.25)
+            if not any(key.fileobj is self.sock for key, _ in events):
+                return False
         if self.type == socket.SOCK_DGRAM:
             self._serve_datagram_sync()
             return False
         try:
             conn, raw = self.sock.accept()  # EINTR is retried (PEP 475)
         except (BlockingIOError, InterruptedError):
+            self._queue_ready = False
             return False
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -844,27 +1081,55 @@ class Server:
                 time.sleep(0.1)
                 return False
             raise
+        self._queue_ready = True
+        ok, uid = self._uid_admit(conn)
+        if not ok:
+            return False
         conn.setblocking(True)
         peer = self._peer(raw)
         ok, creds = self._admit(conn, peer)
         if not ok:
             conn.close()
+            self._uid_release(uid)
             return False
-        self.served += 1
         if self.model == "fork":
-            self._fork_child(conn, peer, creds)
+            self._fork_child(conn, peer, creds, uid)
             return False
         with lock:
             conns.add(conn)
         t = threading.Thread(
             target=self._run_thread,
             args=(conn, peer, conns, lock, slots),
-            kwargs={"creds": creds},
+            kwargs={"creds": creds, "uid": uid},
             daemon=True,
         )
+        try:
+            t.start()
+        except RuntimeError as exc:  # "can't start new thread": RLIMIT_NPROC, memory
+            with lock:
+                conns.discard(conn)
+            conn.close()
+            if creds is not None:
+                creds.close()
+            self._uid_release(uid)
+            self._out_of("no-thread", f"cannot start a thread for a client ({exc})")
+            return False
         workers.add(t)
-        t.start()
+        self.served += 1
         return True
+
+    def _out_of(self, reason: str, detail: str) -> None:
+        """No thread or process for a client: it was refused; pause accepting briefly.
+
+        Like ``EMFILE``: the server keeps serving the clients it has, and new
+        ones wait in the listen queue until the pause is over.
+        """
+        self._refusals.add(
+            reason,
+            f"{detail}; refused that client and pausing accepts for {_PAUSE:g}s "
+            f"(threads and processes count against RLIMIT_NPROC; lower max_clients)",
+        )
+        self._stop.wait(_PAUSE)
 
     def _serve_datagram_sync(self) -> None:
         try:
@@ -873,9 +1138,13 @@ class Server:
             return
         if dgram is None:
             return
-        self.served += 1
         if self.model == "fork":
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max) or ENOMEM
+                self._out_of("no-process", f"cannot fork a child for a datagram ({exc})")
+                return
+            self.served += 1
             if pid == 0:  # pragma: no cover - child; measured through its effects
                 code = 0
                 try:
@@ -888,6 +1157,7 @@ class Server:
                     os._exit(code)
             self._children.add(pid)
         else:
+            self.served += 1
             self._reply(dgram)
 
     def _reply(self, dgram: Datagram) -> None:
@@ -919,6 +1189,7 @@ class Server:
         slots: threading.BoundedSemaphore | None,
         *,
         creds: PeerCredentials | None = None,
+        uid: int | None = None,
     ) -> None:
         connection = Connection(conn, peer, creds, self.limits)
         try:
@@ -929,6 +1200,7 @@ class Server:
             with lock:
                 conns.discard(conn)
             connection.close()
+            self._uid_release(uid)
             if slots is not None:
                 slots.release()
 
@@ -947,9 +1219,20 @@ class Server:
             os.close(fd)
 
     def _fork_child(
-        self, conn: socket.socket, peer: Address, creds: PeerCredentials | None = None
+        self,
+        conn: socket.socket,
+        peer: Address,
+        creds: PeerCredentials | None = None,
+        uid: int | None = None,
     ) -> None:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max) or ENOMEM
+            conn.close()
+            if creds is not None:
+                creds.close()
+            self._out_of("no-process", f"cannot fork a child for a client ({exc})")
+            return
         if pid == 0:  # pragma: no cover - child; measured through its effects
             code = 0
             connection = Connection(conn, peer, creds, self.limits)
@@ -964,6 +1247,9 @@ class Server:
                     connection.close()
                 os._exit(code)
         self._children.add(pid)
+        if uid is not None:
+            self._child_uid[pid] = uid
+        self.served += 1
         conn.close()  # the parent's copies; the child has its own
         if creds is not None:
             creds.close()
@@ -977,6 +1263,7 @@ class Server:
                 done = pid
             if done == pid:
                 self._children.discard(pid)
+                self._child_uid.pop(pid, None)
                 log.debug("child %d terminated", pid)
 
     def _stop_accepting(self) -> None:
@@ -1005,6 +1292,7 @@ class Server:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
                 self._children.discard(pid)
+                self._child_uid.pop(pid, None)
             return
         for t in list(workers):
             t.join(max(deadline - time.monotonic(), 0))
@@ -1075,22 +1363,28 @@ class Server:
                     task = asyncio.ensure_future(self._async_datagram(first, limit))
                 else:
                     conn: socket.socket = first
+                    ok, uid = self._uid_admit(conn)
                     peer = self._peer(raw)
-                    ok, creds = self._admit(conn, peer)
+                    creds = None
+                    if ok:
+                        ok, creds = self._admit(conn, peer)
+                        if not ok:
+                            conn.close()
+                            self._uid_release(uid)
                     if not ok:
-                        conn.close()
                         if limit is not None:
                             limit.release()
                         if stop_after:
                             break
                         continue
-                    task = asyncio.ensure_future(self._async_conn(conn, peer, limit, creds))
+                    task = asyncio.ensure_future(self._async_conn(conn, peer, limit, creds, uid))
                 self.served += 1
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 if stop_after:
                     break
             stopper.cancel()
+            self._refusals.flush()
             self._stop_accepting()
             if tasks:
                 _, pending = await asyncio.wait(set(tasks), timeout=self.shutdown_timeout)
@@ -1111,6 +1405,7 @@ class Server:
         peer: Address,
         limit: asyncio.Semaphore | None,
         creds: PeerCredentials | None = None,
+        uid: int | None = None,
     ) -> None:
         connection = AsyncConnection(conn, peer, creds, self.limits)
         try:
@@ -1121,6 +1416,7 @@ class Server:
             log_handler_failure(exc, connection.describe())
         finally:
             connection.close()
+            self._uid_release(uid)
             if limit is not None:
                 limit.release()
 

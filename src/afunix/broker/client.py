@@ -210,12 +210,16 @@ class Client(_ClientBase):
         with self._lock:
             deadline = time.monotonic() + self.timeout
             for attempt in (0, 1):
+                fresh = self._sock is None
                 sock, proto = self._connect(deadline)
                 frame = encode_request(OpenRequest(proto.new_id(), path, wire_flags, mode))
                 try:
                     self._send(sock, frame, deadline)
                 except (BrokenPipeError, ConnectionResetError) as exc:
+                    refused = _refusal(sock, proto) if fresh else None
                     self.close()  # gone since the last request: reconnect once
+                    if refused is not None:
+                        return refused, None
                     if attempt:
                         raise BrokerError(
                             exc.errno or errno.EPIPE, "the broker closed the connection"
@@ -383,13 +387,17 @@ class AsyncClient(_ClientBase):
     async def _request(self, path: bytes, wire_flags: int, mode: int) -> tuple[Reply, int | None]:
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
+            fresh = self._sock is None
             sock, proto = await self._connect()
             rid = proto.new_id()
             frame = encode_request(OpenRequest(rid, path, wire_flags, mode))
             try:
                 await _send_all(loop, sock, frame)
             except (BrokenPipeError, ConnectionResetError) as exc:
+                refused = _refusal(sock, proto) if fresh else None
                 self.close()
+                if refused is not None:
+                    return refused, None
                 if attempt:
                     raise BrokerError(
                         exc.errno or errno.EPIPE, "the broker closed the connection"
@@ -476,6 +484,30 @@ async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: 
             await _wait(loop, sock, writable=True)
             continue
         view = view[n:]
+
+
+def _refusal(sock: socket.socket, proto: Connection) -> Reply | None:
+    """The error frame a broker sent a new connection before closing it, if any.
+
+    A broker refuses a client past its per-uid connection limit right after
+    ``accept`` (``EAGAIN``, "too many connections"); the client's request then
+    meets a closed socket, but the reason is waiting to be read.
+    """
+    sock.setblocking(False)
+    try:
+        while True:
+            got = proto.next_frame()
+            if isinstance(got, RawMessage):
+                reply, fd = decode_reply(got)
+                if fd is not None:
+                    os.close(fd)
+                return reply if reply.kind == KIND_ERROR else None
+            if got is CLOSED:
+                return None
+            data, fds, _f, _a = recv_fds(sock, 4096, 1)
+            proto.receive_data(data, fds)
+    except (OSError, FrameError, ProtocolError):
+        return None
 
 
 async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:

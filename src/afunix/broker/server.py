@@ -18,7 +18,8 @@ slow open from delaying another's) whose handler speaks the protocol of
 
 Limits (the policy's ``[limits]``), all per peer uid unless said otherwise:
 a token bucket of requests per second (past it: ``EAGAIN``); connections per
-uid (past it: an ``EAGAIN`` error frame and the connection is closed);
+uid (past it: an ``EAGAIN`` error frame and the connection is closed, by
+the :class:`afunix.Server` right after ``accept``: no thread, no audit line);
 ``max_clients`` connections in all (more wait in the listen queue); a
 request size limit (larger: ``EMSGSIZE`` and closed); descriptors in flight
 per connection (sent but not yet read: the broker stops reading that
@@ -76,6 +77,17 @@ log = logging.getLogger("afunix.broker")
 #: Room for descriptors a hostile client might attach (they are closed unused).
 _MAX_FDS_IN = 16
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
+#: The error frame a client past ``connections_per_peer`` gets before the close.
+_TOO_MANY = encode_reply(
+    Reply(
+        0,
+        errno.EAGAIN,
+        "too many connections from your uid (the broker's connections_per_peer); "
+        "close one and retry",
+        KIND_ERROR,
+        closing=True,
+    )
+)
 
 
 def _unread_bytes(sock: socket.socket) -> int:
@@ -184,6 +196,10 @@ class Broker:
                 owner=owner,
                 group=group,
                 max_clients=self.policy.limits.max_clients,
+                # Refused right after accept, before a thread or an audit line: a
+                # flood from one uid costs one SO_PEERCRED per connection.
+                max_clients_per_uid=self.policy.limits.connections_per_peer,
+                refuse_with=_TOO_MANY,
                 shutdown_timeout=shutdown_timeout,
                 sock=sock,
                 on_ready=on_ready,
@@ -211,6 +227,7 @@ class Broker:
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
             return False
         self.policy = new  # one reference assignment: requests see the old or the new, whole
+        self.server.max_clients_per_uid = new.limits.connections_per_peer
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
         self._audit_event("reload", reason=f"{len(new.rules)} rule(s) from {self.policy_path}")
         return True
