@@ -109,6 +109,20 @@ def test_default_server_takes_a_burst_of_3000_connects(sockdir: Path) -> None:
     assert (refused, answered) == (0, BURST), f"{refused} of {BURST} refused"
 
 
+def test_cli_serve_listens_with_somaxconn_by_default(sockdir: Path) -> None:
+    """``afunix serve`` without --backlog passes the library default (somaxconn), not 128."""
+    from tests.conftest import serving
+
+    path = sockdir / "bk.sock"
+    with serving(sockdir, str(path), "--model", "thread"):
+        out = subprocess.run(
+            ["ss", "-xlH", "src", str(path)], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.split()
+    # ss prints a listener's backlog in its Send-Q column: u_str LISTEN Recv-Q Send-Q ...
+    assert out[:2] == ["u_str", "LISTEN"], out
+    assert int(out[3]) == somaxconn()
+
+
 def test_negative_backlog_is_a_value_error(sockdir: Path) -> None:
     with pytest.raises(ValueError, match="backlog"):
         afunix.Server(sockdir / "n.sock", afunix.server.echo, model="thread", backlog=-1)

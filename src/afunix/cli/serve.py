@@ -50,8 +50,18 @@ def register(sub: Any) -> None:
     p.add_argument("--owner", help="socket file owner (user name or uid)")
     p.add_argument("--group", help="socket file group (group name or gid)")
     p.add_argument("--parent-mode", type=mode_arg, help="create a missing parent directory")
-    p.add_argument("--backlog", type=count_arg(), default=128, help="listen queue length")
-    p.add_argument("--max-clients", type=count_arg(), help="at most this many clients at once")
+    p.add_argument(
+        "--backlog",
+        type=count_arg(),
+        default=None,
+        help="listen queue length (default: the system's net.core.somaxconn)",
+    )
+    p.add_argument(
+        "--max-clients",
+        type=count_arg(),
+        help="at most this many clients at once (default: 256 for --model thread, "
+        "no bound otherwise)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=seconds_arg(zero=True),
