@@ -12,7 +12,10 @@ slow open from delaying another's) whose handler speaks the protocol of
    client says about itself;
 3. opens the file beneath the granting rule's root
    (:func:`afunix.broker.confine.open_beneath`), which also checks the
-   descriptor's device and inode;
+   descriptor's device and inode. Roots are opened once, at start and at
+   each reload, without following any symlink, and held
+   (:class:`afunix.broker.confine.HeldRoots`): a root replaced by a symlink
+   later does not move the broker;
 4. writes the audit line (fail-closed: no line, no descriptor);
 5. sends the reply, with the descriptor attached, and closes its own copy.
 
@@ -27,8 +30,9 @@ client's requests until it catches up, and disconnects it after
 
 Socket activation (``LISTEN_FDS``), ``sd_notify`` (``READY=1``,
 ``STOPPING=1``) and the zero-downtime hand-over come from :class:`afunix.Server`.
-``SIGHUP`` reloads the policy atomically (the old one stays if the new one
-is invalid) and reopens the audit log.
+``SIGHUP`` reloads the policy atomically (the old one stays, with its roots,
+if the new one cannot be read, is invalid, or names a root that cannot be
+opened safely) and reopens the audit log.
 """
 
 from __future__ import annotations
@@ -164,11 +168,17 @@ class Broker:
         confine.check_environment()
         if isinstance(policy, Policy):
             self.policy_path: str | None = None
-            self.policy = policy
         else:
             self.policy_path = os.fspath(policy)
-            self.policy = load_policy(self.policy_path)
-        self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
+            policy = load_policy(self.policy_path)
+        # RLock: reload() runs in a signal handler, on a thread that may hold it.
+        self._installed_lock = threading.RLock()
+        self._installed = _Installed(policy, _hold_roots(policy))
+        try:
+            self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
+        except BaseException:
+            self._installed.roots.retire()
+            raise
         self._own_audit = not isinstance(audit, AuditLog)
         self.resolver = resolver or confine.RESOLVER
         self._peers: dict[int, _PeerState] = {}
@@ -191,26 +201,43 @@ class Broker:
         except BaseException:
             if self._own_audit:
                 self.audit.close()
+            self._installed.roots.retire()
             raise
         self.address = self.server.address
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force (a reload replaces it as a whole)."""
+        return self._installed.policy
 
     # ---------------------------------------------------------------- control
     def reload(self) -> bool:
         """Read the policy file again; swap it in if valid, else keep the old one.
 
         Returns whether the new policy is in force. Also reopens the audit log.
+        Never raises (it runs in the ``SIGHUP`` handler): whatever goes wrong
+        reading, validating or opening the new policy's roots leaves the old
+        policy answering, and is logged with the file and line.
         """
-        with contextlib.suppress(AuditError):
+        try:
             self.audit.reopen()
+        except Exception as exc:  # a signal handler must not raise
+            log.error("could not reopen the audit log: %s", exc)
         if self.policy_path is None:
             return False
         try:
             new = load_policy(self.policy_path)
-        except PolicyError as exc:
+            roots = _hold_roots(new)
+        except Exception as exc:  # PolicyError, or a bug: keep the old policy
+            if not isinstance(exc, PolicyError):
+                why = f"unexpected {type(exc).__name__}: {exc}"
+                exc = PolicyError(self.policy_path, None, why)
             log.error("reload refused, keeping the previous policy: %s", exc)
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
             return False
-        self.policy = new  # one reference assignment: requests see the old or the new, whole
+        with self._installed_lock:
+            old, self._installed = self._installed, _Installed(new, roots)
+        old.roots.retire()  # closed once the requests still using them are done
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
         self._audit_event("reload", reason=f"{len(new.rules)} rule(s) from {self.policy_path}")
         return True
@@ -253,6 +280,9 @@ class Broker:
         self.server.close()
         if self._own_audit:
             self.audit.close()
+        with self._installed_lock:
+            roots = self._installed.roots
+        roots.retire()
 
     def __enter__(self) -> Broker:
         return self
@@ -273,6 +303,13 @@ class Broker:
             if state is None:
                 state = self._peers[uid] = _PeerState(float(limits.burst), time.monotonic())
             return state
+
+    def _take_installed(self) -> _Installed:
+        """The policy in force and its roots, acquired: give them back with ``roots.release()``."""
+        with self._installed_lock:
+            inst = self._installed
+            inst.roots.acquire()
+        return inst
 
     def _count(self, decision: str) -> None:
         with self._peers_lock:
@@ -429,7 +466,23 @@ class Broker:
         state: _PeerState,
     ) -> bool:
         """Serve one request; returns whether a descriptor was sent."""
-        policy = self.policy  # one snapshot for the whole request
+        inst = self._take_installed()  # one snapshot for the whole request
+        try:
+            return self._answer_with(sock, req, creds, peer, state, inst=inst)
+        finally:
+            inst.roots.release()
+
+    def _answer_with(
+        self,
+        sock: socket.socket,
+        req: OpenRequest,
+        creds: PeerCredentials,
+        peer: dict[str, Any],
+        state: _PeerState,
+        *,
+        inst: _Installed,
+    ) -> bool:
+        policy = inst.policy
         if not state.take(policy.limits):
             out = Outcome(
                 "limited",
@@ -438,7 +491,7 @@ class Broker:
                 f"requests/s (burst {policy.limits.burst}); retry later",
             )
         else:
-            out = self.decide(req, creds, policy)
+            out = self._decide(req, creds, policy, inst.roots)
         fd = out.opened.fd if out.opened is not None else None
         try:
             record = self._request_record(req, peer, out, creds)
@@ -464,8 +517,27 @@ class Broker:
     def decide(
         self, req: OpenRequest, creds: PeerCredentials, policy: Policy | None = None
     ) -> Outcome:
-        """Check, judge and (if granted) open one request. The caller owns ``opened.fd``."""
-        policy = policy or self.policy
+        """Check, judge and (if granted) open one request. The caller owns ``opened.fd``.
+
+        With the policy in force (*policy* ``None``) the open is confined
+        beneath its held roots; another *policy* has its roots opened (without
+        following symlinks) for this call only.
+        """
+        if policy is None:
+            inst = self._take_installed()
+            try:
+                return self._decide(req, creds, inst.policy, inst.roots)
+            finally:
+                inst.roots.release()
+        return self._decide(req, creds, policy, None)
+
+    def _decide(
+        self,
+        req: OpenRequest,
+        creds: PeerCredentials,
+        policy: Policy,
+        roots: confine.HeldRoots | None,
+    ) -> Outcome:
         try:
             _flags.check(req.flags, req.mode)
         except _flags.FlagError as exc:
@@ -483,7 +555,7 @@ class Broker:
         owner = (creds.uid, creds.gid) if rule.create_owner == "peer" else None
         try:
             opened = confine.open_beneath(
-                rule.root,
+                rule.root if roots is None else roots.fd(rule.root),
                 decision.rel,
                 req.flags,
                 req.mode & rule.create_mode,
@@ -533,6 +605,24 @@ class Broker:
             }
             rec["resolver"] = out.opened.resolver
         return rec
+
+
+@dataclass(frozen=True)
+class _Installed:
+    """A policy together with its rules' roots, opened once (replaced whole on reload)."""
+
+    policy: Policy
+    roots: confine.HeldRoots
+
+
+def _hold_roots(policy: Policy) -> confine.HeldRoots:
+    """Open every rule's root without following symlinks, or raise :class:`PolicyError`."""
+    try:
+        return confine.HeldRoots.open(
+            (rule.root, rule.root_line or rule.line) for rule in policy.rules
+        )
+    except confine.RootError as exc:
+        raise PolicyError(policy.source, exc.line, exc.reason) from None
 
 
 def _peer_record(creds: PeerCredentials) -> dict[str, Any]:
