@@ -583,7 +583,7 @@ def _root_problem(root: str) -> str | None:
         os.close(open_root(root))
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            detail = f" ({exc.strerror})" if exc.errno == errno.ENOTDIR else ""
+            detail = f": {exc.strerror}" if exc.errno == errno.ENOTDIR else ""
             return f"root {_show(root)} is not an existing directory{detail}"
         return f"root {_show(root)} cannot be used: {exc.strerror or exc}"
     return None
