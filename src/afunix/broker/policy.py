@@ -32,7 +32,9 @@ A request is granted by the *first* rule, in file order, whose subjects
 include the peer, whose root contains the path, whose ``paths`` match the
 rest of it (and ``exclude`` does not), and which grants every operation the
 request needs (:func:`afunix.broker.flags.operations`). ``write`` includes
-``append``. Nothing else is granted.
+``append``. Nothing else is granted. An ``append`` granted without ``write``
+is served as a pipe that the broker drains into the file (the client cannot
+clear ``O_APPEND`` on it), so it cannot be combined with ``read``.
 
 Globs match the path *beneath* the root, one component at a time:
 ``*``, ``?`` and ``[...]`` never match ``/`` (a leading dot is matched like
@@ -140,6 +142,10 @@ class Limits:
     idle_timeout: float = 60.0
     #: Seconds to finish sending a request once its first byte arrived.
     request_timeout: float = 5.0
+    #: Append pipes (an ``append`` grant without ``write``) open at once per uid ...
+    append_pipes_per_peer: int = 16
+    #: ... and in all; each has a thread draining it into its file. Past either: ``EAGAIN``.
+    max_append_pipes: int = 256
 
 
 _LIMIT_RANGES: Final[dict[str, tuple[float, float, type]]] = {
@@ -152,6 +158,8 @@ _LIMIT_RANGES: Final[dict[str, tuple[float, float, type]]] = {
     "in_flight_timeout": (0.01, 86400, float),
     "idle_timeout": (0.01, 86400 * 7, float),
     "request_timeout": (0.01, 3600, float),
+    "append_pipes_per_peer": (1, 10_000, int),
+    "max_append_pipes": (1, 100_000, int),
 }
 
 
@@ -247,6 +255,11 @@ class Rule:
             missing.add(op)
         return missing
 
+    def appends_through_pipe(self, ops: Iterable[str]) -> bool:
+        """Whether this rule grants *ops* as append only: the client then gets a pipe that the
+        broker drains into the file (:mod:`afunix.broker.appends`), never the file itself."""
+        return "append" in ops and "write" not in self.allow
+
     def subjects(self) -> str:
         """A short description of who the rule is for, for ``--check`` output."""
         if self.anyone:
@@ -295,6 +308,12 @@ class Policy:
             missing = rule.grants(ops)
             if missing:
                 why_not.append(f"rule {rule.name!r} does not grant {', '.join(sorted(missing))}")
+                continue
+            if "read" in ops and rule.appends_through_pipe(ops):
+                why_not.append(
+                    f"rule {rule.name!r} grants append, not write: that is a pipe into the "
+                    "file, which cannot also be read (ask for O_WRONLY|O_APPEND)"
+                )
                 continue
             if "create" in ops and rule.create_excl and not flags & _flags.Wire.EXCL:
                 why_not.append(f"rule {rule.name!r} grants create only with EXCL (O_EXCL)")

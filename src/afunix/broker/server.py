@@ -61,6 +61,7 @@ from .._protocol import CLOSED, NEED_DATA, FrameError
 from ..server import Connection, Server
 from . import confine
 from . import flags as _flags
+from .appends import AppendLimit, AppendPipes
 from .audit import AuditError, AuditLog, errno_name, text
 from .policy import Limits, PathRefused, Policy, PolicyError, load_policy, split_path
 from .protocol import (
@@ -135,6 +136,8 @@ class Outcome:
     opened: confine.Opened | None = None
     #: What the client is told, if less than ``reason`` (which names rules).
     public: str | None = None
+    #: ``opened.fd`` is the write end of a pipe drained into the file (an append grant).
+    pipe: bool = False
 
 
 class Broker:
@@ -181,6 +184,8 @@ class Broker:
             raise
         self._own_audit = not isinstance(audit, AuditLog)
         self.resolver = resolver or confine.RESOLVER
+        self._appends = AppendPipes(on_end=lambda rec: self._audit_event("append-end", **rec))
+        self._shutdown_timeout = shutdown_timeout
         self._peers: dict[int, _PeerState] = {}
         self._peers_lock = threading.Lock()
         #: Requests answered, by decision (granted, denied, failed, invalid, limited).
@@ -278,6 +283,7 @@ class Broker:
 
     def close(self) -> None:
         self.server.close()
+        self._appends.close(self._shutdown_timeout)
         if self._own_audit:
             self.audit.close()
         with self._installed_lock:
@@ -553,7 +559,12 @@ class Broker:
                 "denied", decision.errno, decision.reason, public="not granted by the policy"
             )
         owner = (creds.uid, creds.gid) if rule.create_owner == "peer" else None
+        pipe = rule.appends_through_pipe(_flags.operations(req.flags))
+        limits = (policy.limits.append_pipes_per_peer, policy.limits.max_append_pipes)
         try:
+            if pipe:  # refuse before creating anything; and earlier bytes go in first
+                self._appends.check_room(creds.uid, *limits)
+                self._appends.flush(creds.uid)
             opened = confine.open_beneath(
                 rule.root if roots is None else roots.fd(rule.root),
                 decision.rel,
@@ -563,6 +574,8 @@ class Broker:
                 owner=owner,
                 resolver=self.resolver,
             )
+        except AppendLimit as exc:
+            return Outcome("limited", exc.errno or errno.EAGAIN, exc.strerror or "", rule.name)
         except confine.ConfinementError as exc:
             kernel = f" (kernel: {errno_name(exc.kernel_errno)})" if exc.kernel_errno else ""
             return Outcome(
@@ -576,7 +589,26 @@ class Broker:
             return Outcome(
                 "failed", err, f"open failed: {exc.strerror or os.strerror(err)}", rule.name
             )
-        return Outcome("granted", 0, decision.reason, rule.name, opened, public="granted")
+        if pipe:
+            what = {"peer": {"pid": creds.pid, "uid": creds.uid}, "rule": rule.name}
+            what["file"] = {"dev": opened.dev, "ino": opened.ino, "path": text(opened.path)}
+            try:
+                opened.fd = self._appends.start(
+                    creds.uid,
+                    opened.fd,
+                    what,
+                    nonblock=bool(req.flags & _flags.Wire.NONBLOCK),
+                    limits=limits,
+                )
+            except OSError as exc:  # the file descriptor is closed by start()
+                return Outcome(
+                    "limited" if isinstance(exc, AppendLimit) else "failed",
+                    exc.errno or errno.EAGAIN,
+                    exc.strerror or str(exc),
+                    rule.name,
+                )
+        reason = decision.reason + (" (append through a pipe)" if pipe else "")
+        return Outcome("granted", 0, reason, rule.name, opened, public="granted", pipe=pipe)
 
     def _request_record(
         self, req: OpenRequest, peer: dict[str, Any], out: Outcome, creds: PeerCredentials
@@ -603,6 +635,8 @@ class Broker:
                 "path": text(out.opened.path),
                 "created": out.opened.created,
             }
+            if out.pipe:
+                rec["file"]["via"] = "pipe"
             rec["resolver"] = out.opened.resolver
         return rec
 
