@@ -258,13 +258,13 @@ def _only_policy_or_policy_error(text: str) -> None:
         assert isinstance(result, Policy)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_policies())
 def test_fuzzed_policies_give_a_policy_or_a_policy_error(text: str) -> None:
     _only_policy_or_policy_error(text)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_NOISE)
 def test_fuzzed_noise_gives_a_policy_or_a_policy_error(text: str) -> None:
     _only_policy_or_policy_error(text)
