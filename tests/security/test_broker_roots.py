@@ -306,3 +306,23 @@ def test_ten_thousand_root_swaps_during_requests_give_no_escape(
     assert swaps[0] == SWAPS
     assert counts["escapes"] == 0, counts
     assert counts["during"] >= 50, f"too few requests overlapped the swaps: {counts}"
+
+
+def test_retired_roots_stay_open_until_their_last_request_is_done(sockdir: Path) -> None:
+    """A reload retires the old roots while requests may still resolve beneath them: the
+    descriptors are closed only after the last of those releases them (a number closed
+    under a lookup could be reused by another open, and confine nothing)."""
+    held = confine.HeldRoots.open([(str(sockdir), 1)])
+    fd = held.fd(str(sockdir))
+    held.acquire()
+    held.acquire()
+    held.retire()
+    with pytest.raises(OSError, match="retired"):
+        held.acquire()  # no new request gets a retired set
+    assert os.path.samestat(os.fstat(fd), os.stat(sockdir))
+    held.release()
+    assert os.path.samestat(os.fstat(fd), os.stat(sockdir))
+    held.release()
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF

@@ -206,6 +206,7 @@ class Broker:
         except BaseException:
             if self._own_audit:
                 self.audit.close()
+            self._appends.close(0)
             self._installed.roots.retire()
             raise
         self.address = self.server.address
