@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import subprocess
+import time
 
 from tests.conftest import NOBODY, afunix_cmd
 from tests.security.broker_support import BrokerProcess, Tree, broker, tree
@@ -97,6 +98,10 @@ def test_open_write_create_append_list_stat(tree: Tree, broker: BrokerProcess) -
     assert made.returncode == 0, made.stderr
     again = nobody("open", "--broker", sock, target, "--append", stdin="second\n")
     assert again.returncode == 0, again.stderr
+    # Appended through pipes the broker drains: the bytes arrive just after the writes.
+    deadline = time.monotonic() + 10
+    while (tree.rw / "drop.txt").read_text() != "first\nsecond\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (tree.rw / "drop.txt").read_text() == "first\nsecond\n"
     st = os.stat(target)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 65534

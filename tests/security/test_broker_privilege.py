@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 from tests.security.broker_support import (
     BrokerProcess,
@@ -98,6 +99,10 @@ def test_create_with_rule_mode_excl_and_owner(tree: Tree, broker: BrokerProcess)
     # 0666 & ~umask(022) & create_mode(0640) = 0640, owned by the client (create_owner = "peer").
     assert stat.S_IMODE(st.st_mode) == 0o640
     assert (st.st_uid, st.st_gid) == (65534, 65534)
+    # Appended through pipes the broker drains: the bytes arrive just after the writes.
+    deadline = time.monotonic() + 10
+    while made.read_text() != "one\ntwo\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert made.read_text() == "one\ntwo\n"
     created = [r for r in tree.opens() if r.get("file", {}).get("created")]
     assert len(created) == 1

@@ -2,8 +2,14 @@
 
 Every open the broker makes goes through :func:`open_beneath`:
 
-1. The rule's root is opened (``O_PATH | O_DIRECTORY``); everything else is
-   resolved *relative to that descriptor*, never by path from ``/``.
+1. The rule's root is opened once, when the policy is loaded
+   (:class:`HeldRoots`, :func:`open_root`): one component at a time from
+   ``/``, each with ``O_PATH | O_NOFOLLOW`` and checked to be a directory,
+   so that no symlink is ever followed on the way to a root. Everything else
+   is resolved *relative to that held descriptor*, never by path from ``/``:
+   replacing a root (or a directory above it) by a symlink afterwards
+   changes nothing for the broker, which keeps using the directory it
+   opened.
 2. The requested name is looked up with ``O_PATH`` (no side effects, even on
    a device or a FIFO) by a :class:`Resolver` that cannot leave the root:
 
@@ -44,7 +50,9 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -57,12 +65,15 @@ __all__ = [
     "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_NO_SYMLINKS",
     "ConfinementError",
+    "HeldRoots",
     "Openat2Resolver",
     "Opened",
     "Resolver",
+    "RootError",
     "WalkResolver",
     "check_environment",
     "open_beneath",
+    "open_root",
     "openat2",
     "verify_beneath",
 ]
@@ -276,6 +287,134 @@ def check_environment() -> None:
         )
 
 
+def open_root(root: str | bytes) -> int:
+    """An ``O_PATH`` descriptor of the directory *root*, reached without following any symlink.
+
+    *root* must be absolute. Each component is opened with ``O_PATH |
+    O_NOFOLLOW`` relative to the one before and checked with ``fstat``: a
+    symlink anywhere on the way (``/var/run`` -> ``/run`` included) raises
+    :class:`ConfinementError` (``ELOOP``) naming it, something that is not a
+    directory raises ``ENOTDIR``, a missing one ``ENOENT``. ``..`` is refused.
+    This is how a broker opens each rule's root, once per policy load: a
+    symlink planted later in place of a root, or of a directory above it,
+    cannot redirect it.
+    """
+    path = os.fsencode(root)
+    if not path.startswith(b"/"):
+        raise ConfinementError(
+            f"root {os.fsdecode(path)!r} is not an absolute path", None, errno.EINVAL
+        )
+    fd = os.open(b"/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = b""
+    try:
+        for name in (c for c in path.split(b"/") if c not in (b"", b".")):
+            if name == b"..":
+                raise ConfinementError(
+                    f"root {os.fsdecode(path)!r} contains '..'", None, errno.EINVAL
+                )
+            walked += b"/" + name
+            nxt = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(b"", dir_fd=fd)
+                raise ConfinementError(
+                    f"{os.fsdecode(walked)!r} is a symlink (to {os.fsdecode(target)!r}); a root is "
+                    "opened without following symlinks: name the real directory",
+                    errno.ELOOP,
+                    errno.ELOOP,
+                )
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfinementError(
+                    f"{os.fsdecode(walked)!r} is not a directory", errno.ENOTDIR, errno.ENOTDIR
+                )
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class HeldRoots:
+    """The rules' roots, each opened once by :func:`open_root` and held until retired.
+
+    A broker holds one set per loaded policy and confines every open beneath
+    these descriptors. Requests take the set with :meth:`acquire` and give it
+    back with :meth:`release`; a reload retires the old set (:meth:`retire`),
+    whose descriptors are closed when its last request is done (never while one
+    still resolves beneath them: a closed number could be reused by another
+    open, and a lookup relative to *that* would not be confined at all).
+    """
+
+    def __init__(self, fds: dict[str, int]) -> None:
+        self._fds = fds
+        self._users = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, roots: Iterable[tuple[str, int]]) -> HeldRoots:
+        """Open each ``(root, line)``; on failure close what was opened and raise
+        :class:`RootError` (with the line of the first root that failed)."""
+        fds: dict[str, int] = {}
+        try:
+            for root, line in roots:
+                if root in fds:
+                    continue
+                try:
+                    fds[root] = open_root(root)
+                except OSError as exc:
+                    raise RootError(root, line, exc) from None
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(fds)
+
+    def fd(self, root: str) -> int:
+        """The held descriptor of *root* (``KeyError`` if this set does not hold it)."""
+        return self._fds[root]
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def acquire(self) -> None:
+        """Mark one more user; the descriptors stay open until every user has released."""
+        with self._lock:
+            if self._retired:
+                raise ConfinementError("these roots were retired by a reload", None, errno.EBADF)
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._retired and self._users == 0:
+                self._close()
+
+    def retire(self) -> None:
+        """No new users after this; close now if unused, else when the last one releases."""
+        with self._lock:
+            self._retired = True
+            if self._users == 0:
+                self._close()
+
+    def _close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+class RootError(OSError):
+    """A rule's root could not be opened safely (:func:`open_root`); ``line`` is the rule's."""
+
+    def __init__(self, root: str, line: int | None, exc: OSError) -> None:
+        why = exc.strerror or os.strerror(exc.errno or errno.EIO)
+        super().__init__(exc.errno or errno.EIO, f"root {root!r} cannot be opened safely: {why}")
+        self.root = root
+        self.line = line
+        self.reason = self.strerror or why
+
+
 @dataclass
 class Opened:
     """A descriptor opened beneath a root, checked, ready to send (the caller owns ``fd``)."""
@@ -366,7 +505,7 @@ def _reopen(path_fd: int, flags: int) -> int:
 
 
 def open_beneath(
-    root: str | bytes,
+    root: str | bytes | int,
     rel: tuple[str, ...],
     wire_flags: int,
     mode: int = 0,
@@ -377,6 +516,9 @@ def open_beneath(
 ) -> Opened:
     """Open *rel* (components, from :func:`~afunix.broker.policy.split_path`) beneath *root*.
 
+    *root* is a directory descriptor (a held root: :class:`HeldRoots`), or a
+    path, which is then opened for this call by :func:`open_root` (no symlink
+    followed on the way) and closed again.
     *wire_flags* must have passed :func:`afunix.broker.flags.check`. A created
     file gets exactly *mode* (no umask) and, with *owner*, that uid and gid.
     Raises ``OSError`` with the errno ``open`` would give, or
@@ -388,7 +530,7 @@ def open_beneath(
     want_dir = bool(wire & _flags.Wire.DIR)
     relb = "/".join(rel).encode() or b"."
     lookup = _O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if wire & _flags.Wire.NOFOLLOW else 0)
-    root_fd = os.open(root, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = root if isinstance(root, int) else open_root(root)
     fd = -1
     try:
         created = False
@@ -440,7 +582,8 @@ def open_beneath(
             os.close(fd)
         raise
     finally:
-        os.close(root_fd)
+        if not isinstance(root, int):
+            os.close(root_fd)
 
 
 def _resolve(res: Resolver, root_fd: int, rel: bytes, flags: int, mode: int, *, nosym: bool) -> int:

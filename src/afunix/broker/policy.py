@@ -32,7 +32,9 @@ A request is granted by the *first* rule, in file order, whose subjects
 include the peer, whose root contains the path, whose ``paths`` match the
 rest of it (and ``exclude`` does not), and which grants every operation the
 request needs (:func:`afunix.broker.flags.operations`). ``write`` includes
-``append``. Nothing else is granted.
+``append``. Nothing else is granted. An ``append`` granted without ``write``
+is served as a pipe that the broker drains into the file (the client cannot
+clear ``O_APPEND`` on it), so it cannot be combined with ``read``.
 
 Globs match the path *beneath* the root, one component at a time:
 ``*``, ``?`` and ``[...]`` never match ``/`` (a leading dot is matched like
@@ -53,6 +55,7 @@ import math
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -139,6 +142,10 @@ class Limits:
     idle_timeout: float = 60.0
     #: Seconds to finish sending a request once its first byte arrived.
     request_timeout: float = 5.0
+    #: Append pipes (an ``append`` grant without ``write``) open at once per uid ...
+    append_pipes_per_peer: int = 16
+    #: ... and in all; each has a thread draining it into its file. Past either: ``EAGAIN``.
+    max_append_pipes: int = 256
 
 
 _LIMIT_RANGES: Final[dict[str, tuple[float, float, type]]] = {
@@ -151,6 +158,8 @@ _LIMIT_RANGES: Final[dict[str, tuple[float, float, type]]] = {
     "in_flight_timeout": (0.01, 86400, float),
     "idle_timeout": (0.01, 86400 * 7, float),
     "request_timeout": (0.01, 3600, float),
+    "append_pipes_per_peer": (1, 10_000, int),
+    "max_append_pipes": (1, 100_000, int),
 }
 
 
@@ -211,6 +220,8 @@ class Rule:
     no_symlinks: bool = False
     #: The root's components as written, and (if different) of its real path.
     root_forms: tuple[tuple[str, ...], ...] = field(default=(), compare=False)
+    #: The line of the ``root`` key (0 if unknown), for errors about the root.
+    root_line: int = field(default=0, compare=False)
 
     def includes(self, who: Subject) -> bool:
         """Whether the peer is one of this rule's subjects."""
@@ -243,6 +254,11 @@ class Rule:
                 continue
             missing.add(op)
         return missing
+
+    def appends_through_pipe(self, ops: Iterable[str]) -> bool:
+        """Whether this rule grants *ops* as append only: the client then gets a pipe that the
+        broker drains into the file (:mod:`afunix.broker.appends`), never the file itself."""
+        return "append" in ops and "write" not in self.allow
 
     def subjects(self) -> str:
         """A short description of who the rule is for, for ``--check`` output."""
@@ -292,6 +308,12 @@ class Policy:
             missing = rule.grants(ops)
             if missing:
                 why_not.append(f"rule {rule.name!r} does not grant {', '.join(sorted(missing))}")
+                continue
+            if "read" in ops and rule.appends_through_pipe(ops):
+                why_not.append(
+                    f"rule {rule.name!r} grants append, not write: that is a pipe into the "
+                    "file, which cannot also be read (ask for O_WRONLY|O_APPEND)"
+                )
                 continue
             if "create" in ops and rule.create_excl and not flags & _flags.Wire.EXCL:
                 why_not.append(f"rule {rule.name!r} grants create only with EXCL (O_EXCL)")
@@ -408,6 +430,8 @@ class _Builder:
     def __init__(self, source: str, lines: _Lines) -> None:
         self.source = source
         self.lines = lines
+        #: Where validation is (table, index, key): the line of an unexpected error.
+        self.at: tuple[str, int, str] = ("", 0, "")
 
     def fail(self, table: str, index: int, key: str, reason: str) -> PolicyError:
         return PolicyError(self.source, self.lines.of(table, index, key), reason)
@@ -417,9 +441,10 @@ class _Builder:
             raise self.fail("", 0, "limits", "[limits] must be a table")
         values: dict[str, Any] = {}
         for key, value in raw.items():
+            self.at = ("limits", 0, key)
             if key not in _LIMIT_RANGES:
                 known = ", ".join(sorted(_LIMIT_RANGES))
-                raise self.fail("limits", 0, key, f"unknown limit {key!r} (known: {known})")
+                raise self.fail("limits", 0, key, f"unknown limit {_show(key)} (known: {known})")
             low, high, kind = _LIMIT_RANGES[key]
             ok_type = (
                 isinstance(value, int) and not isinstance(value, bool)
@@ -439,35 +464,36 @@ class _Builder:
         def fail(key: str, reason: str) -> PolicyError:
             return self.fail("rule", i, key, reason)
 
+        self.at = ("rule", i, "")
         if not isinstance(raw, Mapping):
             raise self.fail("", 0, "rule", "rule must be an array of tables: write [[rule]]")
         for key in raw:
             if key not in _RULE_KEYS:
                 raise fail(
-                    key, f"unknown key {key!r} in a rule (known: {', '.join(sorted(_RULE_KEYS))})"
+                    key,
+                    f"unknown key {_show(key)} in a rule (known: {', '.join(sorted(_RULE_KEYS))})",
                 )
         name = raw.get("name", f"rule {i + 1}")
         if not isinstance(name, str) or not name:
             raise fail("name", "name must be a non-empty string")
         if name in names:
-            raise fail("name", f"two rules are named {name!r}")
+            raise fail("name", f"two rules are named {_show(name)}")
         names.add(name)
 
         root = raw.get("root")
         if root is None:
             raise fail("", "the rule has no root (the directory it grants access beneath)")
         if not isinstance(root, str) or not root.startswith("/"):
-            raise fail("root", f"root must be an absolute path, not {root!r}")
+            raise fail("root", f"root must be an absolute path, not {_show(root)}")
         if "\0" in root or ".." in root.split("/"):
-            raise fail("root", f"root {root!r} must not contain '..' or NUL")
-        if not os.path.isdir(root):
-            raise fail("root", f"root {root!r} is not an existing directory")
+            raise fail("root", f"root {_show(root)} must not contain '..' or NUL")
+        problem = _root_problem(root)
+        if problem:
+            raise fail("root", problem)
         forms = [tuple(c for c in root.split("/") if c not in ("", "."))]
-        real = tuple(c for c in os.path.realpath(root).split("/") if c)
-        if real != forms[0]:
-            forms.append(real)
 
         def strings(key: str, default: list[str]) -> list[str]:
+            self.at = ("rule", i, key)
             value = raw.get(key, default)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise fail(key, f"{key} must be a list of strings")
@@ -500,13 +526,13 @@ class _Builder:
         for user in strings("users", []):
             try:
                 uids.add(pwd.getpwnam(user).pw_uid)
-            except KeyError:
-                raise fail("users", f"no such user {user!r}") from None
+            except (KeyError, ValueError):  # ValueError: a NUL byte in the name
+                raise fail("users", f"no such user {_show(user)}") from None
         for group in strings("groups", []):
             try:
                 gids.add(grp.getgrnam(group).gr_gid)
-            except KeyError:
-                raise fail("groups", f"no such group {group!r}") from None
+            except (KeyError, ValueError):
+                raise fail("groups", f"no such group {_show(group)}") from None
         anyone = raw.get("anyone", False)
         if not isinstance(anyone, bool):
             raise fail("anyone", "anyone must be true or false")
@@ -522,7 +548,9 @@ class _Builder:
             raise fail("allow", "allow is missing or empty: list read, write, append, create, list")
         for op in allow:
             if op not in OPERATIONS:
-                raise fail("allow", f"unknown operation {op!r} (known: {', '.join(OPERATIONS)})")
+                raise fail(
+                    "allow", f"unknown operation {_show(op)} (known: {', '.join(OPERATIONS)})"
+                )
 
         create_mode = raw.get("create_mode", 0o600)
         if (
@@ -562,11 +590,72 @@ class _Builder:
             create_owner=owner,
             no_symlinks=booleans["no_symlinks"],
             root_forms=tuple(forms),
+            root_line=self.lines.of("rule", i, "root") or 0,
         )
 
 
+def _root_problem(root: str) -> str | None:
+    """Why *root* cannot be a rule's root (opened as the broker will), or ``None``."""
+    from .confine import open_root  # confine imports flags only; no cycle
+
+    try:
+        os.close(open_root(root))
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            detail = f": {exc.strerror}" if exc.errno == errno.ENOTDIR else ""
+            return f"root {_show(root)} is not an existing directory{detail}"
+        return f"root {_show(root)} cannot be used: {exc.strerror or exc}"
+    return None
+
+
+def _show(value: object, limit: int = 120) -> str:
+    """``repr(value)``, cut to *limit* characters (error messages stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _what(exc: BaseException) -> str:
+    """An unexpected exception from the parser or validation, as a reason."""
+    if isinstance(exc, RecursionError):
+        return "arrays or inline tables are nested too deeply"
+    return f"{type(exc).__name__}: {_show(str(exc), 200)[1:-1]}"
+
+
+def _failing_line(text: str, kind: type[BaseException]) -> int | None:
+    """The first line at which ``tomllib`` fails on *text* with *kind* (not a TOML syntax
+    error: those carry their position), found by parsing prefixes (binary search)."""
+    lines = text.splitlines(keepends=True)
+
+    def fails(n: int) -> bool:
+        try:
+            tomllib.loads("".join(lines[:n]))
+        except kind:
+            return True
+        except Exception:
+            return False
+        return False
+
+    low, high = 1, len(lines)
+    if not lines or not fails(high):
+        return None
+    while low < high:
+        mid = (low + high) // 2
+        if fails(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
 def parse_policy(text: str, source: str = "<string>") -> Policy:
-    """Parse and validate policy *text*; raise :class:`PolicyError` with the line if invalid."""
+    """Parse and validate policy *text*; raise :class:`PolicyError` with the line if invalid.
+
+    Whatever is wrong with *text*, the only exception is :class:`PolicyError`:
+    a failure the TOML parser or the checks did not foresee (nesting deep
+    enough to exhaust the recursion limit, an integer of thousands of digits,
+    a NUL byte in a user name) says what it was and, where it can be found,
+    on which line.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -575,16 +664,29 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         line = int(m.group(1)) if m else None
         reason = message[: m.start()] if m else message
         raise PolicyError(source, line, f"not valid TOML: {reason}") from None
-    lines = _Lines(text)
-    build = _Builder(source, lines)
+    except Exception as exc:  # RecursionError, ValueError (too many digits), ...
+        where = _failing_line(text, type(exc))
+        raise PolicyError(source, where, f"not valid TOML: {_what(exc)}") from None
+    build = _Builder(source, _Lines(text))
+    try:
+        return _validate(raw, source, build)
+    except PolicyError:
+        raise
+    except Exception as exc:
+        raise build.fail(*build.at, f"cannot be used: {_what(exc)}") from None
+
+
+def _validate(raw: dict[str, Any], source: str, build: _Builder) -> Policy:
     for key in raw:
         if key not in _TOP_KEYS:
             raise build.fail(
-                "", 0, key, f"unknown top-level key {key!r} (known: version, limits, rule)"
+                "", 0, key, f"unknown top-level key {_show(key)} (known: version, limits, rule)"
             )
     version = raw.get("version", 1)
     if version != 1:
-        raise build.fail("", 0, "version", f"policy version {version!r} is not supported (use 1)")
+        raise build.fail(
+            "", 0, "version", f"policy version {_show(version)} is not supported (use 1)"
+        )
     limits = build.limits(raw["limits"]) if "limits" in raw else Limits()
     raw_rules = raw.get("rule", [])
     if not isinstance(raw_rules, list):
@@ -595,13 +697,25 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Read and validate the policy file at *path*."""
+    """Read and validate the policy file at *path* (a regular file of at most 1 MiB)."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as f:
+        # O_NONBLOCK: a FIFO put in its place must not hang the (re)load.
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise PolicyError(source, None, f"cannot read it: {why}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PolicyError(source, None, "cannot read it: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
             data = f.read((1 << 20) + 1)
     except OSError as exc:
-        raise PolicyError(source, None, f"cannot read it: {exc.strerror}") from exc
+        if isinstance(exc, PolicyError):
+            raise
+        raise PolicyError(source, None, f"cannot read it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > 1 << 20:
         raise PolicyError(source, None, "file is larger than 1 MiB")
     try:

@@ -12,7 +12,10 @@ slow open from delaying another's) whose handler speaks the protocol of
    client says about itself;
 3. opens the file beneath the granting rule's root
    (:func:`afunix.broker.confine.open_beneath`), which also checks the
-   descriptor's device and inode;
+   descriptor's device and inode. Roots are opened once, at start and at
+   each reload, without following any symlink, and held
+   (:class:`afunix.broker.confine.HeldRoots`): a root replaced by a symlink
+   later does not move the broker;
 4. writes the audit line (fail-closed: no line, no descriptor);
 5. sends the reply, with the descriptor attached, and closes its own copy.
 
@@ -28,8 +31,9 @@ client's requests until it catches up, and disconnects it after
 
 Socket activation (``LISTEN_FDS``), ``sd_notify`` (``READY=1``,
 ``STOPPING=1``) and the zero-downtime hand-over come from :class:`afunix.Server`.
-``SIGHUP`` reloads the policy atomically (the old one stays if the new one
-is invalid) and reopens the audit log.
+``SIGHUP`` reloads the policy atomically (the old one stays, with its roots,
+if the new one cannot be read, is invalid, or names a root that cannot be
+opened safely) and reopens the audit log.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from .._protocol import CLOSED, NEED_DATA, FrameError
 from ..server import Connection, Server
 from . import confine
 from . import flags as _flags
+from .appends import AppendLimit, AppendPipes
 from .audit import AuditError, AuditLog, errno_name, text
 from .policy import Limits, PathRefused, Policy, PolicyError, load_policy, split_path
 from .protocol import (
@@ -143,6 +148,8 @@ class Outcome:
     opened: confine.Opened | None = None
     #: What the client is told, if less than ``reason`` (which names rules).
     public: str | None = None
+    #: ``opened.fd`` is the write end of a pipe drained into the file (an append grant).
+    pipe: bool = False
 
 
 class Broker:
@@ -176,13 +183,21 @@ class Broker:
         confine.check_environment()
         if isinstance(policy, Policy):
             self.policy_path: str | None = None
-            self.policy = policy
         else:
             self.policy_path = os.fspath(policy)
-            self.policy = load_policy(self.policy_path)
-        self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
+            policy = load_policy(self.policy_path)
+        # RLock: reload() runs in a signal handler, on a thread that may hold it.
+        self._installed_lock = threading.RLock()
+        self._installed = _Installed(policy, _hold_roots(policy))
+        try:
+            self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
+        except BaseException:
+            self._installed.roots.retire()
+            raise
         self._own_audit = not isinstance(audit, AuditLog)
         self.resolver = resolver or confine.RESOLVER
+        self._appends = AppendPipes(on_end=lambda rec: self._audit_event("append-end", **rec))
+        self._shutdown_timeout = shutdown_timeout
         self._peers: dict[int, _PeerState] = {}
         self._peers_lock = threading.Lock()
         #: Requests answered, by decision (granted, denied, failed, invalid, limited).
@@ -207,26 +222,44 @@ class Broker:
         except BaseException:
             if self._own_audit:
                 self.audit.close()
+            self._appends.close(0)
+            self._installed.roots.retire()
             raise
         self.address = self.server.address
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force (a reload replaces it as a whole)."""
+        return self._installed.policy
 
     # ---------------------------------------------------------------- control
     def reload(self) -> bool:
         """Read the policy file again; swap it in if valid, else keep the old one.
 
         Returns whether the new policy is in force. Also reopens the audit log.
+        Never raises (it runs in the ``SIGHUP`` handler): whatever goes wrong
+        reading, validating or opening the new policy's roots leaves the old
+        policy answering, and is logged with the file and line.
         """
-        with contextlib.suppress(AuditError):
+        try:
             self.audit.reopen()
+        except Exception as exc:  # a signal handler must not raise
+            log.error("could not reopen the audit log: %s", exc)
         if self.policy_path is None:
             return False
         try:
             new = load_policy(self.policy_path)
-        except PolicyError as exc:
+            roots = _hold_roots(new)
+        except Exception as exc:  # PolicyError, or a bug: keep the old policy
+            if not isinstance(exc, PolicyError):
+                why = f"unexpected {type(exc).__name__}: {exc}"
+                exc = PolicyError(self.policy_path, None, why)
             log.error("reload refused, keeping the previous policy: %s", exc)
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
             return False
-        self.policy = new  # one reference assignment: requests see the old or the new, whole
+        with self._installed_lock:
+            old, self._installed = self._installed, _Installed(new, roots)
+        old.roots.retire()  # closed once the requests still using them are done
         self.server.max_clients_per_uid = new.limits.connections_per_peer
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
         self._audit_event("reload", reason=f"{len(new.rules)} rule(s) from {self.policy_path}")
@@ -268,8 +301,12 @@ class Broker:
 
     def close(self) -> None:
         self.server.close()
+        self._appends.close(self._shutdown_timeout)
         if self._own_audit:
             self.audit.close()
+        with self._installed_lock:
+            roots = self._installed.roots
+        roots.retire()
 
     def __enter__(self) -> Broker:
         return self
@@ -290,6 +327,13 @@ class Broker:
             if state is None:
                 state = self._peers[uid] = _PeerState(float(limits.burst), time.monotonic())
             return state
+
+    def _take_installed(self) -> _Installed:
+        """The policy in force and its roots, acquired: give them back with ``roots.release()``."""
+        with self._installed_lock:
+            inst = self._installed
+            inst.roots.acquire()
+        return inst
 
     def _count(self, decision: str) -> None:
         with self._peers_lock:
@@ -446,7 +490,23 @@ class Broker:
         state: _PeerState,
     ) -> bool:
         """Serve one request; returns whether a descriptor was sent."""
-        policy = self.policy  # one snapshot for the whole request
+        inst = self._take_installed()  # one snapshot for the whole request
+        try:
+            return self._answer_with(sock, req, creds, peer, state, inst=inst)
+        finally:
+            inst.roots.release()
+
+    def _answer_with(
+        self,
+        sock: socket.socket,
+        req: OpenRequest,
+        creds: PeerCredentials,
+        peer: dict[str, Any],
+        state: _PeerState,
+        *,
+        inst: _Installed,
+    ) -> bool:
+        policy = inst.policy
         if not state.take(policy.limits):
             out = Outcome(
                 "limited",
@@ -455,7 +515,7 @@ class Broker:
                 f"requests/s (burst {policy.limits.burst}); retry later",
             )
         else:
-            out = self.decide(req, creds, policy)
+            out = self._decide(req, creds, policy, inst.roots)
         fd = out.opened.fd if out.opened is not None else None
         try:
             record = self._request_record(req, peer, out, creds)
@@ -481,8 +541,27 @@ class Broker:
     def decide(
         self, req: OpenRequest, creds: PeerCredentials, policy: Policy | None = None
     ) -> Outcome:
-        """Check, judge and (if granted) open one request. The caller owns ``opened.fd``."""
-        policy = policy or self.policy
+        """Check, judge and (if granted) open one request. The caller owns ``opened.fd``.
+
+        With the policy in force (*policy* ``None``) the open is confined
+        beneath its held roots; another *policy* has its roots opened (without
+        following symlinks) for this call only.
+        """
+        if policy is None:
+            inst = self._take_installed()
+            try:
+                return self._decide(req, creds, inst.policy, inst.roots)
+            finally:
+                inst.roots.release()
+        return self._decide(req, creds, policy, None)
+
+    def _decide(
+        self,
+        req: OpenRequest,
+        creds: PeerCredentials,
+        policy: Policy,
+        roots: confine.HeldRoots | None,
+    ) -> Outcome:
         try:
             _flags.check(req.flags, req.mode)
         except _flags.FlagError as exc:
@@ -498,9 +577,14 @@ class Broker:
                 "denied", decision.errno, decision.reason, public="not granted by the policy"
             )
         owner = (creds.uid, creds.gid) if rule.create_owner == "peer" else None
+        pipe = rule.appends_through_pipe(_flags.operations(req.flags))
+        limits = (policy.limits.append_pipes_per_peer, policy.limits.max_append_pipes)
         try:
+            if pipe:  # refuse before creating anything; and earlier bytes go in first
+                self._appends.check_room(creds.uid, *limits)
+                self._appends.flush(creds.uid)
             opened = confine.open_beneath(
-                rule.root,
+                rule.root if roots is None else roots.fd(rule.root),
                 decision.rel,
                 req.flags,
                 req.mode & rule.create_mode,
@@ -508,6 +592,8 @@ class Broker:
                 owner=owner,
                 resolver=self.resolver,
             )
+        except AppendLimit as exc:
+            return Outcome("limited", exc.errno or errno.EAGAIN, exc.strerror or "", rule.name)
         except confine.ConfinementError as exc:
             kernel = f" (kernel: {errno_name(exc.kernel_errno)})" if exc.kernel_errno else ""
             return Outcome(
@@ -521,7 +607,26 @@ class Broker:
             return Outcome(
                 "failed", err, f"open failed: {exc.strerror or os.strerror(err)}", rule.name
             )
-        return Outcome("granted", 0, decision.reason, rule.name, opened, public="granted")
+        if pipe:
+            what = {"peer": {"pid": creds.pid, "uid": creds.uid}, "rule": rule.name}
+            what["file"] = {"dev": opened.dev, "ino": opened.ino, "path": text(opened.path)}
+            try:
+                opened.fd = self._appends.start(
+                    creds.uid,
+                    opened.fd,
+                    what,
+                    nonblock=bool(req.flags & _flags.Wire.NONBLOCK),
+                    limits=limits,
+                )
+            except OSError as exc:  # the file descriptor is closed by start()
+                return Outcome(
+                    "limited" if isinstance(exc, AppendLimit) else "failed",
+                    exc.errno or errno.EAGAIN,
+                    exc.strerror or str(exc),
+                    rule.name,
+                )
+        reason = decision.reason + (" (append through a pipe)" if pipe else "")
+        return Outcome("granted", 0, reason, rule.name, opened, public="granted", pipe=pipe)
 
     def _request_record(
         self, req: OpenRequest, peer: dict[str, Any], out: Outcome, creds: PeerCredentials
@@ -548,8 +653,28 @@ class Broker:
                 "path": text(out.opened.path),
                 "created": out.opened.created,
             }
+            if out.pipe:
+                rec["file"]["via"] = "pipe"
             rec["resolver"] = out.opened.resolver
         return rec
+
+
+@dataclass(frozen=True)
+class _Installed:
+    """A policy together with its rules' roots, opened once (replaced whole on reload)."""
+
+    policy: Policy
+    roots: confine.HeldRoots
+
+
+def _hold_roots(policy: Policy) -> confine.HeldRoots:
+    """Open every rule's root without following symlinks, or raise :class:`PolicyError`."""
+    try:
+        return confine.HeldRoots.open(
+            (rule.root, rule.root_line or rule.line) for rule in policy.rules
+        )
+    except confine.RootError as exc:
+        raise PolicyError(policy.source, exc.line, exc.reason) from None
 
 
 def _peer_record(creds: PeerCredentials) -> dict[str, Any]:
