@@ -312,14 +312,16 @@ def test_the_descriptor_budget_formula() -> None:
     one uid gets at most half the room; too low a limit is refused with what to do."""
     limits = Limits()
     roomy = descriptor_budget(limits, rules=2, nofile=1 << 20, open_now=10)
-    assert (roomy.clients, roomy.per_uid) == (limits.max_clients, limits.connections_per_peer)
+    assert roomy.clients == limits.max_clients
+    assert roomy.per_peer(limits) == limits.connections_per_peer
     tight = descriptor_budget(limits, rules=2, nofile=256, open_now=10)
     room = (256 - (10 + FDS_RESERVE + 2)) // FDS_PER_CONNECTION
     assert tight.reserve == 10 + FDS_RESERVE + 2
     assert tight.clients == min(limits.max_clients, room) == 26
-    assert tight.per_uid == min(limits.connections_per_peer, room // 2) == 8
+    assert tight.per_uid == room // 2 == 13
+    assert tight.per_peer(limits) == min(limits.connections_per_peer, room // 2) == 8
     small = descriptor_budget(limits, nofile=80, open_now=10)
-    assert (small.clients, small.per_uid) == (4, 2)
+    assert (small.clients, small.per_peer(limits)) == (4, 2)
     with pytest.raises(OSError, match=r"raise it to at least 58 \(ulimit -n") as info:
         descriptor_budget(limits, nofile=57, open_now=10)
     assert info.value.errno == errno.EMFILE

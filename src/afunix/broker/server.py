@@ -145,11 +145,11 @@ class DescriptorBudget:
     reserve: int
     #: Connections served at once (``max_clients``, lowered to fit).
     clients: int
-    #: Connections per uid (``connections_per_peer``, lowered to half of the room).
+    #: Most connections one uid may hold: half of those that fit.
     per_uid: int
 
     def per_peer(self, limits: Limits) -> int:
-        """``connections_per_peer`` of *limits* (a reloaded policy), within the budget."""
+        """``connections_per_peer`` of *limits* (a reloaded policy too), within the budget."""
         return min(limits.connections_per_peer, self.per_uid)
 
 
@@ -167,10 +167,11 @@ def descriptor_budget(
 
     ``reserve = open_now + FDS_RESERVE + rules`` (one descriptor per rule, for
     its root), ``room = (nofile - reserve) // FDS_PER_CONNECTION`` connections fit;
-    ``clients = min(max_clients, room)`` and ``per_uid = min(connections_per_peer,
-    room // 2)``: one uid never holds more than half of the descriptors there are
-    room for. *nofile* defaults to the soft ``RLIMIT_NOFILE``, *open_now* to the
-    descriptors open now.
+    ``clients = min(max_clients, room)`` and ``per_uid = room // 2``
+    (:meth:`DescriptorBudget.per_peer` gives ``min(connections_per_peer, per_uid)``):
+    one uid never holds more than half of the descriptors there are room for.
+    *nofile* defaults to the soft ``RLIMIT_NOFILE``, *open_now* to the descriptors
+    open now.
 
     Raises ``OSError(EMFILE)`` if fewer than 2 connections fit: the limit is too
     low to run a broker at all.
@@ -195,7 +196,7 @@ def descriptor_budget(
         nofile,
         reserve,
         min(limits.max_clients, room),
-        min(limits.connections_per_peer, max(1, room // 2)),
+        max(1, room // 2),
     )
 
 
@@ -279,7 +280,11 @@ class Broker:
             if self._own_audit:
                 self.audit.close()
             raise
-        if self.budget.clients < self.policy.limits.max_clients:
+        per_peer = self.budget.per_peer(self.policy.limits)
+        if (
+            self.budget.clients < self.policy.limits.max_clients
+            or per_peer < self.policy.limits.connections_per_peer
+        ):
             log.warning(
                 "max_clients %d lowered to %d to fit RLIMIT_NOFILE %d (%d per connection, "
                 "%d kept); connections per uid at most %d",
@@ -288,7 +293,7 @@ class Broker:
                 self.budget.nofile,
                 FDS_PER_CONNECTION,
                 self.budget.reserve,
-                self.budget.per_uid,
+                per_peer,
             )
         self._peers: dict[int, _PeerState] = {}
         self._peers_lock = threading.Lock()
