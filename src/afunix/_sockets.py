@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import tempfile
 import time
 from typing import Any, Literal, TypeAlias
@@ -341,28 +342,49 @@ def _connect_once(sock: socket.socket, addr: Address, deadline: float | None) ->
     if deadline is None:
         sock.connect(addr.sockaddr)
         return
-    sock.setblocking(False)
-    delay = 0.0005
+    # Wait for room in a full listen queue in the kernel, bounded by SO_SNDTIMEO
+    # (Linux's unix_stream_connect waits that long, then fails with EAGAIN), not by
+    # polling: a poller loses every free slot to clients already waiting in the
+    # kernel, which the kernel wakes one at a time, in order. A flood of connects
+    # from another user then delays this client by the few waiters ahead of it, not
+    # by as long as the flood lasts.
+    sock.setblocking(True)
     try:
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _queue_full(addr)
+            sec = int(left)
+            usec = max(int((left - sec) * 1_000_000), 1 if not sec else 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(sec, usec))
             try:
                 sock.connect(addr.sockaddr)
-                return
             except BlockingIOError:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise ListenQueueFull(
-                        errno.EAGAIN,
-                        f"cannot connect to {addr.describe()}: timed out waiting for room "
-                        "in the server's full listen queue (the server is alive but not "
-                        "accepting); retry later or raise its backlog",
-                        addr.describe(),
-                    ) from None
-                time.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, 0.05)
+                if time.monotonic() >= deadline:
+                    raise _queue_full(addr) from None
+                continue  # woken early: wait the rest
+            try:
+                sock.getpeername()  # a connect interrupted by a signal (EINTR) "succeeds"
+                return  # in CPython's retry without connecting a Unix socket: check
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    raise
     finally:
         if sock.fileno() >= 0:
-            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+
+
+_TIMEVAL = struct.Struct("@ll")
+
+
+def _queue_full(addr: Address) -> ListenQueueFull:
+    return ListenQueueFull(
+        errno.EAGAIN,
+        f"cannot connect to {addr.describe()}: timed out waiting for room "
+        "in the server's full listen queue (the server is alive but not "
+        "accepting); retry later or raise its backlog",
+        addr.describe(),
+    )
 
 
 def connect(

@@ -35,6 +35,37 @@ def _wait(pred: object, timeout: float = 5.0) -> bool:
     return False
 
 
+def _wait_serving(tree: Tree) -> None:
+    """Wait until the broker answers (its socket file exists from bind on, before listen)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with Client(tree.sock, timeout=10) as c:
+                os.close(c.open_fd(tree.root / "pub.txt"))
+            return
+        except BrokerError as exc:
+            if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of *pid* is in state ``T`` (stopped by a signal).
+
+    The state is the field after the command name in ``/proc/PID/task/TID/stat``
+    (the name is in parentheses and may itself contain spaces or parentheses).
+    """
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat_line = f.read()
+        except FileNotFoundError:  # the thread exited meanwhile
+            continue
+        states.append(stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3])
+    return bool(states) and all(s in (b"T", b"t") for s in states)
+
+
 def test_sighup_reloads_atomically_and_keeps_the_old_policy_if_invalid(tree: Tree) -> None:
     b = BrokerProcess(tree)
     denied = str(tree.root / "denied" / "x.txt")
@@ -85,10 +116,15 @@ def test_audit_is_fail_closed(tree: Tree) -> None:
 def test_stopped_broker_gives_a_timeout_within_the_clients_timeout(tree: Tree) -> None:
     b = BrokerProcess(tree)
     try:
+        _wait_serving(tree)
         with Client(tree.sock, timeout=0.5) as c:
             os.close(c.open_fd(tree.root / "pub.txt"))
             os.kill(b.pid, signal.SIGSTOP)
             try:
+                # The signal is delivered asynchronously: under load the broker may still
+                # run (and answer) for a while after kill() returns. Wait until every
+                # one of its threads is stopped.
+                assert _wait(lambda: _all_threads_stopped(b.pid), 10), "SIGSTOP took no effect"
                 started = time.monotonic()
                 with pytest.raises(BrokerError) as info:
                     c.open_fd(tree.root / "pub.txt")

@@ -132,7 +132,8 @@ def decode_request(msg: RawMessage) -> OpenRequest:
     Any descriptor that came with the frame is closed first: requests carry none.
     """
     if msg.fds:
-        n = close_fds(msg.fds)
+        n = len(msg.fds)
+        close_fds(msg.fds)
         msg.fds.clear()
         raise BadRequest(
             errno.EINVAL,

@@ -27,7 +27,22 @@ the :class:`afunix.Server` right after ``accept``: no thread, no audit line);
 request size limit (larger: ``EMSGSIZE`` and closed); descriptors in flight
 per connection (sent but not yet read: the broker stops reading that
 client's requests until it catches up, and disconnects it after
-``in_flight_timeout``); an idle timeout and a timeout to finish a request.
+``in_flight_timeout``); an idle timeout and a timeout to finish a request
+(``request_timeout``, from the first byte of a message to its last, however
+the client spreads the bytes out).
+
+**Descriptors** are budgeted against ``RLIMIT_NOFILE`` (:class:`DescriptorBudget`):
+a connection holds at most :data:`FDS_PER_CONNECTION`, because the broker
+keeps none of a client's: a request carries no descriptors, and any that
+arrive are closed the moment ``recvmsg`` returns (room for one is given, so
+a client attaching more is cut off by the kernel, ``MSG_CTRUNC``, and
+disconnected). ``max_clients`` and ``connections_per_peer`` are lowered, if
+need be, so that all connections together fit the limit and one uid's fit in
+half of it.
+
+**The audit log** writes every grant (fail-closed) and budgets refusals per
+uid (:meth:`AuditLog.refusal`); what the broker knows of a peer beyond its
+credentials (its executable) is read once per connection, bounded, as text.
 
 Socket activation (``LISTEN_FDS``), ``sd_notify`` (``READY=1``,
 ``STOPPING=1``) and the zero-downtime hand-over come from :class:`afunix.Server`.
@@ -44,6 +59,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -52,9 +68,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .._address import AddressLike
+from .._ancillary import close_fds
 from .._creds import PeerCredentials
 from .._errors import AfunixError
 from .._fds import recv_fds
@@ -63,7 +80,7 @@ from ..server import Connection, Server
 from . import confine
 from . import flags as _flags
 from .appends import AppendLimit, AppendPipes
-from .audit import AuditError, AuditLog, errno_name, text
+from .audit import MAX_SHOWN, AuditError, AuditLog, errno_name, text
 from .policy import Limits, PathRefused, Policy, PolicyError, load_policy, split_path
 from .protocol import (
     KIND_ERROR,
@@ -75,12 +92,34 @@ from .protocol import (
 )
 from .protocol import Connection as ProtocolState
 
-__all__ = ["Broker", "Outcome"]
+__all__ = [
+    "FDS_PER_CONNECTION",
+    "FDS_RESERVE",
+    "Broker",
+    "DescriptorBudget",
+    "Outcome",
+    "descriptor_budget",
+]
 
 log = logging.getLogger("afunix.broker")
 
-#: Room for descriptors a hostile client might attach (they are closed unused).
-_MAX_FDS_IN = 16
+#: Room for descriptors a client might attach to a request: one, closed as soon as it
+#: arrives. The kernel discards any more (``MSG_CTRUNC``) and the client is cut off.
+_MAX_FDS_IN = 1
+#: A placeholder handed to the decoder for a descriptor already closed: the decoder
+#: checks that headers announce what arrived, and the broker holds nothing meanwhile.
+_CLOSED_FD = -1
+#: Descriptors one connection may hold at once: its socket, the peer's pidfd, one
+#: arriving descriptor (closed at once), and an open in progress (the rule's root, a
+#: step of the ``walk`` resolver, its parent, the file), rounded up.
+FDS_PER_CONNECTION: Final = 8
+#: Descriptors kept for the broker itself on top of those open when it starts (the
+#: listener, its selector, the audit log reopened, a policy re-read, ``/proc`` reads).
+FDS_RESERVE: Final = 32
+#: The broker's listen queue (see the Server construction in :class:`Broker`).
+BROKER_BACKLOG: Final = 64
+#: Longest fact about a peer (the path of its executable) read, in bytes.
+FACT_BYTES: Final = 4096
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
 #: The error frame a client past ``connections_per_peer`` gets before the close.
 _TOO_MANY = encode_reply(
@@ -113,6 +152,85 @@ def _send_reply(sock: socket.socket, frame: bytes, fd: int | None) -> None:
         n = sock.sendmsg([view], anc, socket.MSG_NOSIGNAL)
         anc = []  # the descriptor went with the first byte
         view = view[n:]
+
+
+@dataclass(frozen=True)
+class DescriptorBudget:
+    """How many connections fit the descriptor limit (see :func:`descriptor_budget`)."""
+
+    #: The soft ``RLIMIT_NOFILE`` the budget was made for.
+    nofile: int
+    #: Descriptors kept for the broker itself.
+    reserve: int
+    #: Connections served at once (``max_clients``, lowered to fit).
+    clients: int
+    #: Most connections one uid may hold: half of those that fit.
+    per_uid: int
+    #: Append pipes open at once in all (two descriptors each: the pipe's read end and
+    #: the file), within an eighth of the descriptors left after the reserve.
+    appends: int = 0
+
+    def per_peer(self, limits: Limits) -> int:
+        """``connections_per_peer`` of *limits* (a reloaded policy too), within the budget."""
+        return min(limits.connections_per_peer, self.per_uid)
+
+    def append_pipes(self, limits: Limits) -> tuple[int, int]:
+        """``(append_pipes_per_peer, max_append_pipes)`` of *limits*, within the budget:
+        one uid gets at most half of the append pipes there is room for."""
+        total = min(limits.max_append_pipes, self.appends)
+        return min(limits.append_pipes_per_peer, max(1, total // 2)), total
+
+
+def _open_descriptors() -> int:
+    for where in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(where)) - 1  # less the one listdir used
+    return 0
+
+
+def descriptor_budget(
+    limits: Limits, *, rules: int = 0, nofile: int | None = None, open_now: int | None = None
+) -> DescriptorBudget:
+    """Fit *limits* to the descriptor limit.
+
+    ``reserve = open_now + FDS_RESERVE + rules`` (one descriptor per rule, for
+    its root); append pipes get at most an eighth of the rest,
+    ``appends = min(max_append_pipes, (nofile - reserve) // 16)`` (two descriptors
+    each); ``room = (nofile - reserve - 2 * appends) // FDS_PER_CONNECTION``
+    connections fit;
+    ``clients = min(max_clients, room)`` and ``per_uid = room // 2``
+    (:meth:`DescriptorBudget.per_peer` gives ``min(connections_per_peer, per_uid)``):
+    one uid never holds more than half of the descriptors there are room for.
+    *nofile* defaults to the soft ``RLIMIT_NOFILE``, *open_now* to the descriptors
+    open now.
+
+    Raises ``OSError(EMFILE)`` if fewer than 2 connections fit: the limit is too
+    low to run a broker at all.
+    """
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            nofile = 1 << 30
+    if open_now is None:
+        open_now = _open_descriptors()
+    reserve = open_now + FDS_RESERVE + rules
+    appends = max(0, min(limits.max_append_pipes, (nofile - reserve) // 16))
+    room = (nofile - reserve - 2 * appends) // FDS_PER_CONNECTION
+    if room < 2:
+        need = reserve + 2 * FDS_PER_CONNECTION + 2  # and one append pipe
+        raise OSError(
+            errno.EMFILE,
+            f"the descriptor limit (RLIMIT_NOFILE {nofile}) is too low for the broker: it "
+            f"keeps {reserve} for itself and needs {FDS_PER_CONNECTION} per connection; "
+            f"raise it to at least {need} (ulimit -n, or LimitNOFILE= under systemd)",
+        )
+    return DescriptorBudget(
+        nofile,
+        reserve,
+        min(limits.max_clients, room),
+        max(1, room // 2),
+        appends,
+    )
 
 
 @dataclass
@@ -198,6 +316,29 @@ class Broker:
         self.resolver = resolver or confine.RESOLVER
         self._appends = AppendPipes(on_end=lambda rec: self._audit_event("append-end", **rec))
         self._shutdown_timeout = shutdown_timeout
+        try:
+            #: How many connections fit the descriptor limit (fixed at start).
+            self.budget = descriptor_budget(self.policy.limits, rules=len(self.policy.rules))
+        except OSError:
+            if self._own_audit:
+                self.audit.close()
+            self._installed.roots.retire()
+            raise
+        per_peer = self.budget.per_peer(self.policy.limits)
+        if (
+            self.budget.clients < self.policy.limits.max_clients
+            or per_peer < self.policy.limits.connections_per_peer
+        ):
+            log.warning(
+                "max_clients %d lowered to %d to fit RLIMIT_NOFILE %d (%d per connection, "
+                "%d kept); connections per uid at most %d",
+                self.policy.limits.max_clients,
+                self.budget.clients,
+                self.budget.nofile,
+                FDS_PER_CONNECTION,
+                self.budget.reserve,
+                per_peer,
+            )
         self._peers: dict[int, _PeerState] = {}
         self._peers_lock = threading.Lock()
         #: Requests answered, by decision (granted, denied, failed, invalid, limited).
@@ -210,10 +351,15 @@ class Broker:
                 mode=mode,
                 owner=owner,
                 group=group,
-                max_clients=self.policy.limits.max_clients,
+                max_clients=self.budget.clients,
+                # A short listen queue: a connect waits for room in the kernel, which
+                # wakes waiters one at a time in order, so a flood of connects from one
+                # uid delays another uid's connect by the few waiters ahead of it, not
+                # by a queue of thousands (the Server default, somaxconn).
+                backlog=BROKER_BACKLOG,
                 # Refused right after accept, before a thread or an audit line: a
                 # flood from one uid costs one SO_PEERCRED per connection.
-                max_clients_per_uid=self.policy.limits.connections_per_peer,
+                max_clients_per_uid=per_peer,
                 refuse_with=_TOO_MANY,
                 shutdown_timeout=shutdown_timeout,
                 sock=sock,
@@ -260,7 +406,7 @@ class Broker:
         with self._installed_lock:
             old, self._installed = self._installed, _Installed(new, roots)
         old.roots.retire()  # closed once the requests still using them are done
-        self.server.max_clients_per_uid = new.limits.connections_per_peer
+        self.server.max_clients_per_uid = self.budget.per_peer(new.limits)
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
         self._audit_event("reload", reason=f"{len(new.rules)} rule(s) from {self.policy_path}")
         return True
@@ -319,7 +465,18 @@ class Broker:
         try:
             self.audit.record(event, **fields)
         except AuditError as exc:
-            log.error("%s", exc)
+            self._audit_failed(exc)
+
+    def _audit_refusal(self, uid: int, kind: str, event: str, **fields: Any) -> None:
+        """A refusal's line, within the uid's budget. A refusal stands even unwritten."""
+        try:
+            self.audit.refusal(uid, kind, event, **fields)
+        except AuditError as exc:
+            self._audit_failed(exc)
+
+    def _audit_failed(self, exc: AuditError) -> None:
+        if self.audit.lost <= 1:  # once per run of lost lines, not once per line
+            log.error("%s (lines are counted until it can be written again)", exc)
 
     def _peer_state(self, uid: int, limits: Limits) -> _PeerState:
         with self._peers_lock:
@@ -349,18 +506,25 @@ class Broker:
             return
         limits = self.policy.limits
         state = self._peer_state(creds.uid, limits)
+        per_peer = self.budget.per_peer(limits)
         with state.lock:
-            over = state.connections >= limits.connections_per_peer
+            over = state.connections >= per_peer
             if not over:
                 state.connections += 1
         peer = _peer_record(creds)
         if over:
-            reason = (
-                f"too many connections from uid {creds.uid} (limit {limits.connections_per_peer})"
+            reason = f"too many connections from uid {creds.uid} (limit {per_peer})"
+            self._audit_refusal(
+                creds.uid,
+                "connection-refused",
+                "connection-refused",
+                peer=peer,
+                errno="EAGAIN",
+                reason=reason,
             )
-            self._audit_event("connection-refused", peer=peer, errno="EAGAIN", reason=reason)
             self._goodbye(sock, errno.EAGAIN, reason)
             return
+        peer["exe"] = _exe(creds)  # once per connection: facts of a peer cost /proc reads
         try:
             self._serve(sock, creds, peer, state)
         finally:
@@ -389,7 +553,14 @@ class Broker:
                         f"{in_flight} descriptors sent and not read for "
                         f"{limits.in_flight_timeout}s (limit {limits.fds_in_flight} in flight)"
                     )
-                    self._audit_event("timeout", peer=peer, errno="ETIMEDOUT", reason=reason)
+                    self._audit_refusal(
+                        creds.uid,
+                        "timeout/in-flight",
+                        "timeout",
+                        peer=peer,
+                        errno="ETIMEDOUT",
+                        reason=reason,
+                    )
                     self._goodbye(sock, errno.ETIMEDOUT, reason)
                     return
                 if in_flight >= limits.fds_in_flight:
@@ -401,7 +572,9 @@ class Broker:
                     req = decode_request(frame)
                 except BadRequest as bad:
                     self._count("invalid")
-                    self._audit_event(
+                    self._audit_refusal(
+                        creds.uid,
+                        f"open/invalid/{errno_name(bad.errno)}",
                         "open",
                         peer=peer,
                         request={"id": bad.id},
@@ -426,8 +599,13 @@ class Broker:
                 if self._answer(sock, req, creds, peer, state):
                     in_flight += 1
         except FrameError as exc:
-            self._audit_event(
-                "protocol-error", peer=peer, errno=errno_name(exc.errno), reason=exc.strerror
+            self._audit_refusal(
+                creds.uid,
+                f"protocol-error/{errno_name(exc.errno)}",
+                "protocol-error",
+                peer=peer,
+                errno=errno_name(exc.errno),
+                reason=exc.strerror,
             )
             self._goodbye(sock, exc.errno or errno.EPROTO, exc.strerror or "protocol error")
         except OSError as exc:  # the client went away, or a send timed out
@@ -454,12 +632,13 @@ class Broker:
                 return None
             if got is not NEED_DATA:
                 return got
-            if proto.buffered:
+            if not proto.decoder.quiet():
+                # A message has begun: it must be whole by its deadline, however the
+                # bytes come (a header alone leaves nothing "buffered" yet is begun).
                 if deadline is None:
                     deadline = time.monotonic() + limits.request_timeout
                 timeout = deadline - time.monotonic()
             else:
-                deadline = None
                 timeout = limits.idle_timeout
             if timeout <= 0:
                 timeout = 0.0
@@ -467,9 +646,16 @@ class Broker:
             try:
                 data, fds, _flags_in, _addr = recv_fds(sock, limits.max_request_bytes, _MAX_FDS_IN)
             except TimeoutError:
-                if proto.buffered:
+                if deadline is not None:
                     reason = f"request not completed within {limits.request_timeout}s"
-                    self._audit_event("timeout", peer=peer, errno="ETIMEDOUT", reason=reason)
+                    self._audit_refusal(
+                        peer["uid"],
+                        "timeout/request",
+                        "timeout",
+                        peer=peer,
+                        errno="ETIMEDOUT",
+                        reason=reason,
+                    )
                     self._goodbye(sock, errno.ETIMEDOUT, reason)
                 return None
             except FrameError:
@@ -478,6 +664,11 @@ class Broker:
                 raise FrameError(
                     exc.strerror or "bad control data", exc.errno or errno.EPROTO
                 ) from exc
+            if fds:
+                # Requests carry none: close them now, and let the decoder count
+                # placeholders (it still refuses a request that announced them).
+                close_fds(fds)
+                fds = [_CLOSED_FD] * len(fds)
             proto.receive_data(data, fds)
 
     # ---------------------------------------------------------------- request
@@ -519,14 +710,17 @@ class Broker:
         fd = out.opened.fd if out.opened is not None else None
         try:
             record = self._request_record(req, peer, out, creds)
-            try:
-                self.audit.record("open", **record)
-            except AuditError as exc:
-                log.error("%s; refusing the request", exc)
-                if fd is not None:
+            if fd is None:  # a refusal: budgeted per uid; it stands even if unwritten
+                kind = f"open/{out.decision}/{errno_name(out.errno)}"
+                self._audit_refusal(creds.uid, kind, "open", **record)
+            else:
+                try:
+                    self.audit.record("open", **record)
+                except AuditError as exc:  # fail-closed: no line, no descriptor
+                    self._audit_failed(exc)
                     os.close(fd)
                     fd = None
-                out = Outcome("failed", errno.EIO, "the broker cannot write its audit log")
+                    out = Outcome("failed", errno.EIO, "the broker cannot write its audit log")
             self._count(out.decision)
             frame = encode_reply(
                 Reply(req.id, out.errno, out.public or out.reason), with_fd=fd is not None
@@ -578,7 +772,7 @@ class Broker:
             )
         owner = (creds.uid, creds.gid) if rule.create_owner == "peer" else None
         pipe = rule.appends_through_pipe(_flags.operations(req.flags))
-        limits = (policy.limits.append_pipes_per_peer, policy.limits.max_append_pipes)
+        limits = self.budget.append_pipes(policy.limits)
         try:
             if pipe:  # refuse before creating anything; and earlier bytes go in first
                 self._appends.check_room(creds.uid, *limits)
@@ -631,9 +825,8 @@ class Broker:
     def _request_record(
         self, req: OpenRequest, peer: dict[str, Any], out: Outcome, creds: PeerCredentials
     ) -> dict[str, Any]:
-        exe = _exe(creds)
         rec: dict[str, Any] = {
-            "peer": {**peer, "exe": exe},
+            "peer": peer,
             "request": {
                 "id": req.id,
                 "path": text(req.path),
@@ -687,8 +880,33 @@ def _peer_record(creds: PeerCredentials) -> dict[str, Any]:
 
 
 def _exe(creds: PeerCredentials) -> str | None:
-    """The peer's executable, checked through its pidfd where the kernel gives one."""
+    """The peer's executable as bounded text, or ``None`` if unknown or gone.
+
+    The path is whatever bytes the client's executable has (newlines, bytes
+    that are not UTF-8, up to ``PATH_MAX``): it is read as bytes, at most
+    :data:`FACT_BYTES`, and written with ``\\xNN`` escapes, cut at
+    :data:`~afunix.broker.audit.MAX_SHOWN` characters. Where the kernel gives a
+    pidfd it is checked *after* reading that the peer still lives, so the path
+    cannot be that of a process that reused its pid. Nothing here raises: a
+    client cannot make its own handler fail by how it was started.
+    """
+    if creds.pid is None:
+        return None
     try:
-        return creds.facts().exe
+        raw = os.readlink(f"/proc/{creds.pid}/exe".encode())
+    except FileNotFoundError:
+        if os.path.exists("/proc/self/exe"):
+            return None  # gone
+        try:  # no /proc: whatever this system offers
+            exe = creds.facts().exe
+        except (OSError, ValueError):
+            return None
+        return None if exe is None else text(exe[:FACT_BYTES])
+    except (OSError, ValueError):
+        return None
+    try:
+        if creds.pidfd is not None and creds.exited():
+            return None
     except OSError:
         return None
+    return text(raw[:FACT_BYTES], MAX_SHOWN)

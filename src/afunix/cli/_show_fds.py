@@ -25,6 +25,7 @@ from .._address import Address
 from .._ancillary import ControlError, close_fds
 from .._fds import SCM_MAX_FD, describe_fd, recvmsg_items
 from .._sockets import listen
+from ..server import somaxconn
 from ._common import ServerOutput
 
 _BUFSIZE = 65536
@@ -69,7 +70,7 @@ def serve_show_fds(args: argparse.Namespace) -> int:
     sock = listen(
         args.address,
         args.type,
-        backlog=args.backlog,
+        backlog=somaxconn() if args.backlog is None else args.backlog,
         mode=args.mode,
         owner=args.owner,
         group=args.group,
