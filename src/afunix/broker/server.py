@@ -27,9 +27,11 @@ client's requests until it catches up, and disconnects it after
 ``in_flight_timeout``); an idle timeout and a timeout to finish a request.
 
 Socket activation (``LISTEN_FDS``), ``sd_notify`` (``READY=1``,
-``STOPPING=1``) and the zero-downtime hand-over come from :class:`afunix.Server`.
-``SIGHUP`` reloads the policy atomically (the old one stays if the new one
-is invalid) and reopens the audit log.
+``STOPPING=1``, ``WATCHDOG=1``) and the zero-downtime hand-over come from
+:class:`afunix.Server`. ``SIGHUP`` reloads the policy atomically (the old one
+stays if the new one is invalid) and reopens the audit log; each reload is
+announced as systemd's ``Type=notify-reload`` expects: ``RELOADING=1`` with
+``MONOTONIC_USEC=``, then ``READY=1`` with a ``STATUS=`` saying how it went.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .._address import AddressLike
 from .._creds import PeerCredentials
 from .._errors import AfunixError
 from .._fds import recv_fds
+from .._notify import notify
 from .._protocol import CLOSED, NEED_DATA, FrameError
 from ..server import Connection, Server
 from . import confine
@@ -215,22 +218,38 @@ class Broker:
         """Read the policy file again; swap it in if valid, else keep the old one.
 
         Returns whether the new policy is in force. Also reopens the audit log.
+        Tells the service manager (``$NOTIFY_SOCKET``; systemd's
+        ``Type=notify-reload``): ``RELOADING=1`` and ``MONOTONIC_USEC=`` first,
+        then ``READY=1`` when done, also when the reload failed, with a
+        ``STATUS=`` saying why and that the old policy is kept.
         """
+        _notify_quietly(
+            {"RELOADING": 1, "MONOTONIC_USEC": time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}
+        )
+        try:
+            ok, status = self._reload()
+        except BaseException as exc:
+            _notify_quietly({"READY": 1, "STATUS": f"reload failed ({exc}); old policy kept"})
+            raise
+        _notify_quietly({"READY": 1, "STATUS": status})
+        return ok
+
+    def _reload(self) -> tuple[bool, str]:
         with contextlib.suppress(AuditError):
             self.audit.reopen()
         if self.policy_path is None:
-            return False
+            return False, "nothing to reload: the policy was given as an object; audit log reopened"
         try:
             new = load_policy(self.policy_path)
         except PolicyError as exc:
             log.error("reload refused, keeping the previous policy: %s", exc)
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
-            return False
+            return False, f"reload failed, old policy kept: {exc}"
         self.policy = new  # one reference assignment: requests see the old or the new, whole
         self.server.max_clients_per_uid = new.limits.connections_per_peer
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
         self._audit_event("reload", reason=f"{len(new.rules)} rule(s) from {self.policy_path}")
-        return True
+        return True, f"policy reloaded: {len(new.rules)} rule(s) from {self.policy_path}"
 
     def serve_forever(self, *, handle_signals: bool | None = None) -> None:
         """Serve until ``SIGTERM``/``SIGINT`` or :meth:`shutdown`; ``SIGHUP`` reloads."""
@@ -550,6 +569,14 @@ class Broker:
             }
             rec["resolver"] = out.opened.resolver
         return rec
+
+
+def _notify_quietly(fields: dict[str, str | int]) -> None:
+    """``sd_notify`` that never fails a reload: a gone manager is logged only."""
+    try:
+        notify({k: str(v).replace("\n", " ") for k, v in fields.items()})
+    except OSError as exc:
+        log.warning("could not notify the service manager: %s", exc)
 
 
 def _peer_record(creds: PeerCredentials) -> dict[str, Any]:
