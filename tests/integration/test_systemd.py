@@ -105,10 +105,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _assert_regular(times: list[float]) -> None:
-    """Pings about every PERIOD: never a flood, and on time (loose bounds: busy CPUs)."""
+    """Pings about every PERIOD: not a flood, and on time.
+
+    Arrival times are the test's: a busy CPU can delay one reading and bunch two
+    pings, so the bounds are on the median gap, with room for load.
+    """
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) > PERIOD / 2, gaps  # at most one ping per period
-    assert statistics.median(gaps) < PERIOD * 5, gaps
+    assert PERIOD / 2 < statistics.median(gaps) < PERIOD * 5, gaps
 
 
 def doc_units() -> dict[str, dict[str, str]]:
