@@ -1,4 +1,4 @@
-"""systemd socket activation: take listening sockets from ``LISTEN_FDS``.
+"""systemd's environment: listening sockets from ``LISTEN_FDS``, the watchdog interval.
 
 The service manager (systemd, ``systemd-socket-activate``, or any tool that follows
 the protocol) binds the sockets, then starts the server with them as descriptors
@@ -10,7 +10,14 @@ the protocol) binds the sockets, then starts the server with them as descriptors
 that inherits the environment must not steal its parent's sockets), marks the
 descriptors close-on-exec, unsets the variables (like ``sd_listen_fds(1)``) and
 returns them as :class:`afunix.Socket` objects that do **not** remove their socket
-file on close: the manager owns the file.
+file on close: the manager owns the file. As in ``sd_listen_fds``, the variables are
+only honoured when ``LISTEN_PID`` is set and names this process.
+
+:func:`watchdog_interval` reads ``WATCHDOG_USEC`` (and ``WATCHDOG_PID``, which must
+name this process when set), like ``sd_watchdog_enabled``: a service with
+``WatchdogSec=`` must send ``WATCHDOG=1`` more often than that, or the manager kills
+it. :class:`afunix.Server` sends it from its serving loop itself (see
+``docs/operations.md``), so a stuck loop stops pinging and gets restarted.
 """
 
 from __future__ import annotations
@@ -24,7 +31,13 @@ from dataclasses import dataclass
 from ._errors import AfunixError
 from ._sockets import DatagramSocket, Socket
 
-__all__ = ["SD_LISTEN_FDS_START", "ActivatedSocket", "listen_fds", "parse_listen_env"]
+__all__ = [
+    "SD_LISTEN_FDS_START",
+    "ActivatedSocket",
+    "listen_fds",
+    "parse_listen_env",
+    "watchdog_interval",
+]
 
 #: The first inherited descriptor (``SD_LISTEN_FDS_START`` in sd-daemon.h).
 SD_LISTEN_FDS_START = 3
@@ -41,20 +54,20 @@ class ActivatedSocket:
 def parse_listen_env(env: Mapping[str, str], pid: int) -> list[tuple[int, str]] | None:
     """Parse the activation variables (no I/O): ``[(fd, name), ...]`` or ``None``.
 
-    ``None`` means "not socket-activated" (no ``LISTEN_FDS``, or ``LISTEN_PID``
-    names another process). Malformed values raise :class:`AfunixError`
-    (``EINVAL``) rather than being ignored: a half-configured unit should fail
-    loudly.
+    ``None`` means "not socket-activated": no ``LISTEN_FDS``, no ``LISTEN_PID``
+    (``sd_listen_fds`` requires it: without it the variables may have been
+    inherited from a parent), or ``LISTEN_PID`` names another process.
+    Malformed values raise :class:`AfunixError` (``EINVAL``) rather than being
+    ignored: a half-configured unit should fail loudly.
     """
     count_text = env.get("LISTEN_FDS")
-    if count_text is None:
-        return None
     pid_text = env.get("LISTEN_PID")
-    if pid_text is not None:
-        if not pid_text.isdigit():
-            raise AfunixError(errno.EINVAL, f"LISTEN_PID={pid_text!r} is not a process id")
-        if int(pid_text) != pid:
-            return None  # meant for another process (we inherited it)
+    if count_text is None or pid_text is None:
+        return None
+    if not pid_text.isdigit():
+        raise AfunixError(errno.EINVAL, f"LISTEN_PID={pid_text!r} is not a process id")
+    if int(pid_text) != pid:
+        return None  # meant for another process (we inherited it)
     if not count_text.isdigit():
         raise AfunixError(errno.EINVAL, f"LISTEN_FDS={count_text!r} is not a number")
     count = int(count_text)
@@ -102,3 +115,31 @@ def listen_fds(
             item.sock.close()
         raise
     return out
+
+
+def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
+    """The watchdog timeout in seconds asked by ``WATCHDOG_USEC``, or ``None``.
+
+    ``None`` when there is no ``WATCHDOG_USEC``, or ``WATCHDOG_PID`` is set and
+    names another process (``sd_watchdog_enabled``). A service must send
+    ``WATCHDOG=1`` well within the interval; :class:`afunix.Server` sends it at
+    half of it. Malformed or zero values raise :class:`AfunixError` (``EINVAL``).
+    The variables are left in place: a reload or a successor reads them again.
+    """
+    environ = os.environ if env is None else env
+    usec_text = environ.get("WATCHDOG_USEC")
+    if usec_text is None:
+        return None
+    pid_text = environ.get("WATCHDOG_PID")
+    if pid_text is not None:
+        if not pid_text.isdigit():
+            raise AfunixError(errno.EINVAL, f"WATCHDOG_PID={pid_text!r} is not a process id")
+        if int(pid_text) != (os.getpid() if pid is None else pid):
+            return None  # another process's watchdog (we inherited the variables)
+    if not usec_text.isdigit() or int(usec_text) == 0:
+        raise AfunixError(
+            errno.EINVAL,
+            f"WATCHDOG_USEC={usec_text!r} is not a positive number of microseconds; "
+            "fix WatchdogSec= in the unit",
+        )
+    return int(usec_text) / 1_000_000

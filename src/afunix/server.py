@@ -63,7 +63,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from ._activation import listen_fds
+from ._activation import listen_fds, watchdog_interval
 from ._address import Address, AddressLike
 from ._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
 from ._errors import AfunixError, PeerError, PeerTimeout, ProtocolError, UnsupportedFeature
@@ -472,6 +472,13 @@ class Server:
     which. Once accepting, the server sends ``READY=1`` to ``$NOTIFY_SOCKET``
     (and ``FDSTORE=1`` with the listener when ``fdstore=True``), and
     ``STOPPING=1`` when it stops; without ``$NOTIFY_SOCKET`` these do nothing.
+    With ``$WATCHDOG_USEC`` (systemd's ``WatchdogSec=``; ``$WATCHDOG_PID``, if
+    set, must be this process) it sends ``WATCHDOG=1`` at half that interval
+    from the serving loop itself: the asyncio model from a loop callback, the
+    thread and fork models from the accept loop (whose ``select`` wakes up in
+    time). A loop stuck in a blocking call (an async handler that blocks, a
+    ``verify`` hook that hangs, a thread-model datagram handler that never
+    returns) stops pinging, and the manager restarts the service.
     ``on_ready(server)`` is called once accepting.
 
     Who may connect (UNP 15.8): ``policy=`` (a :class:`~afunix.PeerPolicy`)
@@ -570,6 +577,7 @@ class Server:
         self._child_uid: dict[int, int] = {}  # fork model: pid -> uid
         self._refusals = _Refusals()
         self._queue_ready = False  # thread/fork models: the last accept found a client
+        self._tick = 0.25  # thread/fork models: longest select wait (watchdog: shorter)
         #: Clients dropped at accept because they had already hung up, sending
         #: nothing (with a per-uid cap only; they would hold a slot for nothing).
         self.hung_up = 0
@@ -1003,6 +1011,29 @@ class Server:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
+    # --------------------------------------------------------------- watchdog
+    def _watchdog_period(self) -> float | None:
+        """Seconds between two ``WATCHDOG=1``: half of ``$WATCHDOG_USEC``, or ``None``."""
+        interval = watchdog_interval()
+        if interval is None:
+            return None
+        log.info("systemd watchdog: %gs; sending WATCHDOG=1 every %gs", interval, interval / 2)
+        return interval / 2
+
+    def _watchdog_ping(self) -> None:
+        try:
+            notify({"WATCHDOG": 1})
+        except OSError as exc:  # the manager went away: nothing to tell, keep serving
+            log.debug("WATCHDOG=1 not sent: %s", exc)
+
+    def _watchdog_due(self, due: float, period: float) -> float:
+        """Ping if *due* has passed (called by the accept loop); the next due time."""
+        now = time.monotonic()
+        if now < due:
+            return due
+        self._watchdog_ping()
+        return now + period
+
     # ------------------------------------------------------ thread/fork models
     def _serve_sync(self, handle_signals: bool) -> None:
         sel = selectors.DefaultSelector()
@@ -1020,18 +1051,23 @@ class Server:
             else None
         )
         old_chld = None
+        period = self._watchdog_period()
+        self._tick = min(0.25, period) if period is not None else 0.25
+        due = 0.0  # the first WATCHDOG=1 goes out with the first pass of the loop
         if self.model == "fork" and handle_signals:
             old_chld = signal.signal(signal.SIGCHLD, lambda *_: self._reap())
         try:
             with self._signals(handle_signals):
                 self._accepting()
                 while not self._stop.is_set():
+                    if period is not None:
+                        due = self._watchdog_due(due, period)
                     if self.model == "fork":
                         self._reap()
                         if self.max_clients and len(self._children) >= self.max_clients:
                             time.sleep(0.005)  # leave new clients in the listen queue
                             continue
-                    if slots is not None and not slots.acquire(timeout=0.1):
+                    if slots is not None and not slots.acquire(timeout=min(0.1, self._tick)):
                         continue
                     dispatched = False
                     try:
@@ -1064,7 +1100,7 @@ class Server:
         ``select``: a full listen queue drains at the cost of its refusals.
         """
         if not self._queue_ready:
-            events = sel.select(timeout=0.25)
+            events = sel.select(timeout=self._tick)
             if not any(key.fileobj is self.sock for key, _ in events):
                 return False
         if self.type == socket.SOCK_DGRAM:
@@ -1315,12 +1351,23 @@ class Server:
         self.sock.setblocking(False)
         tasks: set[asyncio.Task[None]] = set()
         limit = asyncio.Semaphore(self.max_clients) if self.max_clients else None
+        period = self._watchdog_period()
+        pinger: asyncio.TimerHandle | None = None
+
+        def ping() -> None:  # a loop callback: a blocked loop stops pinging
+            nonlocal pinger
+            self._watchdog_ping()
+            assert period is not None
+            pinger = loop.call_later(period, ping)
+
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.shutdown)
             loop.add_signal_handler(signal.SIGUSR2, self._hand_over_in_background)
         try:
             self._accepting()
+            if period is not None:
+                ping()
             stopper = asyncio.ensure_future(stop.wait())
             while not stop.is_set():
                 if limit is not None:
@@ -1394,6 +1441,8 @@ class Server:
                     log.warning("cancelled %d connections still open at shutdown", len(pending))
                     await asyncio.wait(pending, timeout=1.0)
         finally:
+            if pinger is not None:
+                pinger.cancel()
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
                     loop.remove_signal_handler(sig)

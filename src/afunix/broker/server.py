@@ -45,10 +45,12 @@ uid (:meth:`AuditLog.refusal`); what the broker knows of a peer beyond its
 credentials (its executable) is read once per connection, bounded, as text.
 
 Socket activation (``LISTEN_FDS``), ``sd_notify`` (``READY=1``,
-``STOPPING=1``) and the zero-downtime hand-over come from :class:`afunix.Server`.
-``SIGHUP`` reloads the policy atomically (the old one stays, with its roots,
-if the new one cannot be read, is invalid, or names a root that cannot be
-opened safely) and reopens the audit log.
+``STOPPING=1``, ``WATCHDOG=1``) and the zero-downtime hand-over come from
+:class:`afunix.Server`. ``SIGHUP`` reloads the policy atomically (the old one
+stays, with its roots, if the new one cannot be read, is invalid, or names a
+root that cannot be opened safely) and reopens the audit log; each reload is
+announced as systemd's ``Type=notify-reload`` expects: ``RELOADING=1`` with
+``MONOTONIC_USEC=``, then ``READY=1`` with a ``STATUS=`` saying how it went.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from .._ancillary import close_fds
 from .._creds import PeerCredentials
 from .._errors import AfunixError
 from .._fds import recv_fds
+from .._notify import notify
 from .._protocol import CLOSED, NEED_DATA, FrameError
 from ..server import Connection, Server
 from . import confine
@@ -386,13 +389,30 @@ class Broker:
         Never raises (it runs in the ``SIGHUP`` handler): whatever goes wrong
         reading, validating or opening the new policy's roots leaves the old
         policy answering, and is logged with the file and line.
+
+        Tells the service manager (``$NOTIFY_SOCKET``; systemd's
+        ``Type=notify-reload``): ``RELOADING=1`` and ``MONOTONIC_USEC=`` first,
+        then ``READY=1`` when done, also when the reload failed, with a
+        ``STATUS=`` saying why and that the old policy is kept.
         """
+        _notify_quietly(
+            {"RELOADING": 1, "MONOTONIC_USEC": time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}
+        )
+        try:
+            ok, status = self._reload()
+        except Exception as exc:  # never raises: the old policy stays
+            log.error("reload failed, keeping the previous policy: %s", exc)
+            ok, status = False, f"reload failed ({exc}); old policy kept"
+        _notify_quietly({"READY": 1, "STATUS": status})
+        return ok
+
+    def _reload(self) -> tuple[bool, str]:
         try:
             self.audit.reopen()
         except Exception as exc:  # a signal handler must not raise
             log.error("could not reopen the audit log: %s", exc)
         if self.policy_path is None:
-            return False
+            return False, "nothing to reload: the policy was given as an object; audit log reopened"
         try:
             new = load_policy(self.policy_path)
             roots = _hold_roots(new)
@@ -402,14 +422,14 @@ class Broker:
                 exc = PolicyError(self.policy_path, None, why)
             log.error("reload refused, keeping the previous policy: %s", exc)
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
-            return False
+            return False, f"reload failed, old policy kept: {exc}"
         with self._installed_lock:
             old, self._installed = self._installed, _Installed(new, roots)
         old.roots.retire()  # closed once the requests still using them are done
         self.server.max_clients_per_uid = self.budget.per_peer(new.limits)
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
         self._audit_event("reload", reason=f"{len(new.rules)} rule(s) from {self.policy_path}")
-        return True
+        return True, f"policy reloaded: {len(new.rules)} rule(s) from {self.policy_path}"
 
     def serve_forever(self, *, handle_signals: bool | None = None) -> None:
         """Serve until ``SIGTERM``/``SIGINT`` or :meth:`shutdown`; ``SIGHUP`` reloads."""
@@ -868,6 +888,14 @@ def _hold_roots(policy: Policy) -> confine.HeldRoots:
         )
     except confine.RootError as exc:
         raise PolicyError(policy.source, exc.line, exc.reason) from None
+
+
+def _notify_quietly(fields: dict[str, str | int]) -> None:
+    """``sd_notify`` that never fails a reload: a gone manager is logged only."""
+    try:
+        notify({k: str(v).replace("\n", " ") for k, v in fields.items()})
+    except OSError as exc:
+        log.warning("could not notify the service manager: %s", exc)
 
 
 def _peer_record(creds: PeerCredentials) -> dict[str, Any]:

@@ -22,7 +22,9 @@ def register(sub: Any) -> None:
             "policy against their kernel credentials, opens the file beneath the rule's "
             "root (openat2 RESOLVE_BENEATH), and passes the descriptor back. Default deny. "
             "SIGHUP reloads the policy (the old one stays if the new one is invalid) and "
-            "reopens the audit log; SIGTERM stops. See docs/broker.md."
+            "reopens the audit log; SIGTERM stops. Under systemd (Type=notify-reload, "
+            "WatchdogSec=) it sends READY=1, WATCHDOG=1, RELOADING=1 then READY=1 around "
+            "each reload, and STOPPING=1. See docs/broker.md."
         ),
         epilog=(
             "Examples: afunix broker --check /etc/afunix/broker.toml; "
