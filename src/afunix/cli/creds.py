@@ -46,7 +46,15 @@ from .._errors import AfunixError, PeerError
 from .._sockets import connect
 from ..policy import PeerPolicy
 from ..server import AsyncConnection, Connection, Datagram, Handler
-from ._common import ServerOutput, address_arg, id_arg, print_json, print_line, seconds_arg
+from ._common import (
+    ServerOutput,
+    add_json_option,
+    address_arg,
+    emit_json,
+    id_arg,
+    print_line,
+    seconds_arg,
+)
 
 REQUEST = b"afunix-creds?\n"
 REPLY_PREFIX = b"afunix-creds "
@@ -275,7 +283,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout", type=seconds_arg(), default=5.0, help="seconds to wait for the report"
     )
-    p.add_argument("--json", action="store_true", help="print the server's report as JSON")
+    add_json_option(p, "the server's report")
     claims = p.add_argument_group(
         "claimed credentials (datagrams only)",
         "Attach these ids instead of your own (SCM_CREDENTIALS). The kernel lets only a "
@@ -406,7 +414,8 @@ def cmd_creds(args: argparse.Namespace) -> int:
         claim=(args.claim_pid, args.claim_uid, args.claim_gid),
     )
     if args.json:
-        print_json(info)
+        info.pop("schema", None)
+        emit_json("creds", info)
     else:
         for line in _describe(info):
             print_line(line)
