@@ -30,6 +30,7 @@ For command authors (every module in :data:`afunix.cli.COMMANDS`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -38,7 +39,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._address import Address
@@ -59,23 +60,23 @@ EX_CONFIG = 78
 EX_INTERRUPTED = 130
 EX_STDOUT_CLOSED = 141
 
-EXIT_STATUSES: list[tuple[int, str]] = [
-    (EX_OK, "success"),
-    (EX_GENERIC, "failed (a command's own reason, e.g. load: some requests failed)"),
-    (EX_USAGE_ARGPARSE, "usage error: a bad option, argument or combination of them"),
-    (EX_DATAERR, "bad data: the peer broke the protocol, or a value is invalid (EINVAL)"),
-    (EX_NOINPUT, "an input file given on the command line is missing or unreadable"),
-    (EX_UNAVAILABLE, "unavailable: no such socket, nothing listening, wrong socket type"),
-    (EX_SOFTWARE, "internal error in afunix (a bug: --debug shows the traceback)"),
-    (EX_CANTCREAT, "cannot create the socket file: address in use, a file is in the way"),
-    (EX_IOERR, "I/O error: connection reset or closed by the peer, EIO, disk full"),
-    (EX_TEMPFAIL, "try again: timed out, EAGAIN, listen queue full, out of descriptors"),
-    (EX_NOPERM, "permission denied (EACCES, EPERM), or the server refused this client"),
-    (EX_CONFIG, "invalid configuration file (a broker or peer policy)"),
-    (EX_INTERRUPTED, "interrupted (Ctrl-C)"),
-    (EX_STDOUT_CLOSED, "standard output was closed (a pager quit, | head): no message"),
+EXIT_STATUSES: list[tuple[int, str, str]] = [
+    (EX_OK, "success", "success"),
+    (EX_GENERIC, "failed", "failed for a command's own reason (load: some requests failed)"),
+    (EX_USAGE_ARGPARSE, "usage", "usage error: a bad option or argument, or a bad combination"),
+    (EX_DATAERR, "bad data", "the peer broke the protocol, or a value is invalid (EINVAL)"),
+    (EX_NOINPUT, "no input", "an input file named on the command line cannot be opened"),
+    (EX_UNAVAILABLE, "unavailable", "no such socket, nothing listening, wrong socket type"),
+    (EX_SOFTWARE, "internal error", "a bug in afunix (--debug shows the traceback)"),
+    (EX_CANTCREAT, "cannot create", "cannot create the socket file: address in use, file there"),
+    (EX_IOERR, "I/O error", "connection reset or closed by the peer, EIO, disk full"),
+    (EX_TEMPFAIL, "try again", "timed out, EAGAIN, listen queue full, out of descriptors"),
+    (EX_NOPERM, "permission denied", "EACCES, EPERM, or the server refused this client"),
+    (EX_CONFIG, "bad config", "a policy file (broker or peer policy) is invalid or unreadable"),
+    (EX_INTERRUPTED, "interrupted", "interrupted (Ctrl-C)"),
+    (EX_STDOUT_CLOSED, "output closed", "standard output was closed (| head, a pager): silent"),
 ]
-"""Exit statuses of every command, after BSD's sysexits.h, as ``(status, meaning)``.
+"""Exit statuses of every command, after BSD's sysexits.h: ``(status, label, meaning)``.
 
 64 (``EX_USAGE``) is not used: a usage error is 2, as argparse makes it.
 Never a raw errno, except where a command says otherwise (``openfile``).
@@ -145,6 +146,25 @@ class NoInput(OSError):
         return cls(exc.errno, exc.strerror or str(exc), exc.filename)
 
 
+_STATUS_ATTR = "afunix_exit_status"
+
+
+@contextlib.contextmanager
+def creating_socket() -> Iterator[None]:
+    """Around the creation of a socket file (bind, serve, broker): ``ENOENT`` means 73.
+
+    By errno alone, ``ENOENT`` is "no such socket" (69, for a client); when
+    creating one it means that the directory is missing: the file cannot be
+    created (73, ``EX_CANTCREAT``), as with ``EADDRINUSE`` and ``EEXIST``.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            setattr(exc, _STATUS_ATTR, EX_CANTCREAT)
+        raise
+
+
 def exit_status(exc: BaseException) -> int:
     """The exit status for a command that failed with *exc* (see :data:`EXIT_STATUSES`).
 
@@ -156,6 +176,8 @@ def exit_status(exc: BaseException) -> int:
     from ..broker.policy import PolicyError as BrokerPolicyError
     from ..policy import PolicyError
 
+    if isinstance(getattr(exc, _STATUS_ATTR, None), int):
+        return int(getattr(exc, _STATUS_ATTR))
     if isinstance(exc, KeyboardInterrupt):
         return EX_INTERRUPTED
     if isinstance(exc, (UsageError, BadArgument)):
@@ -176,9 +198,7 @@ def exit_status(exc: BaseException) -> int:
 
 def exit_status_epilog() -> str:
     """The short exit-status table for ``afunix --help``."""
-    return "exit status: " + "; ".join(
-        f"{status} {meaning.split(':')[0].split(' (')[0]}" for status, meaning in EXIT_STATUSES
-    )
+    return "Exit status: " + ", ".join(f"{status} {label}" for status, label, _ in EXIT_STATUSES)
 
 
 def run(args: argparse.Namespace) -> int:

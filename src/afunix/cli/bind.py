@@ -8,7 +8,15 @@ import stat
 from typing import Any
 
 from .._sockets import listen
-from ._common import SOCKET_TYPES, add_json_option, address_arg, emit_json, mode_arg, print_line
+from ._common import (
+    SOCKET_TYPES,
+    add_json_option,
+    address_arg,
+    creating_socket,
+    emit_json,
+    mode_arg,
+    print_line,
+)
 
 
 def register(sub: Any) -> None:
@@ -32,7 +40,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    sock = listen(args.address, args.type, mode=args.mode)
+    with creating_socket():
+        sock = listen(args.address, args.type, mode=args.mode)
     try:
         addr = sock.address
         length = addr.sockaddr_len

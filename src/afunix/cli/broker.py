@@ -9,7 +9,14 @@ from typing import Any
 
 from ..broker import Broker, load_policy
 from ..broker.policy import Policy
-from ._common import UsageError, add_json_option, address_arg, emit_json, mode_arg
+from ._common import (
+    UsageError,
+    add_json_option,
+    address_arg,
+    creating_socket,
+    emit_json,
+    mode_arg,
+)
 
 
 def register(sub: Any) -> None:
@@ -109,14 +116,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
         format="afunix broker: %(message)s",
         stream=sys.stderr,
     )
-    broker = Broker(
-        args.address,
-        args.policy,
-        audit=args.audit,
-        mode=args.mode,
-        owner=args.owner,
-        group=args.group,
-    )
+    with creating_socket():
+        broker = Broker(
+            args.address,
+            args.policy,
+            audit=args.audit,
+            mode=args.mode,
+            owner=args.owner,
+            group=args.group,
+        )
     print(
         f"afunix broker: serving {broker.address.describe()} "
         f"({broker.server.origin}) with {len(broker.policy.rules)} rule(s) from {args.policy}; "

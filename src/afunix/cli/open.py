@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 from typing import Any
 
 from ..broker.client import Client
-from ._common import UsageError, emit_json, mode_arg, seconds_arg
+from ._common import NoInput, UsageError, emit_json, mode_arg, seconds_arg
 
 
 def register(sub: Any) -> None:
@@ -51,6 +52,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--nofollow", action="store_true", help="refuse a symlink as last component")
     p.add_argument("--stat", action="store_true", help="describe the received descriptor")
+    add_json_option(p, "what --stat describes (instead of the file's contents)")
     p.add_argument(
         "--timeout", type=seconds_arg(), default=10.0, help="seconds to wait for the broker"
     )
@@ -122,7 +124,10 @@ def cmd_open(args: argparse.Namespace) -> int:
         try:
             fd = client.open_fd(args.path, open_flags(args), args.mode)
         except OSError as exc:
-            raise _with_reason(exc) from None
+            error = _with_reason(exc)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # the file named: no input (66)
+                error = NoInput(error.errno, error.strerror or str(error), error.filename)
+            raise error from None
     try:
         if args.json:
             emit_json("open", _fields(fd, args.path))
