@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..broker.client import Client
-from ._common import NoInput, UsageError, emit_json, mode_arg, seconds_arg
+from ._common import NoInput, UsageError, add_json_option, emit_json, mode_arg, seconds_arg
 
 
 def register(sub: Any) -> None:
