@@ -266,10 +266,11 @@ def register(sub: Any) -> None:
             "and print what the server saw: pid, uid, gid, groups and executable, as the "
             "kernel reported them (SO_PEERCRED for connections, SCM_CREDENTIALS for "
             "datagrams). The server must run 'afunix serve ADDR --show-creds'. Exit status "
-            "0 when the server answered; EACCES (13) when it closed the connection without "
-            "answering: a server refuses clients its peer policy (--allow-*) does not admit "
-            "that way, and its log says so with the rule; ETIMEDOUT (110) when no report "
-            "came in time; EPERM (1) when the kernel refused to send claimed credentials."
+            "0 when the server answered; 77 (permission denied) when it closed the connection "
+            "without answering: a server refuses clients its peer policy (--allow-*) does not "
+            "admit that way, and its log says so with the rule; 75 (ETIMEDOUT) when no report "
+            "came in time; 77 (EPERM) when the kernel refused to send claimed credentials; "
+            "65 when the server is not a --show-creds server."
         ),
         epilog=(
             "Example: afunix serve @demo --show-creds --allow-uid 0 &  "
