@@ -4,7 +4,7 @@
 Every exit status of the table in docs/operations.md is produced here by a
 real situation (a missing socket, a stale one, a socket only root may use
 tried as uid 65534, a datagram server that never answers, ...), except 70
-(internal error), which needs a bug and is injected, and 130 (Ctrl-C).
+(internal error), which needs a bug and is injected.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import platform
 import pty
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -210,6 +211,27 @@ def test_status_141_standard_output_closed(sockdir: Path) -> None:
         _, err = proc.communicate(b"hello\n", timeout=30)
     assert proc.returncode == 141
     assert err == b""
+
+
+def test_status_130_interrupted(sockdir: Path) -> None:
+    """Ctrl-C (SIGINT) once the client is connected: 130, no traceback."""
+    path = str(sockdir / "quiet.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        proc = subprocess.Popen(
+            afunix_cmd("connect", path),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        listener.settimeout(30)
+        conn, _ = listener.accept()  # the client is connected and waiting: interrupt it
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert (out, b"Traceback" in err) == (b"", False)
 
 
 def test_status_70_internal_error_is_one_line_that_says_so(
