@@ -62,6 +62,11 @@ from .server import Server as Server
 
 __version__ = "0.1.0"
 
+#: Which implementation of the socket core runs: ``"pure-python"`` (the only one
+#: today). A compiled core, when there is one, is chosen once at import and named
+#: here; ``afunix --version`` shows it.
+__core__ = "pure-python"
+
 __all__ = [
     "PLATFORM",
     "Address",

@@ -499,7 +499,7 @@ def test_cli_show_creds_and_allow_uid(sockdir: Path) -> None:
         assert report["policy"] == "uid 0 (root) is allowed"
 
         refused = _creds_cmd(addr, prefix=tuple(NOBODY))
-        assert refused.returncode == errno.EACCES
+        assert refused.returncode == 77  # EX_NOPERM
         assert "refused this client (uid 65534, gid 65534)" in refused.stderr
     finally:
         out, err = server.stop()
@@ -523,7 +523,7 @@ def test_cli_datagram_claims(sockdir: Path) -> None:
         assert "via SCM_CREDENTIALS" in claimed.stdout
 
         forged = _creds_cmd(addr, "--type", "dgram", "--claim-uid", "0", prefix=tuple(NOBODY))
-        assert forged.returncode == errno.EPERM
+        assert forged.returncode == 77  # EX_NOPERM (EPERM)
         assert "the kernel refused to send credentials" in forged.stderr
 
         honest = _creds_cmd(addr, "--type", "dgram", "--json", prefix=tuple(NOBODY))
@@ -541,7 +541,7 @@ def test_cli_creds_against_a_plain_echo_server(sockdir: Path) -> None:
         got = _creds_cmd(addr)
     finally:
         server.stop()
-    assert got.returncode == errno.EPROTO
+    assert got.returncode == 65  # EX_DATAERR (EPROTO)
     assert "echoed the request back" in got.stderr
 
 

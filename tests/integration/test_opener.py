@@ -316,7 +316,7 @@ def test_send_fds_errors(sockdir: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert proc.returncode == errno.ENOENT
+    assert proc.returncode == 69  # EX_UNAVAILABLE: no such socket
     assert b"no such socket" in proc.stderr
     proc = subprocess.run(
         afunix_cmd("send-fds", str(sockdir / "x.sock"), str(sockdir / "missing")),
@@ -324,7 +324,7 @@ def test_send_fds_errors(sockdir: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert proc.returncode == errno.ENOENT
+    assert proc.returncode == 66  # EX_NOINPUT: the FILE to send is missing
 
 
 def test_show_fds_reports_a_truncation_and_goes_on(sockdir: Path, textfile: Path) -> None:

@@ -1,8 +1,36 @@
-"""What every command shares: error reporting, JSON output, argument types."""
+"""What every command shares: exit statuses, error reporting, JSON output, argument types.
+
+For command authors (every module in :data:`afunix.cli.COMMANDS`):
+
+* **Exit status.** Return 0 on success; raise an exception for a failure and
+  :func:`run` turns it into one ``afunix: error: ...`` line on standard error
+  and the status :func:`exit_status` picks (the table in :data:`EXIT_STATUSES`,
+  after sysexits.h). Raise :class:`UsageError` for a wrong combination of
+  options (status 2, as argparse does for a bad option); raise
+  :class:`NoInput` when a file the user named as input cannot be read (66).
+  A command may define statuses of its own (``openfile`` exits with the errno,
+  as the book's program does; ``load`` exits 1 when requests failed; ``probe``
+  has one status per verdict): say so in its ``--help`` and in
+  docs/operations.md, and use numbers outside the table or the table's own.
+* **JSON.** Add ``--json`` with :func:`add_json_option`; print the result with
+  :func:`emit_json` ``("COMMAND", {...})``: one object on one line, its first
+  key ``"schema": "afunix.COMMAND/1"``, never ``NaN`` or ``Infinity`` (a value
+  that is not a finite number is a bug, reported as exit status 70). Errors stay
+  one line on standard error in JSON mode too. Document the fields in
+  docs/cli-json.md; add fields freely, never change or remove one without
+  bumping the version in the schema name.
+* **--debug** is accepted before and after the command name (added to every
+  command's parser by :func:`afunix.cli.build_parser`); read it as
+  ``getattr(args, "debug", False)``.
+* **Progress** of a long run: :func:`progress_console` gives a rich console on
+  standard error when standard error is a terminal, else ``None`` (show no
+  progress). Rich honours ``NO_COLOR``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -11,41 +39,201 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._address import Address
-from .._errors import AfunixError
+from .._errors import AfunixError, PeerError
+
+EX_OK = 0
+EX_GENERIC = 1
+EX_USAGE_ARGPARSE = 2
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+EX_INTERRUPTED = 130
+EX_STDOUT_CLOSED = 141
+
+EXIT_STATUSES: list[tuple[int, str, str]] = [
+    (EX_OK, "success", "success"),
+    (EX_GENERIC, "failed", "failed for a command's own reason (load: some requests failed)"),
+    (EX_USAGE_ARGPARSE, "usage", "usage error: a bad option or argument, or a bad combination"),
+    (EX_DATAERR, "bad data", "the peer broke the protocol, or a value is invalid (EINVAL)"),
+    (EX_NOINPUT, "no input", "an input file named on the command line cannot be opened"),
+    (EX_UNAVAILABLE, "unavailable", "no such socket, nothing listening, wrong socket type"),
+    (EX_SOFTWARE, "internal error", "a bug in afunix (--debug shows the traceback)"),
+    (EX_CANTCREAT, "cannot create", "cannot create the socket file: address in use, file there"),
+    (EX_IOERR, "I/O error", "connection reset or closed by the peer, EIO, disk full"),
+    (EX_TEMPFAIL, "try again", "timed out, EAGAIN, listen queue full, out of descriptors"),
+    (EX_NOPERM, "permission denied", "EACCES, EPERM, or the server refused this client"),
+    (EX_CONFIG, "bad config", "a policy file (broker or peer policy) is invalid or unreadable"),
+    (EX_INTERRUPTED, "interrupted", "interrupted (Ctrl-C)"),
+    (EX_STDOUT_CLOSED, "output closed", "standard output was closed (| head, a pager): silent"),
+]
+"""Exit statuses of every command, after BSD's sysexits.h: ``(status, label, meaning)``.
+
+64 (``EX_USAGE``) is not used: a usage error is 2, as argparse makes it.
+Never a raw errno, except where a command says otherwise (``openfile``).
+"""
+
+_ERRNO_STATUS: dict[int, int] = {}
+for _status, _names in (
+    (EX_DATAERR, ("EPROTO", "EBADMSG", "EINVAL", "EILSEQ")),
+    (
+        EX_UNAVAILABLE,
+        (
+            "ENOENT",
+            "ENOTDIR",
+            "ECONNREFUSED",
+            "ENOTSOCK",
+            "EPROTOTYPE",
+            "EHOSTUNREACH",
+            "ENETUNREACH",
+            "EADDRNOTAVAIL",
+            "ENOTCONN",
+            "ESRCH",
+            "EOPNOTSUPP",
+            "ENOTSUP",
+            "EAFNOSUPPORT",
+            "EPROTONOSUPPORT",
+        ),
+    ),
+    (EX_CANTCREAT, ("EADDRINUSE", "EEXIST", "EROFS")),
+    (
+        EX_IOERR,
+        ("EIO", "EPIPE", "ECONNRESET", "ECONNABORTED", "ENOSPC", "EDQUOT", "EMSGSIZE", "EBADF"),
+    ),
+    (
+        EX_TEMPFAIL,
+        (
+            "EAGAIN",
+            "EWOULDBLOCK",
+            "ETIMEDOUT",
+            "EINTR",
+            "ENOBUFS",
+            "ENOMEM",
+            "EMFILE",
+            "ENFILE",
+            "EBUSY",
+            "EINPROGRESS",
+        ),
+    ),
+    (EX_NOPERM, ("EACCES", "EPERM")),
+):
+    for _name in _names:
+        if hasattr(errno, _name):
+            _ERRNO_STATUS.setdefault(getattr(errno, _name), _status)
+
+
+class UsageError(ValueError):
+    """A wrong combination of options found after parsing: exit status 2, one line."""
+
+
+class NoInput(OSError):
+    """An input file named on the command line cannot be opened: exit status 66.
+
+    Keeps the errno and file name of the failed open (``NoInput.wrap(exc)``).
+    """
+
+    @classmethod
+    def wrap(cls, exc: OSError) -> NoInput:
+        return cls(exc.errno, exc.strerror or str(exc), exc.filename)
+
+
+_STATUS_ATTR = "afunix_exit_status"
+
+
+@contextlib.contextmanager
+def creating_socket() -> Iterator[None]:
+    """Around the creation of a socket file (bind, serve, broker): ``ENOENT`` means 73.
+
+    By errno alone, ``ENOENT`` is "no such socket" (69, for a client); when
+    creating one it means that the directory is missing: the file cannot be
+    created (73, ``EX_CANTCREAT``), as with ``EADDRINUSE`` and ``EEXIST``.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            setattr(exc, _STATUS_ATTR, EX_CANTCREAT)
+        raise
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status for a command that failed with *exc* (see :data:`EXIT_STATUSES`).
+
+    The one mapping from exceptions and errnos to statuses: usage errors 2, an
+    invalid policy 78, an unreadable input file 66, a peer breaking the protocol
+    65, then by errno; an errno outside the table is 1, and an exception that is
+    not an ``OSError``, ``ValueError`` or ``TypeError`` is a bug (70).
+    """
+    from ..broker.policy import PolicyError as BrokerPolicyError
+    from ..policy import PolicyError
+
+    if isinstance(getattr(exc, _STATUS_ATTR, None), int):
+        return int(getattr(exc, _STATUS_ATTR))
+    if isinstance(exc, KeyboardInterrupt):
+        return EX_INTERRUPTED
+    if isinstance(exc, (UsageError, BadArgument)):
+        return EX_USAGE_ARGPARSE
+    if isinstance(exc, (PolicyError, BrokerPolicyError)):
+        return EX_CONFIG
+    if isinstance(exc, NoInput):
+        return EX_NOINPUT
+    if isinstance(exc, OSError):
+        status = _ERRNO_STATUS.get(exc.errno or 0)
+        if status is not None:
+            return status
+        return EX_DATAERR if isinstance(exc, PeerError) else EX_GENERIC
+    if isinstance(exc, (ValueError, TypeError)):
+        return EX_DATAERR
+    return EX_SOFTWARE
+
+
+def exit_status_epilog() -> str:
+    """The short exit-status table for ``afunix --help``."""
+    return "Exit status: " + ", ".join(f"{status} {label}" for status, label, _ in EXIT_STATUSES)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``args.func(args)``; turn exceptions into one line on stderr."""
+    """Run ``args.func(args)``; turn exceptions into one line on stderr and a status."""
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     except BrokenPipeError:
         # stdout closed by a pager or `head`: not an error worth a message.
         try:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         except OSError:
             pass
-        return 141
-    except (OSError, ValueError, TypeError) as exc:
+        return EX_STDOUT_CLOSED
+    except Exception as exc:
         return report_error(exc, debug=getattr(args, "debug", False))
 
 
 def report_error(exc: BaseException, *, debug: bool = False) -> int:
     """Print *exc* as one ``afunix: error: ...`` line (traceback first if *debug*).
 
-    Returns the exit status: the errno when there is one (below 126), else 2.
+    Returns the exit status :func:`exit_status` gives.
     """
     if debug:
         traceback.print_exception(exc)
-    print(f"afunix: error: {describe_error(exc)}", file=sys.stderr)
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno if exc.errno < 126 else 1
-    return 2
+    status = exit_status(exc)
+    text = describe_error(exc.error if isinstance(exc, BadArgument) else exc)
+    if status == EX_SOFTWARE:
+        text = (
+            f"internal error: {type(exc).__name__}: {text} (a bug in afunix: "
+            "run again with --debug for the traceback and report it)"
+        )
+    print(f"afunix: error: {text}", file=sys.stderr)
+    return status
 
 
 class BadArgument(Exception):
@@ -53,7 +241,7 @@ class BadArgument(Exception):
 
     Deliberately not a ``ValueError``: argparse would turn it into a usage
     message. :func:`afunix.cli.main` reports ``error`` in one line instead,
-    with its errno as the exit status, like any other error.
+    with exit status 2 (a usage error), its errno named in the message.
     """
 
     def __init__(self, error: OSError) -> None:
@@ -239,10 +427,59 @@ class ServerOutput:
             pass
 
 
-def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=None, sort_keys=False)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+def add_json_option(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """Add ``--json``: print *what* as one JSON object (schema in docs/cli-json.md)."""
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print {what} as one JSON object (fields: docs/cli-json.md)",
+    )
+
+
+def json_text(command: str, data: dict[str, Any]) -> str:
+    """*data* as one line of JSON, ``"schema": "afunix.COMMAND/1"`` first.
+
+    Refuses ``NaN`` and infinities (``ValueError``): JSON has no such numbers
+    and strict parsers reject them; a command gives ``null`` for "no value".
+    """
+    obj = {"schema": f"afunix.{command}/1", **data}
+    return json.dumps(obj, allow_nan=False, separators=(", ", ": "))
+
+
+def emit_json(command: str, data: dict[str, Any]) -> None:
+    """Print :func:`json_text` of *data* on standard output (bytes of odd paths kept)."""
+    print_line(json_text(command, data))
+
+
+def strict_json(data: Any) -> Any:
+    """*data* with every ``NaN`` and infinity (at any depth) made ``None``.
+
+    For output that holds measured figures (``bench``): a figure that could
+    not be measured is ``null`` in the JSON, never the invalid ``NaN``.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
+def progress_console() -> Any:
+    """A rich ``Console`` on standard error for a progress display, or ``None``.
+
+    ``None`` when standard error is not a terminal (a pipe, a file, a CI log:
+    no progress at all) or when rich is not installed. Rich honours
+    ``NO_COLOR`` (https://no-color.org): colours off, the bar still moves.
+    """
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from rich.console import Console
+    except ImportError:  # pragma: no cover - rich is in the cli extra
+        return None
+    return Console(stderr=True)
 
 
 SOCKET_TYPES = ["stream", "dgram", "seqpacket"]

@@ -11,7 +11,7 @@ from typing import Any
 from ..bench import Options, run_bench, to_json
 from ..bench._report import render_markdown, render_plain, render_rich, run_from_json
 from ..bench._spec import CASES, IMPLS
-from ._common import count_arg, seconds_arg
+from ._common import count_arg, progress_console, seconds_arg, strict_json
 
 
 def size_arg(text: str) -> int:
@@ -125,7 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         console = Console()
         if not console.is_terminal:
             console = Console(width=120)  # a file or pipe: don't wrap the tables
-        run = saved or _run_with_rich(options, console, show=not args.no_progress)
+        run = saved or _run_with_rich(options, show=not args.no_progress)
         render_rich(run, console)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -133,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.markdown}", file=sys.stderr)
     if args.json and saved is None:
         with open(args.json, "w") as f:
-            json.dump(to_json(run), f, indent=1)
+            json.dump(strict_json(to_json(run)), f, indent=1, allow_nan=False)
             f.write("\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
@@ -157,10 +157,12 @@ def _plain_progress() -> Any:
     return progress
 
 
-def _run_with_rich(options: Options, console: Any, *, show: bool) -> Any:
+def _run_with_rich(options: Options, *, show: bool) -> Any:
+    """Run the benchmark; a progress bar on standard error only when it is a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    if not show:
+    console = progress_console() if show else None
+    if console is None:
         return run_bench(options)
     with Progress(
         "[progress.description]{task.description}",

@@ -8,7 +8,15 @@ import stat
 from typing import Any
 
 from .._sockets import listen
-from ._common import SOCKET_TYPES, address_arg, mode_arg, print_json, print_line
+from ._common import (
+    SOCKET_TYPES,
+    add_json_option,
+    address_arg,
+    creating_socket,
+    emit_json,
+    mode_arg,
+    print_line,
+)
 
 
 def register(sub: Any) -> None:
@@ -27,25 +35,29 @@ def register(sub: Any) -> None:
     p.add_argument("--type", choices=SOCKET_TYPES, default="stream")
     p.add_argument("--mode", type=mode_arg, help="file mode, e.g. 600 (default: 777 & ~umask)")
     p.add_argument("--remove", action="store_true", help="remove the socket file afterwards")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_option(p)
     p.set_defaults(func=cmd_bind)
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    sock = listen(args.address, args.type, mode=args.mode)
+    with creating_socket():
+        sock = listen(args.address, args.type, mode=args.mode)
     try:
         addr = sock.address
         length = addr.sockaddr_len
         path = addr.filesystem_path
         mode = stat.S_IMODE(os.lstat(path).st_mode) if path is not None else None
         if args.json:
-            print_json(
+            emit_json(
+                "bind",
                 {
                     "name": str(addr),
                     "kind": addr.kind.value,
+                    "type": args.type,
                     "len": length,
                     "mode": None if mode is None else f"{mode:04o}",
-                }
+                    "removed": bool(args.remove),
+                },
             )
         else:
             print_line(f"bound name = {addr.describe()}, returned len = {length}")

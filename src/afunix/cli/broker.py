@@ -9,7 +9,14 @@ from typing import Any
 
 from ..broker import Broker, load_policy
 from ..broker.policy import Policy
-from ._common import address_arg, mode_arg
+from ._common import (
+    UsageError,
+    add_json_option,
+    address_arg,
+    creating_socket,
+    emit_json,
+    mode_arg,
+)
 
 
 def register(sub: Any) -> None:
@@ -46,6 +53,7 @@ def register(sub: Any) -> None:
     p.add_argument("--owner", help="socket file owner (user name or uid)")
     p.add_argument("--group", help="socket file group (group name or gid)")
     p.add_argument("-v", "--verbose", action="store_true", help="log reloads and connections")
+    add_json_option(p, "the --check result")
     p.set_defaults(func=cmd_broker)
 
 
@@ -77,29 +85,48 @@ def describe_policy(policy: Policy) -> list[str]:
 def cmd_broker(args: argparse.Namespace) -> int:
     if args.check:
         policy = load_policy(args.check)
+        if args.json:
+            emit_json(
+                "broker-check",
+                {
+                    "file": args.check,
+                    "valid": True,
+                    "default": "deny",
+                    "rules": [
+                        {
+                            "name": rule.name,
+                            "line": rule.line,
+                            "root": rule.root,
+                            "allow": sorted(rule.allow),
+                            "description": text.strip(),
+                        }
+                        for rule, text in zip(policy.rules, describe_policy(policy), strict=True)
+                    ],
+                },
+            )
+            return 0
         print(f"{args.check}: valid, {len(policy.rules)} rule(s), default deny")
         for line in describe_policy(policy):
             print(line)
         return 0
+    if args.json:
+        raise UsageError("--json goes with --check FILE (serving prints no result)")
     if args.address is None or args.policy is None:
-        print(
-            "afunix broker: error: give ADDR and --policy FILE to serve, or --check FILE",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError("give ADDR and --policy FILE to serve, or --check FILE")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="afunix broker: %(message)s",
         stream=sys.stderr,
     )
-    broker = Broker(
-        args.address,
-        args.policy,
-        audit=args.audit,
-        mode=args.mode,
-        owner=args.owner,
-        group=args.group,
-    )
+    with creating_socket():
+        broker = Broker(
+            args.address,
+            args.policy,
+            audit=args.audit,
+            mode=args.mode,
+            owner=args.owner,
+            group=args.group,
+        )
     print(
         f"afunix broker: serving {broker.address.describe()} "
         f"({broker.server.origin}) with {len(broker.policy.rules)} rule(s) from {args.policy}; "

@@ -14,7 +14,7 @@ from typing import Any
 
 from .._errors import AfunixError, strerror
 from .._sockets import Socket, connect
-from ._common import SOCKET_TYPES, address_arg, count_arg, seconds_arg
+from ._common import SOCKET_TYPES, add_json_option, address_arg, count_arg, emit_json, seconds_arg
 
 
 def register(sub: Any) -> None:
@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
             "client binds a private reply address automatically (UNP 15.4 point 8) and "
             "waits for one reply per datagram sent: when a reply is owed and none comes "
             "for --reply-timeout seconds, afunix stops with an error and exit status "
-            "ETIMEDOUT (110). Exit status 0 on success."
+            "75 (try again). Exit status 0 on success; failures as in 'afunix --help'."
         ),
         epilog="Example: printf 'hello\\n' | afunix connect /tmp/echo.sock",
     )
@@ -52,6 +52,10 @@ def register(sub: Any) -> None:
         default=5.0,
         metavar="S",
         help="dgram: fail when a reply is owed and none has come for S seconds (default 5)",
+    )
+    add_json_option(
+        p,
+        "a summary instead of the replies (the replies as text in it)",
     )
     p.set_defaults(func=cmd_connect)
 
@@ -135,6 +139,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         pump.daemon = True
         pump.start()
         out = sys.stdout.buffer
+        replies: list[bytes] = []
         received = 0
         quiet_since: float | None = None
         last_reply = 0.0
@@ -165,11 +170,26 @@ def cmd_connect(args: argparse.Namespace) -> int:
                 break
             received += 1
             last_reply = time.monotonic()
-            out.write(data)
-            out.flush()
+            if args.json:
+                replies.append(data)
+            else:
+                out.write(data)
+                out.flush()
             if quiet_since is not None:
                 quiet_since = time.monotonic()
         pump.join(0.5)
         if errors:
             raise errors[0]
+    if args.json:
+        emit_json(
+            "connect",
+            {
+                "address": str(args.address),
+                "type": args.type,
+                "sent": sent[0],
+                "received": received,
+                "received_bytes": sum(map(len, replies)),
+                "replies": [r.decode("utf-8", "replace") for r in replies],
+            },
+        )
     return 0

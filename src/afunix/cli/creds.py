@@ -46,7 +46,15 @@ from .._errors import AfunixError, PeerError
 from .._sockets import connect
 from ..policy import PeerPolicy
 from ..server import AsyncConnection, Connection, Datagram, Handler
-from ._common import ServerOutput, address_arg, id_arg, print_json, print_line, seconds_arg
+from ._common import (
+    ServerOutput,
+    add_json_option,
+    address_arg,
+    emit_json,
+    id_arg,
+    print_line,
+    seconds_arg,
+)
 
 REQUEST = b"afunix-creds?\n"
 REPLY_PREFIX = b"afunix-creds "
@@ -258,10 +266,11 @@ def register(sub: Any) -> None:
             "and print what the server saw: pid, uid, gid, groups and executable, as the "
             "kernel reported them (SO_PEERCRED for connections, SCM_CREDENTIALS for "
             "datagrams). The server must run 'afunix serve ADDR --show-creds'. Exit status "
-            "0 when the server answered; EACCES (13) when it closed the connection without "
-            "answering: a server refuses clients its peer policy (--allow-*) does not admit "
-            "that way, and its log says so with the rule; ETIMEDOUT (110) when no report "
-            "came in time; EPERM (1) when the kernel refused to send claimed credentials."
+            "0 when the server answered; 77 (permission denied) when it closed the connection "
+            "without answering: a server refuses clients its peer policy (--allow-*) does not "
+            "admit that way, and its log says so with the rule; 75 (ETIMEDOUT) when no report "
+            "came in time; 77 (EPERM) when the kernel refused to send claimed credentials; "
+            "65 when the server is not a --show-creds server."
         ),
         epilog=(
             "Example: afunix serve @demo --show-creds --allow-uid 0 &  "
@@ -275,7 +284,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout", type=seconds_arg(), default=5.0, help="seconds to wait for the report"
     )
-    p.add_argument("--json", action="store_true", help="print the server's report as JSON")
+    add_json_option(p, "the server's report")
     claims = p.add_argument_group(
         "claimed credentials (datagrams only)",
         "Attach these ids instead of your own (SCM_CREDENTIALS). The kernel lets only a "
@@ -406,7 +415,8 @@ def cmd_creds(args: argparse.Namespace) -> int:
         claim=(args.claim_pid, args.claim_uid, args.claim_gid),
     )
     if args.json:
-        print_json(info)
+        info.pop("schema", None)
+        emit_json("creds", info)
     else:
         for line in _describe(info):
             print_line(line)

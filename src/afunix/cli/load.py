@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._address import Address
-from ._common import address_arg, count_arg, print_json, seconds_arg
+from ._common import (
+    add_json_option,
+    address_arg,
+    count_arg,
+    emit_json,
+    progress_console,
+    seconds_arg,
+)
 
 MAX_SIZE = 64 << 20
 """The largest ``--size``: 64 MiB (the client holds the request and a buffer for its echo)."""
@@ -75,8 +82,12 @@ def register(sub: Any) -> None:
         type=count_arg(what="a process id"),
         help="report this server's memory (with --hold)",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    add_json_option(p, "the report")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress display (shown on standard error only when it is a terminal)",
+    )
     p.set_defaults(func=cmd_load)
 
 
@@ -112,7 +123,8 @@ class Report:
         }
         if self.mode == "busy":
             out["unfinished"] = self.unfinished
-            out["requests_per_s"] = round(self.requests / self.duration_s, 1)
+            rate = self.requests / self.duration_s if self.duration_s > 0 else None
+            out["requests_per_s"] = None if rate is None else round(rate, 1)
             # null, not NaN (which is not JSON), when no request completed
             out["latency_us"] = {
                 f"p{q:g}": round(self.percentile(q), 1) if self.latencies_ns else None
@@ -246,13 +258,14 @@ def _rss_kib(pid: int) -> int:
 
 
 async def _progress(label: str, seconds: float, enabled: bool) -> None:
-    if not enabled:
+    """Wait *seconds*, with a progress bar on standard error when it is a terminal."""
+    console = progress_console() if enabled else None
+    if console is None:
+        await asyncio.sleep(seconds)
         return
-    try:
-        from rich.progress import Progress
-    except ImportError:  # pragma: no cover - rich is in the cli extra
-        return
-    with Progress(transient=True) as progress:
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as progress:
         task = progress.add_task(label, total=seconds)
         start = time.monotonic()
         while (elapsed := time.monotonic() - start) < seconds:
@@ -315,8 +328,6 @@ async def run_hold(
         await _bounded(report, timeout, [one() for _ in range(count)])
         report.held = len(socks)
         await _progress(f"holding {report.held} connections", duration, progress)
-        if not progress:
-            await asyncio.sleep(duration)
         if server_pid is not None:
             report.rss_after_kib = _rss_kib(server_pid)
         # Every held connection still works at the end.
@@ -350,7 +361,7 @@ async def _bounded(report: Report, timeout: float, jobs: list[Coroutine[Any, Any
 
 def cmd_load(args: argparse.Namespace) -> int:
     addr: Address = args.address
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress
     if args.hold is not None:
         raise_nofile(args.hold + 64)
         report = asyncio.run(
@@ -371,7 +382,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             flush=True,
         )
     if args.json:
-        print_json(data)
+        emit_json("load", data)
     else:
         _print_table(data)
     return 1 if report.errors or (args.hold is None and not report.requests) else 0

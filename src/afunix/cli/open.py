@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..broker.client import Client
-from ._common import mode_arg, seconds_arg
+from ._common import NoInput, UsageError, add_json_option, emit_json, mode_arg, seconds_arg
 
 
 def register(sub: Any) -> None:
@@ -52,6 +52,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--nofollow", action="store_true", help="refuse a symlink as last component")
     p.add_argument("--stat", action="store_true", help="describe the received descriptor")
+    add_json_option(p, "what --stat describes (instead of the file's contents)")
     p.add_argument(
         "--timeout", type=seconds_arg(), default=10.0, help="seconds to wait for the broker"
     )
@@ -91,6 +92,23 @@ def _describe(fd: int, path: str) -> str:
     )
 
 
+def _fields(fd: int, path: str) -> dict[str, object]:
+    """What ``--json`` reports of the received descriptor (the facts ``--stat`` prints)."""
+    st = os.fstat(fd)
+    access = {os.O_RDONLY: "read", os.O_WRONLY: "write", os.O_RDWR: "read-write"}
+    return {
+        "path": path,
+        "kind": "directory" if stat.S_ISDIR(st.st_mode) else "regular file",
+        "access": access.get(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE, "?"),
+        "inode": st.st_ino,
+        "device": st.st_dev,
+        "size": st.st_size,
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+
+
 def _with_reason(exc: OSError) -> OSError:
     """Add the broker's one-line reason (if any) to an open error."""
     reason = getattr(exc, "broker_reason", "")
@@ -101,14 +119,19 @@ def _with_reason(exc: OSError) -> OSError:
 
 def cmd_open(args: argparse.Namespace) -> int:
     if not args.broker:
-        raise OSError(errno.EINVAL, "no broker: give --broker ADDR or set $AFUNIX_BROKER")
+        raise UsageError("no broker: give --broker ADDR or set $AFUNIX_BROKER")
     with Client(args.broker, timeout=args.timeout) as client:
         try:
             fd = client.open_fd(args.path, open_flags(args), args.mode)
         except OSError as exc:
-            raise _with_reason(exc) from None
+            error = _with_reason(exc)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # the file named: no input (66)
+                error = NoInput(error.errno, error.strerror or str(error), error.filename)
+            raise error from None
     try:
-        if args.stat:
+        if args.json:
+            emit_json("open", _fields(fd, args.path))
+        elif args.stat:
             print(_describe(fd, args.path))
         elif args.list:
             for name in sorted(os.listdir(fd)):

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._fds import describe_fd, sendall_fds
 from .._sockets import connect
-from ._common import address_arg
+from ._common import NoInput, add_json_option, address_arg, emit_json
 
 #: The seed's PHP clients send one space as the payload the descriptors ride on.
 PAYLOAD = b" "
@@ -37,6 +37,7 @@ def register(sub: Any) -> None:
         help="socket type (default stream)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    add_json_option(p, "what was sent")
     p.set_defaults(func=cmd_send_fds)
 
 
@@ -49,9 +50,20 @@ def _open(spec: str) -> tuple[int, bool]:
             fd = -1
         if fd < 0:
             raise ValueError(f"bad descriptor spec {spec!r}: use fd:N with N 0 or more")
-        os.fstat(fd)  # EBADF now, with a clear message, rather than in sendmsg
+        try:
+            os.fstat(fd)  # EBADF now, with a clear message, rather than in sendmsg
+        except OSError as exc:
+            raise NoInput(exc.errno, f"{exc.strerror}: descriptor {fd} is not open", spec) from None
         return fd, False
-    return os.open(spec, os.O_RDONLY | os.O_CLOEXEC), True
+    try:
+        return os.open(spec, os.O_RDONLY | os.O_CLOEXEC), True
+    except OSError as exc:
+        raise NoInput.wrap(exc) from None
+
+
+def _fd_fields(fd: int) -> dict[str, object]:
+    info = describe_fd(fd)
+    return {"kind": info.kind, "target": info.target, "inode": info.inode, "mode": info.mode}
 
 
 def cmd_send_fds(args: argparse.Namespace) -> int:
@@ -69,7 +81,20 @@ def cmd_send_fds(args: argparse.Namespace) -> int:
             sendall_fds(sock, PAYLOAD, fds)
             if args.type != "dgram":
                 sock.shutdown(socket.SHUT_WR)
-        if not args.quiet:
+        if args.json:
+            emit_json(
+                "send-fds",
+                {
+                    "address": str(args.address),
+                    "type": args.type,
+                    "payload_bytes": len(PAYLOAD),
+                    "descriptors": [
+                        {"spec": spec, **_fd_fields(fd)}
+                        for spec, fd in zip(args.files, fds, strict=True)
+                    ],
+                },
+            )
+        elif not args.quiet:
             where = args.address.describe()
             print(f"sent {len(PAYLOAD)} byte and {len(fds)} descriptor(s) to {where}:")
             for spec, fd in zip(args.files, fds, strict=True):

@@ -12,7 +12,14 @@ from typing import Any
 
 from .._sockets import socket_type
 from ..server import Handler, Limits, Model, Server, echo_handler
-from ._common import SOCKET_TYPES, address_arg, count_arg, mode_arg, seconds_arg
+from ._common import (
+    SOCKET_TYPES,
+    address_arg,
+    count_arg,
+    creating_socket,
+    mode_arg,
+    seconds_arg,
+)
 from .creds import add_serve_options, policy_from_args, show_creds_handler
 
 
@@ -138,24 +145,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Until serve_forever installs its own handlers, a SIGTERM must still remove
     # the socket file: turn it into SystemExit, which the finally below handles.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    server = Server(
-        args.address,
-        pick_handler(args, model, sock_type),
-        type=args.type,
-        model=model,
-        backlog=args.backlog,
-        mode=args.mode,
-        owner=args.owner,
-        group=args.group,
-        parent_mode=args.parent_mode,
-        max_clients=args.max_clients,
-        shutdown_timeout=args.shutdown_timeout,
-        fdstore=args.fdstore,
-        event_loop="uvloop" if args.uvloop else "asyncio",
-        on_ready=lambda srv: _write_pidfile(args.pidfile),
-        policy=policy_from_args(args),
-        limits=Limits(idle_timeout=args.idle_timeout, send_timeout=args.send_timeout),
-    )
+    with creating_socket():
+        server = Server(
+            args.address,
+            pick_handler(args, model, sock_type),
+            type=args.type,
+            model=model,
+            backlog=args.backlog,
+            mode=args.mode,
+            owner=args.owner,
+            group=args.group,
+            parent_mode=args.parent_mode,
+            max_clients=args.max_clients,
+            shutdown_timeout=args.shutdown_timeout,
+            fdstore=args.fdstore,
+            event_loop="uvloop" if args.uvloop else "asyncio",
+            on_ready=lambda srv: _write_pidfile(args.pidfile),
+            policy=policy_from_args(args),
+            limits=Limits(idle_timeout=args.idle_timeout, send_timeout=args.send_timeout),
+        )
     print(
         f"afunix: serving {args.type} on {server.address.describe()} (model {model}, "
         f"socket {server.origin}); "
