@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -47,6 +49,12 @@ def _wait_serving(tree: Tree) -> None:
             if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _unread_by_peer(sock: socket.socket) -> int:
+    """Bytes this socket sent that its peer has not read yet (``SIOCOUTQ``)."""
+    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    return int.from_bytes(buf, sys.byteorder, signed=True)
 
 
 def _all_threads_stopped(pid: int) -> bool:
@@ -151,9 +159,12 @@ def test_broker_killed_mid_request_gives_an_error_at_once(tree: Tree) -> None:
                 except BaseException as exc:
                     result.append(exc)
 
+            assert _wait(lambda: _all_threads_stopped(b.pid), 10), "SIGSTOP took no effect"
             t = threading.Thread(target=ask)
             t.start()
-            time.sleep(0.2)  # the request is in the broker's socket now
+            # The request is in the broker's socket once the client's socket has
+            # bytes its peer has not read (SIOCOUTQ), and the client waits for the reply.
+            assert _wait(lambda: c._sock is not None and _unread_by_peer(c._sock) > 0, 10)
             started = time.monotonic()
             os.kill(b.pid, signal.SIGKILL)
             t.join(10)
