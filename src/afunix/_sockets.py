@@ -9,8 +9,9 @@ Full listen queues (15.4 point 6). The book describes BSD, where a client
 gets ``ECONNREFUSED`` at once when the server's queue is full. Linux differs:
 a blocking ``connect`` waits for room, a non-blocking one fails with
 ``EAGAIN``, and ``ECONNREFUSED`` means that *nothing listens* (a stale file).
-:func:`connect` with ``timeout=`` polls for room until the deadline and then
-raises :class:`ListenQueueFull`; with ``retries=`` it retries transient
+:func:`connect` with ``timeout=`` waits for room in the kernel (a blocking
+connect bounded by ``SO_SNDTIMEO``, so it is woken in turn with the other
+waiting clients) until the deadline and then raises :class:`ListenQueueFull`; with ``retries=`` it retries transient
 failures (full queue, server restarting) with exponential backoff.
 """
 
@@ -326,7 +327,7 @@ _TRANSIENT = (ListenQueueFull, NothingListening, NoSuchSocket)
 
 
 def _connect_once(sock: socket.socket, addr: Address, deadline: float | None) -> None:
-    """Connect, turning Linux's wait-for-room into a bounded poll when a deadline is set."""
+    """Connect; with a deadline, Linux's wait for room in a full queue is bounded by it."""
     if addr.kind is AddressKind.TCP:
         if deadline is not None:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
