@@ -29,6 +29,7 @@ COMMANDS = [
     "openfile",
     "cat",
     "send-fds",
+    "spy",
     "tour",
 ]
 
