@@ -33,8 +33,8 @@ from typing import Any, Final
 
 from ._address import Address, AddressLike
 from ._ancillary import ControlTruncated, close_fds
-from ._creds import PeerCredentials, peer_credentials
-from ._fds import describe_fd, recv_fds, sendall_fds
+from ._creds import PeerCredentials, enable_credentials, message_credentials, peer_credentials
+from ._fds import describe_fd, recv_fds, recvmsg_items, sendall_fds
 from ._protocol import FLAG_MEMFD, HEADER, SCM_MAX_FD, FrameError, decode_header
 from ._sockets import Socket, SocketTypeLike, connect, listen, socket_type, type_name
 
@@ -234,7 +234,14 @@ class Relay:
         self._links: dict[int, tuple[socket.socket, ...]] = {}
         self._threads: list[threading.Thread] = []
         self._count = 0
+        self._closing = False
         self.listener: Socket = listen(listen_at, self.type, backlog=backlog, mode=mode)
+        if self.type == socket.SOCK_DGRAM:
+            try:  # datagrams have no peer: each one carries its sender (SCM_CREDENTIALS)
+                enable_credentials(self.listener)
+            except BaseException:
+                self.listener.close()
+                raise
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -281,31 +288,37 @@ class Relay:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _wait_readable(self) -> list[Any]:
+    def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(self.listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
-            return [key.fileobj for key, _ in sel.select()]
+            while not self._stop.is_set():
+                if any(key.fileobj is self.listener for key, _ in sel.select()):
+                    self._accept_one()
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            if self.listener not in self._wait_readable():
-                continue
-            try:
-                conn, _ = self.listener.accept()
-            except OSError as exc:  # EMFILE, ECONNABORTED: report, keep listening
-                self.emit("error", conn=None, error=_why(exc), errno=exc.errno)
-                continue
-            self._count += 1
-            thread = threading.Thread(
-                target=self._run_link, args=(self._count, conn), name=f"spy-{self._count}"
-            )
-            self._threads.append(thread)
-            thread.start()
-            self._threads = [t for t in self._threads if t.is_alive()]
+    def _accept_one(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as exc:  # EMFILE, ECONNABORTED: report, keep listening
+            self.emit("error", conn=None, error=_why(exc), errno=exc.errno)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The client stays queued; retrying at once would spin. Give the
+                # relayed connections a moment to end and free descriptors.
+                self._stop.wait(0.1)
+            return
+        self._count += 1
+        # Daemon threads: a side that never answers must not keep the process alive
+        # after SIGTERM (serve_forever has already shut every connection down).
+        thread = threading.Thread(
+            target=self._run_link, args=(self._count, conn), name=f"spy-{self._count}", daemon=True
+        )
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
 
     def _end_links(self) -> None:
         with self._lock:
+            self._closing = True
             links = [s for socks in self._links.values() for s in socks]
         for sock in links:
             with contextlib.suppress(OSError):
@@ -340,8 +353,10 @@ class Relay:
         stream = self.type == socket.SOCK_STREAM
         up, down = _Side(TO_SERVER, stream), _Side(TO_CLIENT, stream)
         with self._lock:
+            if self._closing:  # connected while the relay was stopping
+                return
             self._links[n] = (client, server)
-        back = threading.Thread(target=self._pump, args=(n, server, client, down))
+        back = threading.Thread(target=self._pump, args=(n, server, client, down), daemon=True)
         try:
             back.start()
             self._pump(n, client, server, up)
@@ -445,10 +460,11 @@ class Relay:
         owner: dict[socket.socket, Any],
     ) -> None:
         try:
-            data, fds, flags, sender = recv_fds(self.listener, _PACKET_ROOM, SCM_MAX_FD)
+            got = recvmsg_items(self.listener, _PACKET_ROOM, SCM_MAX_FD, credentials=True)
         except ControlTruncated as exc:
             self.emit("ctrunc", conn=None, direction=TO_SERVER, error=exc.strerror)
             return
+        data, fds, flags, sender = got.data, got.fds, got.flags, got.address
         try:
             key = sender or None
             if key not in upstream:
@@ -463,7 +479,9 @@ class Relay:
                 owner[fresh] = key
                 sel.register(fresh, selectors.EVENT_READ)
                 who = Address.from_sockaddr(socket.AF_UNIX, sender).describe() if key else None
-                self.emit("connect", conn=self._count, client=None, sender=who)
+                cred = got.credentials
+                client = None if cred is None else client_identity(message_credentials(cred))
+                self.emit("connect", conn=self._count, client=client, sender=who)
             server, up, _, n = upstream[key]
             self._show(n, up, data, fds, truncated=bool(flags & _MSG_TRUNC))
             sendall_fds(server, data, fds)

@@ -296,6 +296,10 @@ def test_seqpacket_and_datagram_boundaries_survive_the_relay(sockdir: Path) -> N
                     assert client.recv(10) == b"ack"
                 text = spy.wait_for("server -> client: 3 byte(s)")
         assert got == [(1, 0), (1000, 0), (100_000, 0), (7, 1)], kind
+        if kind == "dgram":  # no connection: credentials of the first datagram (SCM_CREDENTIALS)
+            assert f"datagrams from {sockdir / 'client.sock'}, client pid {os.getpid()}" in text
+        else:
+            assert f"#1 connect: client pid {os.getpid()}" in text
         assert "client -> server: 100000 byte(s)" in text
         assert "client -> server: 7 byte(s), 1 fd(s)" in text
 

@@ -132,14 +132,19 @@ def render(event: Event) -> list[str]:
 
 def _client(event: Event) -> str:
     client = event.get("client")
+    who = ""
+    if "sender" in event:  # datagrams: no connection, the first datagram's sender
+        who = f"datagrams from {event['sender'] or 'an unbound socket (replies cannot return)'}"
+        if client is None:
+            return f"{who} (no credentials)"
+        who += ", "
     if client is None:
-        sender = event.get("sender")
-        return f"datagrams from {sender or 'an unbound socket'} (no credentials)"
+        return "client credentials unavailable"
     user = f" ({client['user']})" if client.get("user") else ""
     group = f" ({client['group']})" if client.get("group") else ""
     command = f", command {client['command']!r}" if client.get("command") else ""
     return (
-        f"client pid {client['pid']}, uid {client['uid']}{user}, "
+        f"{who}client pid {client['pid']}, uid {client['uid']}{user}, "
         f"gid {client['gid']}{group}{command}"
     )
 
