@@ -51,6 +51,12 @@ _PACKET_ROOM: Final = 1 << 20
 _NO_LIMIT: Final = 0xFFFFFFFF  # the relay observes frames; it refuses no size
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 
+_CTRUNC_HINT: Final = (
+    "the relay had room for 253 descriptors, so it is most likely out of descriptors "
+    "(RLIMIT_NOFILE, ulimit -n); the message's bytes and descriptors are lost, so the "
+    "connection was ended"
+)
+
 TO_SERVER: Final = "to-server"
 TO_CLIENT: Final = "to-client"
 
@@ -375,7 +381,13 @@ class Relay:
             except ControlTruncated as exc:
                 # Bytes and descriptors of this message are lost: the stream can no
                 # longer be relayed faithfully. Say so and end the connection.
-                self.emit("ctrunc", conn=n, direction=side.direction, error=exc.strerror)
+                self.emit(
+                    "ctrunc",
+                    conn=n,
+                    direction=side.direction,
+                    error=exc.strerror,
+                    hint=_CTRUNC_HINT,
+                )
                 return _abort(src, dst)
             except OSError as exc:
                 return self._fail(n, side, exc, src, dst)

@@ -352,6 +352,46 @@ def test_relay_survives_200_clients_that_vanish_mid_message_and_leaks_nothing(
     assert spy.text().count(" closed: ") == rounds + 2
 
 
+def _free_fd_numbers(pid: int) -> list[int]:
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    return [n for n in range(max(used) + 4) if n not in used]
+
+
+def test_descriptors_lost_to_msg_ctrunc_are_reported_and_end_that_connection(
+    sockdir: Path,
+) -> None:
+    """The relay out of descriptors (RLIMIT_NOFILE lowered with prlimit): the kernel
+    drops the passed descriptor and sets MSG_CTRUNC; the spy says so, ends that
+    connection and goes on relaying once descriptors are available again."""
+    real, spot = str(sockdir / "real.sock"), str(sockdir / "spy.sock")
+    shared = sockdir / "shared.txt"
+    shared.write_text("x")
+    with serving(sockdir, real, "--show-fds"), spying(sockdir, spot, real) as spy:
+        pid = spy.proc.pid
+        limits = f"{os.sysconf('SC_OPEN_MAX')}"
+        # Room for exactly two more descriptors: the accepted client and the
+        # connection to the server; the descriptor passed finds no room.
+        room = _free_fd_numbers(pid)[2]
+        subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={room}:"], check=True)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, open(shared) as f:
+                sock.settimeout(30)
+                sock.connect(spot)
+                send_fds(sock, b"frame", [f])
+                assert sock.recv(10) == b""  # the relay ended the connection
+            text = spy.wait_for("#1 closed")
+        finally:
+            subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={limits}:"], check=True)
+        assert "#1 client -> server: descriptors lost (MSG_CTRUNC)" in text
+        assert "out of descriptors (RLIMIT_NOFILE, ulimit -n)" in text
+        assert "to server 0 bytes, 0 fd(s)" in text
+        sent = subprocess.run(
+            afunix_cmd("send-fds", spot, str(shared), "-q"), capture_output=True, timeout=30
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert f"fd: regular file {shared}" in spy.wait_for("#2 closed")
+
+
 def test_sigterm_ends_connections_removes_the_listen_file_and_exits_0(sockdir: Path) -> None:
     real, spot = str(sockdir / "real.sock"), str(sockdir / "spy.sock")
     with serving(sockdir, real), spying(sockdir, spot, real) as spy:

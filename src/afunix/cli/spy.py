@@ -121,7 +121,8 @@ def render(event: Event) -> list[str]:
         ]
     if kind == "ctrunc":
         where = _ARROW.get(event.get("direction", ""), "")
-        return [f"{tag}{where}: descriptors truncated (MSG_CTRUNC): {event['error']}"]
+        hint = f" ({event['hint']})" if event.get("hint") else ""
+        return [f"{tag}{where}: descriptors lost (MSG_CTRUNC): {event['error']}{hint}"]
     if kind == "error":
         where = _ARROW.get(event.get("direction") or "", "")
         return [f"{tag}{where + ': ' if where else ''}error: {event['error']}"]
