@@ -257,6 +257,36 @@ def test_json_lines_parse_and_carry_frames_descriptors_and_credentials(sockdir: 
     assert close["to-server"]["fds"] == 2 and close["to-client"]["bytes"] == 11
 
 
+def test_a_memfd_payload_is_shown_as_a_memfd_frame_and_arrives_whole(sockdir: Path) -> None:
+    real, spot = str(sockdir / "real.sock"), str(sockdir / "spy.sock")
+    payload = os.urandom(300_000)
+    got: list[bytes] = []
+    with Listener(real) as listener, spying(sockdir, spot, real) as spy:
+
+        def serve() -> None:
+            with listener.accept() as ch, ch.recv() as msg:
+                got.append(bytes(msg.data))
+
+        with in_thread(serve), Channel.connect(spot) as client:
+            client.send(payload, memfd=True)
+        text = spy.wait_for("#1 closed")
+    assert got == [payload]
+    assert "frame at byte 0: 300000 byte(s) of payload, 1 fd(s), payload in a memfd" in text
+    assert "fd: memfd /memfd:" in text
+
+
+def test_a_target_that_is_not_there_is_reported_and_the_client_let_go(sockdir: Path) -> None:
+    spot = str(sockdir / "spy.sock")
+    with spying(sockdir, spot, str(sockdir / "nobody-home.sock")) as spy:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(spot)
+            assert sock.recv(1) == b""
+        text = spy.wait_for("#1 connect", "error")
+        assert spy.proc.poll() is None
+    assert "nobody-home.sock" in text and "[ENOENT]" in text
+
+
 # ---------------------------------------------------------- boundaries
 def test_seqpacket_and_datagram_boundaries_survive_the_relay(sockdir: Path) -> None:
     sizes = [1, 1000, 100_000, 7]
