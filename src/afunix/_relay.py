@@ -319,8 +319,13 @@ class Relay:
             target=self._run_link, args=(self._count, conn), name=f"spy-{self._count}", daemon=True
         )
         self._threads = [t for t in self._threads if t.is_alive()]
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or a limit
+            self.emit("error", conn=self._count, error=f"cannot relay: {exc}", errno=None)
+            conn.close()
+            return
         self._threads.append(thread)
-        thread.start()
 
     def _end_links(self) -> None:
         with self._lock:

@@ -28,7 +28,7 @@ import pytest
 
 from afunix import Channel, Listener, peer_credentials, recv_fds, send_fds
 from afunix._protocol import encode_header
-from afunix._relay import FrameTracker, decode_packet_frame
+from afunix._relay import FrameTracker, Relay, decode_packet_frame
 
 from ..conftest import NOBODY, afunix_cmd, serving
 
@@ -420,6 +420,39 @@ def test_descriptors_lost_to_msg_ctrunc_are_reported_and_end_that_connection(
         )
         assert sent.returncode == 0, sent.stderr
         assert f"fd: regular file {shared}" in spy.wait_for("#2 closed")
+
+
+def test_a_thread_that_cannot_start_costs_one_client_not_the_relay(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected fault (a fake): the first connection's thread fails to start."""
+    real, spot = str(sockdir / "real.sock"), str(sockdir / "spy.sock")
+    events: list[dict[str, object]] = []
+    failures = [RuntimeError("can't start new thread")]
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("spy-") and failures:
+            raise failures.pop()
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with (
+        serving(sockdir, real),
+        Relay(spot, real, sink=events.append) as relay,
+        in_thread(relay.serve_forever),
+        socket.socket(socket.AF_UNIX) as first,
+    ):
+        first.settimeout(30)
+        first.connect(spot)
+        assert first.recv(1) == b""  # let go, not left hanging
+        assert exchange(spot, b"second") == b"second"
+        wait_until(lambda: any(e["event"] == "close" for e in events), lambda: str(events))
+        relay.stop()
+    assert not os.path.exists(spot)
+    error = next(e for e in events if e["event"] == "error")
+    assert error["conn"] == 1 and "cannot relay: can't start new thread" in str(error["error"])
+    assert [e["conn"] for e in events if e["event"] == "close"] == [2]
 
 
 def test_sigterm_ends_connections_removes_the_listen_file_and_exits_0(sockdir: Path) -> None:
