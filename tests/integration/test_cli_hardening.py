@@ -421,6 +421,9 @@ NUMERIC: list[tuple[list[str], str, list[str]]] = [
     (["pair"], "--rounds", AT_LEAST_1),
     (["bind", P], "--mode", MODES),
     (["broker"], "--mode", MODES),
+    (["spy", P, P], "--backlog", AT_LEAST_1),
+    (["spy", P, P], "--preview", [*AT_LEAST_0, "65537"]),
+    (["spy", P, P], "--mode", MODES),
 ]
 # Positional numbers (the book's openfile SOCKFD PATH MODE [PERM]).
 POSITIONAL: list[tuple[list[str], str, list[str]]] = [

@@ -35,6 +35,7 @@ COMMANDS = [
     "openfile",
     "cat",
     "send-fds",
+    "spy",
     "tour",
     "completion",
 ]
