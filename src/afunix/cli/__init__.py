@@ -29,6 +29,8 @@ COMMANDS = [
     "openfile",
     "cat",
     "send-fds",
+    "ls",
+    "probe",
     "tour",
 ]
 
