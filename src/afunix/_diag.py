@@ -156,7 +156,9 @@ def kernel_dev_to_user(kdev: int) -> int:
 
 def _apply_attribute(info: UnixSocketInfo, kind: int, data: bytes) -> None:
     if kind == UNIX_DIAG_NAME:
-        info.name = data
+        # A path's length may count its terminating NUL (as bind() was told); an
+        # abstract name's NULs are part of it.
+        info.name = data if data[:1] == b"\0" else data.split(b"\0", 1)[0]
     elif kind == UNIX_DIAG_VFS and len(data) >= U32_PAIR.size:
         ino, kdev = U32_PAIR.unpack_from(data)
         info.vfs = (ino, kernel_dev_to_user(kdev))

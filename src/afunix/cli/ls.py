@@ -143,12 +143,13 @@ def _rich(rows: list[tuple[str, ...]]) -> bool:
         from rich.table import Table
     except ImportError:
         return False
-    table = Table(box=None, header_style="bold", pad_edge=False)
+    colour = "NO_COLOR" not in os.environ  # https://no-color.org: no colour, no bold
+    table = Table(box=None, header_style="bold" if colour else "", pad_edge=False)
     for name in COLUMNS:
         table.add_column(name, overflow="fold")
     for r in rows:
-        table.add_row(*r, style="green" if r[3] == "listening" else None)
-    Console(no_color="NO_COLOR" in os.environ, highlight=False).print(table)
+        table.add_row(*r, style="green" if colour and r[3] == "listening" else None)
+    Console(no_color=not colour, highlight=False).print(table)
     return True
 
 
