@@ -11,8 +11,8 @@ Two halves, as in h11:
   hold them, from the ``socket:[INODE]`` links in ``/proc/*/fd``.
 
 Why not ``/proc/net/unix``: it has no peer, no queue lengths, no owner and no
-file inode. Why not pyroute2's ``DiagSocket``: it would make the library
-depend on a third-party package for some 150 lines (see docs/architecture.md).
+file inode. Why not pyroute2's ``DiagSocket``: it loses abstract names and
+the owner uid, and the library's runtime is stdlib-only (docs/architecture.md).
 
 The kernel side is ``net/unix/diag.c``; the structures are in
 ``<linux/unix_diag.h>`` and ``<linux/netlink.h>``.
