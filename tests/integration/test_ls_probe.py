@@ -198,6 +198,48 @@ def test_datagram_socket(sockdir: Path) -> None:
     assert (row["type"], row["state"], row["peer"]) == ("dgram", "unconnected", None)
 
 
+def test_connected_datagram_client(sockdir: Path) -> None:
+    path = sockdir / "dg.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.connect(str(path))
+            rows = {r["inode"]: r for r in ls("--pid", str(os.getpid()))}
+            srv, cli_row = rows[ino(server)], rows[ino(client)]
+            assert (cli_row["state"], cli_row["peer"]["inode"]) == ("connected", ino(server))
+            assert cli_row["peer"]["address"] == str(path)
+    assert (srv["state"], srv["peer"]) == ("unconnected", None)
+
+
+PROBE_ROUNDS = 200
+
+
+def test_probes_leave_no_connection_behind(sockdir: Path) -> None:
+    """200 probes in a row against a thread-model server: each one live, and
+    afterwards the server holds no connection (each probe closed its own)."""
+    from afunix._address import Address
+    from afunix._diag import dump, holders
+    from afunix._probe import probe as probe_call
+
+    path = sockdir / "srv.sock"
+    with serving(sockdir, str(path), "--model", "thread") as proc:
+        verdicts = [probe_call(Address.parse(str(path))).verdict for _ in range(PROBE_ROUNDS)]
+        deadline = time.monotonic() + 15
+        while True:
+            held = holders()
+            mine = [
+                s
+                for s in dump()
+                if s.address == str(path) and proc.pid in [h.pid for h in held.get(s.inode, [])]
+            ]  # (the server's own unnamed socketpair, its wake-up channel, is left out)
+            connected = [s for s in mine if s.state_name == "connected"]
+            if not connected or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert verdicts == ["live"] * PROBE_ROUNDS
+    assert [s.state_name for s in mine] == ["listening"]
+
+
 def test_seqpacket_server(sockdir: Path) -> None:
     path = sockdir / "sp.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
