@@ -479,3 +479,31 @@ def test_table_colour_only_on_a_terminal_without_no_color(listener: socket.socke
     assert path.encode() in coloured and path.encode() in plain
     assert b"\x1b[" in coloured
     assert b"\x1b[3" not in plain and b"\x1b[1m" not in plain  # no colour, no bold
+
+
+def test_fallback_to_proc_net_unix(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where sock_diag is refused (no unix_diag module, a seccomp filter), ls reads
+    /proc/net/unix: names, types and states, no peers or queues, and says so."""
+    from afunix import _diag
+    from afunix.cli import main
+
+    def refused() -> list[_diag.UnixSocketInfo]:
+        raise OSError(2, "sock_diag refused the request: No such file or directory")
+
+    monkeypatch.setattr(_diag, "dump", refused)
+    assert main(["ls", "--json", "--path", listener.getsockname()]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["sockets"]
+    assert out["source"] == "/proc/net/unix"
+    assert (row["inode"], row["state"], row["uid"], row["backlog"]) == (
+        ino(listener),
+        "listening",
+        None,
+        None,
+    )
+    assert main(["ls", "--path", listener.getsockname()]) == 0
+    table = capsys.readouterr()
+    assert "sock_diag unavailable" in table.err
+    assert f"stream  listening  {os.getpid()}" in table.out and "None" not in table.out

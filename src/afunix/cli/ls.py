@@ -99,7 +99,7 @@ def _row(obj: dict[str, Any]) -> tuple[str, ...]:
     first = held[0] if held else None
     more = f"+{len(held) - 1}" if len(held) > 1 else ""
     uid = first["uid"] if first else obj["uid"]
-    if obj["state"] == "listening":
+    if obj["accept_queue"] is not None:
         queue = f"{obj['accept_queue']}/{obj['backlog']}"
     elif obj["rqueue"] is not None:
         queue = f"{obj['rqueue']}/{obj['wqueue']}"
