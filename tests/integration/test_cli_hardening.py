@@ -422,6 +422,7 @@ NUMERIC: list[tuple[list[str], str, list[str]]] = [
     (["pair"], "--rounds", AT_LEAST_1),
     (["bind", P], "--mode", MODES),
     (["broker"], "--mode", MODES),
+    (["ls"], "--pid", AT_LEAST_1),
 ]
 # Positional numbers (the book's openfile SOCKFD PATH MODE [PERM]).
 POSITIONAL: list[tuple[list[str], str, list[str]]] = [
