@@ -424,6 +424,7 @@ NUMERIC: list[tuple[list[str], str, list[str]]] = [
     (["spy", P, P], "--backlog", AT_LEAST_1),
     (["spy", P, P], "--preview", [*AT_LEAST_0, "65537"]),
     (["spy", P, P], "--mode", MODES),
+    (["ls"], "--pid", AT_LEAST_1),
 ]
 # Positional numbers (the book's openfile SOCKFD PATH MODE [PERM]).
 POSITIONAL: list[tuple[list[str], str, list[str]]] = [

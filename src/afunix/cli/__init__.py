@@ -36,6 +36,8 @@ COMMANDS = [
     "cat",
     "send-fds",
     "spy",
+    "ls",
+    "probe",
     "tour",
     "completion",
 ]
