@@ -274,7 +274,7 @@ def _open_lock_file(lock_path: bytes, shown: str) -> int:
             problem = f"is {describe_file(st, lock_path)}, not a regular file"
         elif st.st_uid != os.geteuid():
             problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
-        elif st.st_nlink != 1:
+        elif st.st_nlink > 1:  # 0 is fine: its holder removed it, and we retry
             problem = f"has {st.st_nlink} names (hard links)"
         if problem is not None:
             raise AfunixError(
