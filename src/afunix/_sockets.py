@@ -232,7 +232,13 @@ def listen(
         owner, group: user/group name or id to give the socket file.
         parent_mode: create the missing parent directory with this mode.
 
-    The returned :class:`Socket` removes its file on close, if still its own.
+    The stale check, the bind and ``listen()`` happen under an ``flock`` of
+    ``PATH.lock`` (removed again once the socket listens), so two processes
+    starting on one path never both win. ``owner``/``group`` never widen the
+    mode; modes and owners are set through a descriptor, never by path.
+
+    The returned :class:`Socket` removes its file on close, if still its own
+    and only in the process that bound it (a forked child's close leaves it).
     Raises :class:`AddressInUse` when a live server holds the path (naming it),
     :class:`NotASocket` when another kind of file is there; a stale socket
     file is replaced.
@@ -439,6 +445,11 @@ def connect(
             is removed on close; ``"autobind"`` lets Linux pick a unique
             abstract name; an address binds there; ``None`` leaves the socket
             unbound (it can send but never receive replies).
+
+    A server between ``bind()`` and ``listen()`` refuses connections just
+    like a stale file; when the kernel shows a socket bound there, connect
+    waits for it to listen (up to :data:`STARTING_GRACE` seconds, or the
+    timeout) instead of reporting a stale file.
 
     Errors say which of these it is, and keep the errno: :class:`NoSuchSocket`,
     :class:`NotASocket`, :class:`NothingListening` (stale file),
