@@ -28,7 +28,7 @@ import time
 from typing import Any, Literal, TypeAlias
 
 from ._address import Address, AddressKind, AddressLike
-from ._bind import BoundPath, bind_address, describe_file, probe_socket_file
+from ._bind import BoundPath, bind_address, describe_file, probe_socket_file, socket_is_bound
 from ._errors import (
     AfunixError,
     ListenQueueFull,
@@ -234,7 +234,13 @@ def listen(
         owner, group: user/group name or id to give the socket file.
         parent_mode: create the missing parent directory with this mode.
 
-    The returned :class:`Socket` removes its file on close, if still its own.
+    The stale check, the bind and ``listen()`` happen under an ``flock`` of
+    ``PATH.lock`` (removed again once the socket listens), so two processes
+    starting on one path never both win. ``owner``/``group`` never widen the
+    mode; modes and owners are set through a descriptor, never by path.
+
+    The returned :class:`Socket` removes its file on close, if still its own
+    and only in the process that bound it (a forked child's close leaves it).
     Raises :class:`AddressInUse` when a live server holds the path (naming it),
     :class:`NotASocket` when another kind of file is there; a stale socket
     file is replaced.
@@ -247,11 +253,17 @@ def listen(
     try:
         if addr.kind is AddressKind.TCP:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # listen() happens inside bind_address, under the same lock as the stale
+        # check and the bind (datagram sockets do not listen).
         sock._bound = bind_address(
-            sock, addr, mode=mode, owner=owner, group=group, parent_mode=parent_mode
+            sock,
+            addr,
+            mode=mode,
+            owner=owner,
+            group=group,
+            parent_mode=parent_mode,
+            backlog=None if sock_type == socket.SOCK_DGRAM else backlog,
         )
-        if sock_type != socket.SOCK_DGRAM:
-            sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
@@ -326,20 +338,63 @@ def _explain_connect_error(exc: OSError, addr: Address, sock_type: int) -> OSErr
 _TRANSIENT = (ListenQueueFull, NothingListening, NoSuchSocket)
 
 
+# How long connect() waits for a socket that is bound but not listening yet (a
+# server between bind() and listen()) before it reports that nothing listens.
+STARTING_GRACE = 2.0
+
+
 def _connect_once(sock: socket.socket, addr: Address, deadline: float | None) -> None:
-    """Connect; with a deadline, Linux's wait for room in a full queue is bounded by it."""
+    """Connect; wait briefly for a server that is between ``bind()`` and ``listen()``.
+
+    Such a socket refuses connections exactly like a stale file. When the
+    kernel says a socket is bound there (:func:`socket_is_bound`), the refusal
+    is retried for up to :data:`STARTING_GRACE` seconds (or the deadline)
+    instead of being reported as a stale file.
+    """
     if addr.kind is AddressKind.TCP:
-        if deadline is not None:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            sock.connect(addr.sockaddr)
-        except TimeoutError as exc:
-            raise AfunixError(
-                errno.ETIMEDOUT, f"cannot connect to {addr.describe()}: timed out"
-            ) from exc
-        finally:
-            sock.settimeout(None)
+        _connect_tcp(sock, addr, deadline)
         return
+    until: float | None = None
+    delay = 0.0005
+    while True:
+        try:
+            _connect_unix(sock, addr, deadline)
+            return
+        except ConnectionRefusedError:
+            now = time.monotonic()
+            if not socket_is_bound(addr.sockaddr, sock.type):
+                raise  # a stale file (or a name nothing is bound to)
+            if until is None:
+                until = now + STARTING_GRACE
+                if deadline is not None:
+                    until = min(until, deadline)
+            if now >= until:
+                raise NothingListening(
+                    errno.ECONNREFUSED,
+                    f"cannot connect to {addr.describe()}: a socket is bound there but has "
+                    f"not called listen() within {STARTING_GRACE:g} s (a server stuck while "
+                    "starting, or one that never listens); check the server",
+                    addr.describe(),
+                ) from None
+            time.sleep(min(delay, max(until - now, 0.0)))
+            delay = min(delay * 2, 0.02)
+
+
+def _connect_tcp(sock: socket.socket, addr: Address, deadline: float | None) -> None:
+    if deadline is not None:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    try:
+        sock.connect(addr.sockaddr)
+    except TimeoutError as exc:
+        raise AfunixError(
+            errno.ETIMEDOUT, f"cannot connect to {addr.describe()}: timed out"
+        ) from exc
+    finally:
+        sock.settimeout(None)
+
+
+def _connect_unix(sock: socket.socket, addr: Address, deadline: float | None) -> None:
+    """Connect; with a deadline, Linux's wait for room in a full queue is bounded by it."""
     if deadline is None:
         sock.connect(addr.sockaddr)
         return
@@ -414,6 +469,11 @@ def connect(
             abstract name; an address binds there; ``None`` leaves the socket
             unbound (it can send but never receive replies).
 
+    A server between ``bind()`` and ``listen()`` refuses connections just
+    like a stale file; when the kernel shows a socket bound there, connect
+    waits for it to listen (up to :data:`STARTING_GRACE` seconds, or the
+    timeout) instead of reporting a stale file.
+
     Errors say which of these it is, and keep the errno: :class:`NoSuchSocket`,
     :class:`NotASocket`, :class:`NothingListening` (stale file),
     :class:`ListenQueueFull`, :class:`WrongSocketType`, permission denied.
@@ -467,6 +527,6 @@ def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:
         private = tempfile.mkdtemp(prefix="afx-", dir=tempfile.gettempdir()).encode()
         os.chmod(private, 0o711)
         sock._private_dir = private
-        sock._bound = bind_address(sock, Address.path(os.path.join(private, b"c.sock")))
+        sock._bound = bind_address(sock, Address.path(os.path.join(private, b"c.sock")), lock=False)
         return
     sock._bound = bind_address(sock, Address.parse(bind))
