@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from ._address import Address, AddressLike
 from ._credstructs import DecodedCredentials
 from ._errors import AfunixError, ProtocolError, UnsupportedFeature
+from ._platform import NOSIGNAL
 
 __all__ = [
     "CredentialsMessage",
@@ -558,8 +559,8 @@ def send_credentials(
     dest = None if address is None else Address.parse(address).sockaddr
     try:
         if dest is None:
-            return sock.sendmsg([data], [item])
-        return sock.sendmsg([data], [item], 0, dest)
+            return sock.sendmsg([data], [item], NOSIGNAL)
+        return sock.sendmsg([data], [item], NOSIGNAL, dest)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ESRCH):
             raise

@@ -41,6 +41,7 @@ from ._ancillary import (
     encode,
 )
 from ._errors import AfunixError
+from ._platform import NOSIGNAL
 from ._protocol import SCM_MAX_FD
 
 __all__ = [
@@ -110,10 +111,16 @@ class Outgoing:
     included) was sent and the same call can be retried.
 
     On seqpacket and datagram sockets a ``sendmsg`` is all-or-nothing, so one
-    successful call completes the message.
+    successful call completes the message. Every call passes ``MSG_NOSIGNAL``: a
+    peer that has gone is a ``BrokenPipeError``, never a ``SIGPIPE``.
+
+    *fds* is read once, and the objects in it (files, sockets) stay referenced
+    by the message until it is dropped: a file whose only reference was the
+    caller's argument (``fds=[open(path)]``, or a generator of files) is not
+    closed, its number perhaps reused by another thread, before it is sent.
     """
 
-    __slots__ = ("_address", "_ancdata", "_buffers", "fds_sent", "sent", "total")
+    __slots__ = ("_address", "_ancdata", "_buffers", "_refs", "fds_sent", "sent", "total")
 
     def __init__(
         self,
@@ -123,7 +130,9 @@ class Outgoing:
         *,
         credentials: Credentials | None = None,
     ) -> None:
-        numbers = _fd_list(fds)
+        refs = fds if type(fds) is tuple or type(fds) is list else list(fds)
+        numbers = _fd_list(refs)
+        self._refs = refs
         self._buffers = [memoryview(b).cast("B") for b in buffers if len(b)]
         self.total = sum(len(b) for b in self._buffers)
         if numbers and not self.total:
@@ -155,9 +164,9 @@ class Outgoing:
         while True:
             try:
                 if self._address is not None:
-                    n = sock.sendmsg(self._buffers, anc, 0, self._address)
+                    n = sock.sendmsg(self._buffers, anc, NOSIGNAL, self._address)
                 else:
-                    n = sock.sendmsg(self._buffers, anc)
+                    n = sock.sendmsg(self._buffers, anc, NOSIGNAL)
             except InterruptedError:
                 continue  # nothing was sent; same call again
             break

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from ._address import Address, AddressKind
 from ._errors import AfunixError
+from ._platform import NOSIGNAL
 
 __all__ = ["format_notification", "notify"]
 
@@ -67,7 +68,7 @@ def notify(
                 (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
             )
         try:
-            sock.sendmsg([payload], ancillary, 0, addr.sockaddr)
+            sock.sendmsg([payload], ancillary, NOSIGNAL, addr.sockaddr)
         except OSError as exc:
             raise AfunixError(
                 exc.errno or errno.EIO,

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
+
+#: Flags for every send of the library: ``MSG_NOSIGNAL``, so that writing to a
+#: peer that has gone raises ``BrokenPipeError`` instead of killing a process
+#: whose ``SIGPIPE`` is at its default. (0 where the flag does not exist; macOS
+#: would need ``SO_NOSIGPIPE`` on the socket instead.)
+NOSIGNAL: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
 
 
 class _Backend(Protocol):

@@ -58,6 +58,7 @@ from ._creds import PeerCredentials, message_credentials
 from ._errors import AfunixError, ProtocolError, UnsupportedFeature
 from ._fds import SCM_MAX_FD, FdLike, Outgoing, TooManyFds, fileno_of, recvmsg_items
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
+from ._platform import NOSIGNAL
 from ._protocol import (
     CLOSED,
     DEFAULT_MAX_SIZE,
@@ -90,8 +91,23 @@ _PLAIN_TYPES = (bytes, bytearray)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
+def _kept(fds: Iterable[FdLike]) -> list[FdLike] | tuple[FdLike, ...]:
+    """*fds* read once: a list or tuple as it is, any other iterable as a new list.
+
+    A send keeps what this returns referenced until the ``sendmsg`` that carries
+    the descriptors has returned (through a memfd resend too): the caller's
+    ``fds=[open(path)]`` may be the only reference to that file, and a file
+    object collected before the ``sendmsg`` closes its descriptor, whose number
+    another thread may already have reused for a file of its own.
+    """
+    if type(fds) is tuple or type(fds) is list:
+        return fds
+    return list(fds)
+
+
 def _numbers(fds: Iterable[FdLike]) -> list[int]:
-    """Descriptor numbers of *fds* (see :func:`~afunix._fds.fileno_of`)."""
+    """Descriptor numbers of *fds* (see :func:`~afunix._fds.fileno_of`); the caller
+    keeps *fds* referenced until they are sent (see :func:`_kept`)."""
     if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
         (one,) = fds
         if type(one) is int and one >= 0:
@@ -836,52 +852,59 @@ class Channel:
         is ever held back.
         """
         core = self._core
-        if memfd is None and address is None and fds:
+        if not fds:
+            if memfd is None and address is None:
+                plain = core.plain_frame(data)
+                if plain is not None:
+                    with self._send_lock:
+                        if more or core.held:
+                            if core.hold(plain) or not more:
+                                self._write_held()
+                        else:
+                            self._write(plain)
+                    return
+                if isinstance(data, (bytes, bytearray)):
+                    header = core.plain_header(data)
+                    if header is not None:
+                        with self._send_lock:
+                            if core.held:
+                                self._write_held()
+                            self._write_parts(header, data)
+                        return
+            numbers: list[int] = []
+        else:
+            # Read once, and referenced here until sent (see _kept): the files the
+            # caller passed stay open however the message goes out.
+            if type(fds) is not tuple and type(fds) is not list:
+                fds = list(fds)  # as _kept(fds), without a call on the hot path
             numbers = _numbers(fds)
-            fds = numbers  # an iterator is read once
             nfds = len(numbers)
-            frame = core.plain_frame(data, nfds) if nfds <= SCM_MAX_FD else None
-            if frame is not None:
-                with self._send_lock:
-                    if more or core.held:
-                        if not core.room_for(nfds):
-                            self._write_held()
-                        if core.hold(frame, numbers) or not more:
-                            self._write_held()
-                    else:
-                        self._write_fds(frame, numbers)
-                return
-        elif memfd is None and address is None:
-            plain = core.plain_frame(data)
-            if plain is not None:
-                with self._send_lock:
-                    if more or core.held:
-                        if core.hold(plain) or not more:
-                            self._write_held()
-                    else:
-                        self._write(plain)
-                return
-            header = core.plain_header(data) if isinstance(data, (bytes, bytearray)) else None
-            if header is not None:
-                assert isinstance(data, (bytes, bytearray))
-                with self._send_lock:
-                    if core.held:
-                        self._write_held()
-                    self._write_parts(header, data)
-                return
+            if memfd is None and address is None and nfds <= SCM_MAX_FD:
+                frame = core.plain_frame(data, nfds)
+                if frame is not None:
+                    with self._send_lock:
+                        if more or core.held:
+                            if not core.room_for(nfds):
+                                self._write_held()
+                            if core.hold(frame, numbers) or not more:
+                                self._write_held()
+                        else:
+                            self._write_fds(frame, numbers)
+                    return
         if core.held:
             self.flush()  # keep the order: held messages first
         size = memoryview(data).nbytes
         use_memfd = core.use_memfd(size, memfd)
         try:
-            self._send(data, fds, use_memfd, address)
+            self._send(data, numbers, use_memfd, address)
         except OSError as exc:
-            # A packet too big for the socket: retry as a memfd unless told not to.
+            # A packet too big for the socket: retry as a memfd unless told not to,
+            # with the same descriptors (an iterator was read once, above).
             if exc.errno != errno.EMSGSIZE or memfd is not None or use_memfd or core.stream:
                 raise
             if not available():  # pragma: no cover - not Linux
                 raise
-            self._send(data, fds, True, address)
+            self._send(data, numbers, True, address)
 
     def _send(
         self, data: bytes | bytearray | memoryview, fds: Iterable[FdLike], memfd: bool, address: Any
@@ -901,6 +924,7 @@ class Channel:
         The zero-copy path: write into ``buf.view`` in place, then send its
         first *length* bytes. The buffer is consumed (sealed and closed).
         """
+        fds = _kept(fds)  # referenced until sent (see _kept)
         out, mfd = self._core.outgoing_buffer(buf, length, fds, address)
         try:
             self._push(out)
@@ -911,9 +935,9 @@ class Channel:
         """Write whole frames (the send lock is held)."""
         sock, sent = self._core.sock, 0
         try:
-            sent = sock.send(frame)
+            sent = sock.send(frame, NOSIGNAL)
             while sent < len(frame):
-                sent += sock.send(frame[sent:])
+                sent += sock.send(frame[sent:], NOSIGNAL)
         except BaseException:
             if sent:  # half a message went out: the peer's framing is lost for good
                 self._core.fail()
@@ -923,9 +947,9 @@ class Channel:
         """Write a frame with its descriptors attached to its first byte (UNP 15.7)."""
         sock, sent = self._core.sock, 0
         try:
-            sent = sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))])
+            sent = sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))], NOSIGNAL)
             while sent < len(frame):  # the descriptors went with the first byte
-                sent += sock.send(frame[sent:])
+                sent += sock.send(frame[sent:], NOSIGNAL)
         except BaseException:
             if sent:
                 self._core.fail()
@@ -935,14 +959,14 @@ class Channel:
         """Write a header and its payload with ``sendmsg``, the payload not copied."""
         sock, sent, total = self._core.sock, 0, len(header) + len(data)
         try:
-            sent = sock.sendmsg([header, data])
+            sent = sock.sendmsg([header, data], (), NOSIGNAL)
             if sent < total:  # a signal cut it short: finish the message
                 with memoryview(data) as view:
                     while sent < total:
                         if sent < len(header):
-                            sent += sock.sendmsg([header[sent:], view])
+                            sent += sock.sendmsg([header[sent:], view], (), NOSIGNAL)
                         else:
-                            sent += sock.send(view[sent - len(header) :])
+                            sent += sock.send(view[sent - len(header) :], NOSIGNAL)
         except BaseException:
             if sent:  # half a message went out: the peer's framing is lost for good
                 self._core.fail()
