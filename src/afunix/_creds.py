@@ -35,14 +35,13 @@ import os
 import pwd
 import signal
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._address import Address, AddressLike
 from ._credstructs import DecodedCredentials
 from ._errors import AfunixError, ProtocolError, UnsupportedFeature
-from ._platform import NOSIGNAL
+from ._platform import NOSIGNAL, PLATFORM, Backend
 
 __all__ = [
     "CredentialsMessage",
@@ -60,51 +59,9 @@ __all__ = [
 ]
 
 
-class _Backend(Protocol):
-    """What each platform module (``_creds_linux`` and friends) provides."""
-
-    NAME: str
-    PEER_MECHANISM: str
-    MESSAGE_MECHANISM: str | None
-    CREDENTIALS_SPACE: int
-
-    def peer(
-        self, sock: socket.socket, want_pidfd: bool
-    ) -> tuple[DecodedCredentials, int | None]: ...
-    def has_pidfd(self) -> bool | None: ...
-    def pidfd_exited(self, pidfd: int, timeout: float | None = 0.0) -> bool: ...
-    def pidfd_pid(self, pidfd: int) -> int | None: ...
-    def process_facts(
-        self, pid: int, pidfd: int | None
-    ) -> tuple[str | None, tuple[str, ...] | None, str | None, bool]: ...
-    def enable_passcred(self, sock: socket.socket, on: bool, pidfd: bool) -> None: ...
-    def send_cmsg(
-        self, pid: int | None, uid: int | None, gid: int | None
-    ) -> tuple[int, int, bytes]: ...
-    def decode_cmsg(self, level: int, kind: int, data: bytes) -> DecodedCredentials | None: ...
-    def is_pidfd_cmsg(self, level: int, kind: int) -> bool: ...
-
-
-def _choose() -> _Backend:
-    """Pick the implementation once, by what the socket module offers."""
-    if all(hasattr(socket, n) for n in ("SO_PEERCRED", "SO_PASSCRED", "SCM_CREDENTIALS")):
-        from . import _creds_linux
-
-        return _creds_linux
-    if sys.platform == "darwin":  # pragma: no cover - not this machine
-        from . import _creds_macos
-
-        return _creds_macos
-    if sys.platform.startswith(("freebsd", "dragonfly", "netbsd", "openbsd")):  # pragma: no cover
-        from . import _creds_bsd
-
-        return _creds_bsd
-    from . import _creds_unsupported  # pragma: no cover
-
-    return _creds_unsupported  # pragma: no cover
-
-
-_backend: _Backend = _choose()
+#: This system's backend, chosen once by :func:`afunix._platform.detect` (the same
+#: choice the address and bind code see).
+_backend: Backend = PLATFORM.backend
 
 
 # ------------------------------------------------------------------ errors

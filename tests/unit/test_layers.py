@@ -42,7 +42,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: (without the leading ``afunix.``; the package itself is ``__init__``).
 LAYERS: dict[str, list[str]] = {
     "base": ["_errors", "_credstructs"],
-    "platform": ["_platform", "_plat_*", "_creds_*"],
+    "platform": ["_platform", "_platform.*"],
     "sans-IO": ["_address", "_ancillary", "_memfd", "_protocol"],
     "io": [
         "_fds",
@@ -198,7 +198,7 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> Iterator[Import
             names: list[str] = []
             for alias in node.names:
                 sub = _ours(f"{dotted}.{alias.name}", known)
-                if sub is not None:  # ``from . import _plat_linux``: a module
+                if sub is not None:  # ``from . import linux``: a module
                     yield Import(name, sub, (), node.lineno)
                 else:
                     names.append(alias.name)

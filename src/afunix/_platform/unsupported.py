@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 import sys
 
-from ._credstructs import DecodedCredentials
-from ._errors import UnsupportedFeature
+from .._credstructs import DecodedCredentials
+from .._errors import UnsupportedFeature
 
 NAME = sys.platform
 PEER_MECHANISM = "none"
@@ -58,3 +58,8 @@ def decode_cmsg(level: int, kind: int, data: bytes) -> DecodedCredentials | None
 
 def is_pidfd_cmsg(level: int, kind: int) -> bool:
     return False
+
+
+def find_socket_holder(path: bytes) -> str | None:  # pragma: no cover - not Linux
+    """Nothing is known about who holds a socket here."""
+    return None
