@@ -512,7 +512,7 @@ def send_credentials(
     """
     if sock.family != socket.AF_UNIX:
         raise UnsupportedFeature("credentials can only be sent over Unix-domain sockets")
-    item = _backend.send_cmsg(pid, uid, gid)
+    item = _backend.credentials_item(pid, uid, gid)
     dest = None if address is None else Address.parse(address).sockaddr
     try:
         if dest is None:

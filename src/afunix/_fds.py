@@ -24,25 +24,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import socket
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import Any, NamedTuple
 
-from ._ancillary import (
+from ._cmsg import (
+    SCM_MAX_FD,
     ControlItem,
     Credentials,
+    FdLike,
     Rights,
     control_space,
     decode,
     encode,
+    fd_numbers,
+    fileno_of,
 )
-from ._errors import AfunixError
+from ._errors import AfunixError, TooManyFds
 from ._platform import NOSIGNAL
-from ._protocol import SCM_MAX_FD
 
 __all__ = [
     "SCM_MAX_FD",
@@ -58,42 +60,6 @@ __all__ = [
     "send_fds",
     "sendall_fds",
 ]
-
-
-class _HasFileno(Protocol):
-    def fileno(self) -> int: ...
-
-
-FdLike: TypeAlias = "int | _HasFileno"
-
-
-class TooManyFds(AfunixError, ValueError):
-    """More descriptors than one message can carry (``SCM_MAX_FD``, 253). Nothing was sent."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__(
-            errno.EINVAL,
-            f"cannot send {count} descriptors in one message: the kernel's limit is "
-            f"{SCM_MAX_FD} (SCM_MAX_FD); send them in several messages",
-        )
-        self.count = count
-
-
-def fileno_of(obj: FdLike) -> int:
-    """The descriptor number of an ``int``, a file or a socket; refuses closed ones."""
-    if isinstance(obj, bool):
-        raise TypeError("a bool is not a descriptor")
-    fd = obj if isinstance(obj, int) else obj.fileno()
-    if not isinstance(fd, int) or fd < 0:
-        raise ValueError(f"{obj!r} has no open descriptor (is it closed?)")
-    return fd
-
-
-def _fd_list(fds: Iterable[FdLike]) -> list[int]:
-    numbers = [fileno_of(f) for f in fds]
-    if len(numbers) > SCM_MAX_FD:
-        raise TooManyFds(len(numbers))
-    return numbers
 
 
 def _is_stream(sock: socket.socket) -> bool:
@@ -131,7 +97,7 @@ class Outgoing:
         credentials: Credentials | None = None,
     ) -> None:
         refs = fds if type(fds) is tuple or type(fds) is list else list(fds)
-        numbers = _fd_list(refs)
+        numbers = fd_numbers(refs)
         self._refs = refs
         self._buffers = [memoryview(b).cast("B") for b in buffers if len(b)]
         self.total = sum(len(b) for b in self._buffers)
@@ -256,7 +222,6 @@ class _Items:
 _MSG_PEEK = int(socket.MSG_PEEK)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-_control_space = functools.lru_cache(maxsize=32)(control_space)
 
 
 def _check_flags(flags: int) -> int:
@@ -283,7 +248,7 @@ def recvmsg_items(
     if not 0 <= maxfds <= SCM_MAX_FD:
         raise ValueError(f"maxfds must be 0..{SCM_MAX_FD}, not {maxfds}")
     data, anc, msg_flags, address = sock.recvmsg(
-        bufsize, _control_space(maxfds, credentials), _check_flags(flags)
+        bufsize, control_space(maxfds, credentials), _check_flags(flags)
     )
     items = decode(anc, msg_flags, room=maxfds) if anc or msg_flags & _MSG_CTRUNC else []
     # Linux echoes MSG_CMSG_CLOEXEC back in msg_flags; it says nothing about the message.

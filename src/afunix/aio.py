@@ -27,22 +27,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._address import AddressLike
-from ._ancillary import close_fds
+from ._cmsg import SCM_MAX_FD, FdLike, close_fds, fd_numbers, rights
 from ._errors import AfunixError
-from ._fds import SCM_MAX_FD, FdLike, Outgoing
+from ._fds import Outgoing
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, available
 from ._platform import NOSIGNAL
 from ._protocol import DEFAULT_MAX_SIZE
 from ._sockets import SocketTypeLike, connect, listen, pair, type_name
-from .channel import (
-    _RECV_BUFSIZE,
-    _SCM_RIGHTS,
-    _SOL_SOCKET,
-    Message,
-    _Core,
-    _numbers,
-    _pack_fds,
-)
+from .channel import _RECV_BUFSIZE, Message, _Core
 
 __all__ = ["AsyncChannel"]
 
@@ -314,7 +306,7 @@ class AsyncChannel:
             # channel._kept): the files the caller passed stay open until they went.
             if type(fds) is not tuple and type(fds) is not list:
                 fds = list(fds)
-            numbers = _numbers(fds)
+            numbers = fd_numbers(fds)
         else:
             numbers = []
         if memfd is None and address is None:
@@ -370,9 +362,7 @@ class AsyncChannel:
         try:
             while fds and not sent:
                 try:
-                    sent = sock.sendmsg(
-                        [frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))], NOSIGNAL
-                    )
+                    sent = sock.sendmsg([frame], [rights(fds)], NOSIGNAL)
                 except BlockingIOError:
                     await self._wait(writable=True)
             while sent < len(frame):
@@ -490,9 +480,7 @@ class AsyncChannel:
             frames, fds = core.take_held()
             with contextlib.suppress(OSError):
                 if fds:
-                    core.sock.sendmsg(
-                        [frames], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))], NOSIGNAL
-                    )
+                    core.sock.sendmsg([frames], [rights(fds)], NOSIGNAL)
                 else:
                     core.sock.send(frames, NOSIGNAL)
             close_fds(fds)

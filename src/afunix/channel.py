@@ -33,30 +33,31 @@ less room than the sender sent) raises :class:`~afunix.ControlTruncated`.
 from __future__ import annotations
 
 import _socket
-import array
 import contextlib
 import errno
-import functools
 import os
 import socket
-import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Literal
 
 from ._address import AddressLike
-from ._ancillary import (
+from ._cmsg import (
+    SCM_MAX_FD,
     ControlError,
     Credentials,
+    FdLike,
     close_fds,
     control_space,
+    fd_numbers,
     fds_in,
+    fds_only,
     rights,
 )
 from ._creds import PeerCredentials, message_credentials
-from ._errors import AfunixError, ProtocolError, UnsupportedFeature
-from ._fds import SCM_MAX_FD, FdLike, Outgoing, TooManyFds, fileno_of, recvmsg_items
+from ._errors import AfunixError, ProtocolError, TooManyFds, UnsupportedFeature
+from ._fds import Outgoing, recvmsg_items
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
 from ._platform import NOSIGNAL
 from ._protocol import (
@@ -88,7 +89,6 @@ _RECV_FIRST = 16 * 1024
 #: with a single ``send`` (the fast path); larger ones use ``sendmsg`` with two buffers.
 _PLAIN_MAX = 8 * 1024
 _PLAIN_TYPES = (bytes, bytearray)
-_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
 def _kept(fds: Iterable[FdLike]) -> list[FdLike] | tuple[FdLike, ...]:
@@ -103,24 +103,6 @@ def _kept(fds: Iterable[FdLike]) -> list[FdLike] | tuple[FdLike, ...]:
     if type(fds) is tuple or type(fds) is list:
         return fds
     return list(fds)
-
-
-def _numbers(fds: Iterable[FdLike]) -> list[int]:
-    """Descriptor numbers of *fds* (see :func:`~afunix._fds.fileno_of`); the caller
-    keeps *fds* referenced until they are sent (see :func:`_kept`)."""
-    if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
-        (one,) = fds
-        if type(one) is int and one >= 0:
-            return [one]
-    return [fileno_of(f) for f in fds]
-
-
-_INT = struct.Struct("i")
-
-
-def _pack_fds(fds: list[int]) -> bytes:
-    """The ``SCM_RIGHTS`` data of *fds* (native ints)."""
-    return _INT.pack(fds[0]) if len(fds) == 1 else array.array("i", fds).tobytes()
 
 
 _pack_header = HEADER.pack
@@ -294,8 +276,6 @@ class Message:
 _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
 _SOCKET_KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
-#: ``control_space`` per (maxfds, credentials): the same few values for every channel.
-_control_space = functools.lru_cache(maxsize=32)(control_space)
 #: The C ``accept`` under ``socket.accept()``, which would read the listener's
 #: family and type again (two enum conversions) for every connection.
 _accept: Callable[[socket.socket], tuple[int, Any]] = _socket.socket._accept  # type: ignore[attr-defined]
@@ -349,7 +329,7 @@ class _Core:
         #: descriptors of several messages (``send(..., more=True)``), so always the
         #: kernel's most; ``maxfds`` is then checked per message, on its header.
         self.room = SCM_MAX_FD if self.stream else maxfds
-        self.control = _control_space(self.room, credentials)
+        self.control = control_space(self.room, credentials)
         #: Read only a header next (set after a large payload was received in place).
         self.header_next = False
         #: The stream fast path's receive buffer (see _RECV_BUFSIZE), made on first use.
@@ -455,7 +435,7 @@ class _Core:
         """The message to send, and the memfd we created for it (close it after sending)."""
         if self.closed:
             raise AfunixError(errno.EBADF, "the channel is closed")
-        numbers = [fileno_of(f) for f in fds]
+        numbers = fd_numbers(fds)
         view = memoryview(data).cast("B")
         size = len(view)
         if len(numbers) + memfd > SCM_MAX_FD:
@@ -479,7 +459,7 @@ class _Core:
     def outgoing_buffer(
         self, buf: MemfdBuffer, length: int, fds: Iterable[FdLike], address: Any
     ) -> tuple[Outgoing, int]:
-        numbers = [fileno_of(f) for f in fds]
+        numbers = fd_numbers(fds)
         if len(numbers) + 1 > SCM_MAX_FD:
             raise TooManyFds(len(numbers) + 1)
         if length > self.max_size:
@@ -595,7 +575,7 @@ class _Core:
                     raise
                 return None
             try:  # descriptors: checked as recvmsg_items() checks them
-                fds = rights(anc, flags, room=self.room)
+                fds = fds_only(anc, flags, room=self.room)
             except ControlError:
                 self.fail()  # a message's descriptors are gone: the stream is broken
                 raise
@@ -877,7 +857,7 @@ class Channel:
             # caller passed stay open however the message goes out.
             if type(fds) is not tuple and type(fds) is not list:
                 fds = list(fds)  # as _kept(fds), without a call on the hot path
-            numbers = _numbers(fds)
+            numbers = fd_numbers(fds)
             nfds = len(numbers)
             if memfd is None and address is None and nfds <= SCM_MAX_FD:
                 frame = core.plain_frame(data, nfds)
@@ -947,7 +927,7 @@ class Channel:
         """Write a frame with its descriptors attached to its first byte (UNP 15.7)."""
         sock, sent = self._core.sock, 0
         try:
-            sent = sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))], NOSIGNAL)
+            sent = sock.sendmsg([frame], [rights(fds)], NOSIGNAL)
             while sent < len(frame):  # the descriptors went with the first byte
                 sent += sock.send(frame[sent:], NOSIGNAL)
         except BaseException:

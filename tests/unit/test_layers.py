@@ -43,7 +43,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: dict[str, list[str]] = {
     "base": ["_errors", "_credstructs"],
     "platform": ["_platform", "_platform.*"],
-    "sans-IO": ["_address", "_ancillary", "_memfd", "_protocol"],
+    "sans-IO": ["_address", "_cmsg", "_ancillary", "_memfd", "_protocol"],
     "io": [
         "_fds",
         "_sockets",
@@ -73,10 +73,7 @@ SOCKET_METHODS = re.compile(
 STEP5 = "Phase 1 step 5: AsyncChannel a shell over ChannelProtocol, channel._Core deleted"
 STEP6 = "Phase 1 step 6: the broker speaks through Channel/AsyncChannel (bodies only)"
 FACES = "Phase 2 steps 3-4: afunix.lowlevel and public names; apps import public modules"
-AIO_WHY = (
-    "aio.py shares Channel's _Core and its send helpers: six private names "
-    "(_RECV_BUFSIZE, _SCM_RIGHTS, _SOL_SOCKET, _Core, _numbers, _pack_fds)"
-)
+AIO_WHY = "aio.py shares Channel's _Core (and its _RECV_BUFSIZE): two private names"
 BROKER_IO = "the broker has its own framing, control data and socket I/O"
 BROKER_NAMES = "the broker uses names (errors, addresses, credentials) not public yet"
 CLI_NAMES = "the CLI uses names public nowhere yet (lowlevel helpers, error classes)"

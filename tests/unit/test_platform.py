@@ -29,7 +29,7 @@ def test_every_backend_has_every_member(name: str) -> None:
 
 
 def test_members_cover_the_protocol() -> None:
-    assert {"peer", "send_cmsg", "decode_cmsg", "find_socket_holder", "NAME"} <= set(MEMBERS)
+    assert {"peer", "credentials_item", "decode_cmsg", "find_socket_holder", "NAME"} <= set(MEMBERS)
 
 
 def test_detect_is_linux_here_and_chosen_once() -> None:

@@ -106,7 +106,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:  # prag
     sock.setsockopt(SOL_LOCAL, _CREDS_OPT, int(on))
 
 
-def send_cmsg(
+def credentials_item(
     pid: int | None, uid: int | None, gid: int | None
 ) -> tuple[int, int, bytes]:  # pragma: no cover
     """An empty ``struct cmsgcred`` for the kernel to fill in (FreeBSD/DragonFly)."""

@@ -225,7 +225,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:
                 raise
 
 
-def send_cmsg(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
+def credentials_item(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
     """The ``SCM_CREDENTIALS`` item a sender attaches; ``None`` means "my own".
 
     "My own" is what the kernel always accepts: this process's pid and its

@@ -50,7 +50,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:  # prag
     raise _no_messages()
 
 
-def send_cmsg(
+def credentials_item(
     pid: int | None, uid: int | None, gid: int | None
 ) -> tuple[int, int, bytes]:  # pragma: no cover
     raise _no_messages()

@@ -48,7 +48,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:
     raise _unsupported("receiving per-message credentials")
 
 
-def send_cmsg(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
+def credentials_item(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
     raise _unsupported("sending credentials")
 
 
