@@ -42,7 +42,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: (without the leading ``afunix.``; the package itself is ``__init__``).
 LAYERS: dict[str, list[str]] = {
     "base": ["_errors", "_credstructs"],
-    "platform": ["_platform", "_platform.*"],
+    "platform": ["_platform", "_platform.*", "_peer"],
     "sans-IO": ["_address", "_cmsg", "_ancillary", "_memfd", "_protocol"],
     "io": [
         "_fds",
