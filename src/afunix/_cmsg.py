@@ -38,8 +38,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
+from ._credstructs import DecodedCredentials
 from ._errors import ProtocolError, TooManyFds
-from ._platform import PLATFORM
+from ._platform import PLATFORM, Backend
 
 __all__ = [
     "INT_SIZE",
@@ -71,6 +72,7 @@ __all__ = [
     "pack_buffer",
     "rights",
     "rights_space",
+    "split_credentials",
     "unpack_buffer",
 ]
 
@@ -191,10 +193,56 @@ def rights(fds: Sequence[int]) -> Triple:
     return (SOL_SOCKET, SCM_RIGHTS, data)
 
 
-def credentials(pid: int | None = None, uid: int | None = None, gid: int | None = None) -> Triple:
+def credentials(
+    pid: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    *,
+    backend: Backend = PLATFORM.backend,
+) -> Triple:
     """The credentials control message this system sends (Linux ``SCM_CREDENTIALS``,
-    BSD ``SCM_CREDS``): *pid*/*uid*/*gid* claimed, or this process's own when ``None``."""
-    return PLATFORM.backend.credentials_item(pid, uid, gid)
+    BSD ``SCM_CREDS``): *pid*/*uid*/*gid* claimed, or this process's own when ``None``.
+
+    *backend* is this system's (:data:`afunix._platform.PLATFORM`); tests pass another.
+    """
+    return backend.credentials_item(pid, uid, gid)
+
+
+def split_credentials(
+    triples: Iterable[Triple], *, backend: Backend = PLATFORM.backend
+) -> tuple[DecodedCredentials | None, int | None, list[Triple]]:
+    """Take the credential items out of what ``recvmsg`` returned.
+
+    Returns the sender's credentials as the platform backend parses them
+    (``SCM_CREDENTIALS``, ``SCM_CREDS``...), the pidfd of an ``SCM_PIDFD``
+    that came with them (the caller owns it; closed here if no credentials
+    came), and every other item untouched. On an error the pidfd is closed.
+    """
+    decoded: DecodedCredentials | None = None
+    pidfd: int | None = None
+    rest: list[Triple] = []
+    try:
+        for level, kind, data in triples:
+            if backend.is_pidfd_cmsg(level, kind):
+                for fd in fds_in([(SOL_SOCKET, SCM_PIDFD, data)]):
+                    if pidfd is None:
+                        pidfd = fd
+                    else:  # pragma: no cover - the kernel sends one
+                        os.close(fd)
+                continue
+            dec = backend.decode_cmsg(level, kind, data)
+            if dec is None:
+                rest.append((level, kind, data))
+            elif decoded is None:
+                decoded = dec
+    except BaseException:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    if decoded is None and pidfd is not None:
+        os.close(pidfd)
+        pidfd = None
+    return decoded, pidfd, rest
 
 
 # ---------------------------------------------------------------------------

@@ -27,8 +27,6 @@ belong to the peer and not to a process that inherited its pid.
 
 from __future__ import annotations
 
-import array
-import contextlib
 import errno
 import os
 import socket
@@ -36,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._address import Address, AddressLike
-from ._credstructs import DecodedCredentials
+from ._cmsg import close_fds, credentials, fds_in, split_credentials
 from ._errors import AfunixError, ProtocolError, UnsupportedFeature
 from ._peer import PeerCredentials as PeerCredentials
 from ._peer import PeerGone as PeerGone
@@ -188,12 +186,6 @@ def message_credentials(item: _Ucred) -> PeerCredentials:
     )
 
 
-def _fds_of(data: bytes) -> list[int]:
-    fds = array.array("i")
-    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
 def credentials_from_ancillary(
     ancdata: list[tuple[int, int, bytes]],
 ) -> tuple[PeerCredentials | None, list[tuple[int, int, bytes]]]:
@@ -204,44 +196,10 @@ def credentials_from_ancillary(
     credentials, untouched. Used by :func:`recv_credentials` and by message
     channels that receive descriptors and credentials together.
     """
-    decoded: DecodedCredentials | None = None
-    pidfd: int | None = None
-    rest: list[tuple[int, int, bytes]] = []
-    try:
-        for level, kind, data in ancdata:
-            if _backend.is_pidfd_cmsg(level, kind):
-                for fd in _fds_of(data):
-                    if pidfd is None:
-                        pidfd = fd
-                    else:  # pragma: no cover - the kernel sends one
-                        os.close(fd)
-                continue
-            dec = _backend.decode_cmsg(level, kind, data)
-            if dec is None:
-                rest.append((level, kind, data))
-            elif decoded is None:
-                decoded = dec
-    except BaseException:
-        if pidfd is not None:
-            os.close(pidfd)
-        raise
+    decoded, pidfd, rest = split_credentials(ancdata, backend=_backend)
     if decoded is None:
-        if pidfd is not None:
-            os.close(pidfd)
         return None, rest
     return PeerCredentials._from_decoded(decoded, pidfd, _backend.MESSAGE_MECHANISM or ""), rest
-
-
-def _close_rights(items: list[tuple[int, int, bytes]]) -> int:
-    """Close descriptors that arrived where none were expected; return how many."""
-    n = 0
-    for level, kind, data in items:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            for fd in _fds_of(data):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                n += 1
-    return n
 
 
 def recv_credentials(
@@ -258,7 +216,9 @@ def recv_credentials(
     cloexec = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
     data, ancdata, msg_flags, raw = sock.recvmsg(bufsize, space, flags | cloexec)
     creds, rest = credentials_from_ancillary(ancdata)
-    dropped = _close_rights(rest)
+    stray = fds_in(rest)  # descriptors where none were expected: closed at once
+    close_fds(stray)
+    dropped = len(stray)
     if msg_flags & socket.MSG_CTRUNC or dropped:
         if creds is not None:
             creds.close()
@@ -293,7 +253,7 @@ def send_credentials(
     """
     if sock.family != socket.AF_UNIX:
         raise UnsupportedFeature("credentials can only be sent over Unix-domain sockets")
-    item = _backend.credentials_item(pid, uid, gid)
+    item = credentials(pid, uid, gid, backend=_backend)
     dest = None if address is None else Address.parse(address).sockaddr
     try:
         if dest is None:

@@ -344,3 +344,23 @@ def test_control_space_is_cached() -> None:
     assert anc.control_space(253, True) == socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
     assert anc.control_space.cache_info().hits == hits + 1
     assert anc.control_space(1) == socket.CMSG_SPACE(4)
+
+
+def test_split_credentials_takes_credentials_and_pidfd(fds: list[int]) -> None:
+    ucred = (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, i32(42, 1000, 100))
+    other = (socket.SOL_SOCKET, socket.SCM_RIGHTS, i32(fds[0]))
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        decoded, got, rest = anc.split_credentials([other, ucred, (1, 4, i32(pidfd))])
+        assert decoded is not None
+        assert (decoded.pid, decoded.uid, decoded.gid) == (42, 1000, 100)
+        assert (got, rest) == (pidfd, [other])
+    finally:
+        os.close(pidfd)
+
+
+def test_split_credentials_closes_a_pidfd_without_credentials() -> None:
+    pidfd = os.pidfd_open(os.getpid())
+    decoded, got, rest = anc.split_credentials([(1, 4, i32(pidfd))])
+    assert (decoded, got, rest) == (None, None, [])
+    assert not is_open(pidfd)
