@@ -54,3 +54,31 @@ def test_unsupported_backend_says_so() -> None:
     with a, b, pytest.raises(UnsupportedFeature, match="not supported on this system"):
         unsupported.peer(a, False)
     assert unsupported.find_socket_holder(b"/nowhere") is None
+
+
+def _i32(*values: int) -> bytes:
+    return b"".join(v.to_bytes(4, "little", signed=False) for v in values)
+
+
+# pid 4321, uid 1001, euid 0, gid 20, ngroups 3 (+2 bytes padding), groups 5, 20, 1001.
+CMSGCRED = _i32(4321, 1001, 0, 20) + b"\x03\x00\x00\x00" + _i32(5, 20, 1001) + bytes(4 * 13)
+
+
+def test_each_backend_decodes_its_own_credentials_item() -> None:
+    """Byte tables through each backend's decode_cmsg (little-endian, as this host)."""
+    from afunix._platform import bsd, linux, macos, unsupported
+
+    got = linux.decode_cmsg(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, _i32(42, 1000, 100))
+    assert got is not None and (got.pid, got.uid, got.gid) == (42, 1000, 100)
+    assert linux.decode_cmsg(socket.SOL_SOCKET, socket.SCM_RIGHTS, _i32(3)) is None
+    assert linux.credentials_item(1, 2, 3) == (
+        socket.SOL_SOCKET,
+        socket.SCM_CREDENTIALS,
+        _i32(1, 2, 3),
+    )
+    got = bsd.decode_cmsg(socket.SOL_SOCKET, bsd.SCM_CREDS, CMSGCRED)
+    assert got is not None and (got.pid, got.uid, got.gid) == (4321, 0, 5)
+    assert bsd.decode_cmsg(socket.SOL_SOCKET + 1, bsd.SCM_CREDS, CMSGCRED) is None
+    for other in (macos, unsupported):
+        assert other.decode_cmsg(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, CMSGCRED) is None
+        assert not other.is_pidfd_cmsg(socket.SOL_SOCKET, 4)
