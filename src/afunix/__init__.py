@@ -7,9 +7,9 @@ modules and may change. Start with :func:`listen`, :func:`connect`,
 
 from ._address import Address as Address
 from ._address import AddressKind as AddressKind
-from ._ancillary import ControlError as ControlError
-from ._ancillary import ControlTruncated as ControlTruncated
-from ._ancillary import UnexpectedControl as UnexpectedControl
+from ._cmsg import ControlError as ControlError
+from ._cmsg import ControlTruncated as ControlTruncated
+from ._cmsg import UnexpectedControl as UnexpectedControl
 from ._creds import CredentialsMessage as CredentialsMessage
 from ._creds import CredentialsRefused as CredentialsRefused
 from ._creds import PeerCredentials as PeerCredentials

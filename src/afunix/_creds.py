@@ -27,21 +27,19 @@ belong to the peer and not to a process that inherited its pid.
 
 from __future__ import annotations
 
-import array
-import contextlib
 import errno
-import grp
 import os
-import pwd
-import signal
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._address import Address, AddressLike
-from ._credstructs import DecodedCredentials
+from ._cmsg import close_fds, credentials, fds_in, split_credentials
 from ._errors import AfunixError, ProtocolError, UnsupportedFeature
+from ._peer import PeerCredentials as PeerCredentials
+from ._peer import PeerGone as PeerGone
+from ._peer import ProcessFacts as ProcessFacts
+from ._platform import NOSIGNAL, PLATFORM, Backend
 
 __all__ = [
     "CredentialsMessage",
@@ -59,51 +57,9 @@ __all__ = [
 ]
 
 
-class _Backend(Protocol):
-    """What each platform module (``_creds_linux`` and friends) provides."""
-
-    NAME: str
-    PEER_MECHANISM: str
-    MESSAGE_MECHANISM: str | None
-    CREDENTIALS_SPACE: int
-
-    def peer(
-        self, sock: socket.socket, want_pidfd: bool
-    ) -> tuple[DecodedCredentials, int | None]: ...
-    def has_pidfd(self) -> bool | None: ...
-    def pidfd_exited(self, pidfd: int, timeout: float | None = 0.0) -> bool: ...
-    def pidfd_pid(self, pidfd: int) -> int | None: ...
-    def process_facts(
-        self, pid: int, pidfd: int | None
-    ) -> tuple[str | None, tuple[str, ...] | None, str | None, bool]: ...
-    def enable_passcred(self, sock: socket.socket, on: bool, pidfd: bool) -> None: ...
-    def send_cmsg(
-        self, pid: int | None, uid: int | None, gid: int | None
-    ) -> tuple[int, int, bytes]: ...
-    def decode_cmsg(self, level: int, kind: int, data: bytes) -> DecodedCredentials | None: ...
-    def is_pidfd_cmsg(self, level: int, kind: int) -> bool: ...
-
-
-def _choose() -> _Backend:
-    """Pick the implementation once, by what the socket module offers."""
-    if all(hasattr(socket, n) for n in ("SO_PEERCRED", "SO_PASSCRED", "SCM_CREDENTIALS")):
-        from . import _creds_linux
-
-        return _creds_linux
-    if sys.platform == "darwin":  # pragma: no cover - not this machine
-        from . import _creds_macos
-
-        return _creds_macos
-    if sys.platform.startswith(("freebsd", "dragonfly", "netbsd", "openbsd")):  # pragma: no cover
-        from . import _creds_bsd
-
-        return _creds_bsd
-    from . import _creds_unsupported  # pragma: no cover
-
-    return _creds_unsupported  # pragma: no cover
-
-
-_backend: _Backend = _choose()
+#: This system's backend, chosen once by :func:`afunix._platform.detect` (the same
+#: choice the address and bind code see).
+_backend: Backend = PLATFORM.backend
 
 
 # ------------------------------------------------------------------ errors
@@ -114,225 +70,6 @@ class CredentialsRefused(AfunixError):
     its own without the privilege to do so, ``ESRCH`` when the claimed pid
     names no process. The message was *not* sent.
     """
-
-
-class PeerGone(AfunixError):
-    """The peer process has exited, so facts about it can no longer be read safely.
-
-    ``errno`` is ``ESRCH``. Its pid may already name another process.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ESRCH, message)
-
-
-# ------------------------------------------------------------------- types
-@dataclass(frozen=True)
-class ProcessFacts:
-    """What ``/proc`` says about a peer process, for logs and policy.
-
-    ``verified`` is true when a pidfd confirmed, *after* reading, that the
-    pid still named the peer (so no other process could have inherited the
-    pid meanwhile). Facts the system would not show (another user's
-    executable without privilege, no ``/proc``) are ``None``.
-    """
-
-    pid: int
-    exe: str | None
-    cmdline: tuple[str, ...] | None
-    cgroup: str | None
-    verified: bool
-
-
-def _user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return None
-
-
-def _group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except (KeyError, OverflowError):
-        return None
-
-
-class PeerCredentials:
-    """The identity of a peer, as the kernel reported it.
-
-    Attributes:
-        pid: the peer's process id in this process's pid namespace, or
-            ``None`` where the system does not say (DragonFly, FreeBSD < 13)
-            or the peer lives in a pid namespace this one cannot see.
-        uid, gid: the peer's ids. Peer credentials (``SO_PEERCRED``,
-            ``LOCAL_PEERCRED``) report *effective* ids at connect time;
-            Linux per-message credentials report what the sender attached,
-            by default its *real* ids at send time.
-        groups: supplementary groups where the kernel gives them
-            (``SO_PEERGROUPS``, ``xucred``), else ``None``.
-        pidfd: on Linux 6.5+, a descriptor naming the peer process (owned by
-            this object: :meth:`close` it, or use ``with``), else ``None``.
-        mechanism: how the kernel told us, e.g. ``"SO_PEERCRED"``.
-
-    Equality and hashing use ``(pid, uid, gid, groups)``.
-    """
-
-    __slots__ = ("_pidfd", "gid", "groups", "mechanism", "pid", "uid")
-
-    def __init__(
-        self,
-        pid: int | None,
-        uid: int,
-        gid: int,
-        groups: tuple[int, ...] | None = None,
-        pidfd: int | None = None,
-        *,
-        mechanism: str = "",
-    ) -> None:
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-        self.groups = None if groups is None else tuple(groups)
-        self.mechanism = mechanism
-        self._pidfd = pidfd
-
-    @classmethod
-    def _from_decoded(
-        cls, dec: DecodedCredentials, pidfd: int | None, mechanism: str
-    ) -> PeerCredentials:
-        return cls(dec.pid, dec.uid, dec.gid, dec.groups, pidfd, mechanism=mechanism)
-
-    # ------------------------------------------------------------ identity
-    @property
-    def pidfd(self) -> int | None:
-        """The pidfd (still owned by this object), or ``None``."""
-        return self._pidfd
-
-    @property
-    def user(self) -> str | None:
-        """The user name of :attr:`uid`, if the user database knows it."""
-        return _user_name(self.uid)
-
-    @property
-    def group(self) -> str | None:
-        """The group name of :attr:`gid`, if the group database knows it."""
-        return _group_name(self.gid)
-
-    def describe(self) -> str:
-        """``"pid 123, uid 65534 (nobody), gid 65534 (nogroup)"`` for logs."""
-        user, group = self.user, self.group
-        parts = [
-            f"pid {self.pid if self.pid is not None else '?'}",
-            f"uid {self.uid}" + (f" ({user})" if user else ""),
-            f"gid {self.gid}" + (f" ({group})" if group else ""),
-        ]
-        if self.groups:
-            parts.append("groups " + ",".join(map(str, self.groups)))
-        return ", ".join(parts)
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (no descriptor numbers)."""
-        return {
-            "pid": self.pid,
-            "uid": self.uid,
-            "user": self.user,
-            "gid": self.gid,
-            "group": self.group,
-            "groups": None if self.groups is None else list(self.groups),
-            "mechanism": self.mechanism,
-            "pidfd": self._pidfd is not None,
-        }
-
-    def _key(self) -> tuple[int | None, int, int, tuple[int, ...] | None]:
-        return (self.pid, self.uid, self.gid, self.groups)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PeerCredentials):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        fd = f", pidfd={self._pidfd}" if self._pidfd is not None else ""
-        return (
-            f"PeerCredentials(pid={self.pid}, uid={self.uid}, gid={self.gid}, "
-            f"groups={self.groups}{fd})"
-        )
-
-    # ------------------------------------------------------- the process
-    def _need_pidfd(self, what: str) -> int:
-        if self._pidfd is None:
-            raise UnsupportedFeature(
-                f"{what} needs a pidfd, and these credentials have none (Linux 6.5+ "
-                "SO_PEERPIDFD, or enable_credentials(..., pidfd=True) for messages)"
-            )
-        return self._pidfd
-
-    def exited(self, timeout: float | None = 0.0) -> bool:
-        """Whether the peer process has exited, waiting up to *timeout* seconds.
-
-        ``timeout=None`` waits for as long as it takes. Needs a pidfd: a pid
-        number alone cannot answer this (it may already name another process).
-        """
-        return _backend.pidfd_exited(self._need_pidfd("telling whether the peer exited"), timeout)
-
-    def current_pid(self) -> int | None:
-        """The pid the pidfd names now: :attr:`pid` while the peer lives, ``None`` once reaped."""
-        return _backend.pidfd_pid(self._need_pidfd("following the peer process"))
-
-    def send_signal(self, sig: int) -> None:
-        """Signal the peer through its pidfd: never a process that reused its pid.
-
-        Raises ``ProcessLookupError`` if the peer has exited.
-        """
-        signal.pidfd_send_signal(self._need_pidfd("signalling the peer safely"), sig)
-
-    def facts(self) -> ProcessFacts:
-        """Executable, command line and cgroup of the peer, read from ``/proc``.
-
-        With a pidfd, the facts are checked to belong to the peer
-        (``verified``); without one (old kernels, per-message credentials)
-        they are read on trust in the pid (``verified=False``). Raises
-        :class:`PeerGone` if the peer has exited, and
-        :class:`~afunix.UnsupportedFeature` if the pid is unknown.
-        """
-        if self.pid is None:
-            raise UnsupportedFeature("the peer's pid is unknown, so /proc cannot be consulted")
-        try:
-            exe, cmdline, cgroup, verified = _backend.process_facts(self.pid, self._pidfd)
-        except ProcessLookupError as exc:
-            raise PeerGone(
-                f"peer pid {self.pid} has exited; its /proc entry is gone or may "
-                "already belong to another process"
-            ) from exc
-        return ProcessFacts(self.pid, exe, cmdline, cgroup, verified)
-
-    # --------------------------------------------------------- ownership
-    def detach_pidfd(self) -> int | None:
-        """Hand the pidfd over to the caller (who must close it)."""
-        fd, self._pidfd = self._pidfd, None
-        return fd
-
-    def close(self) -> None:
-        """Close the pidfd, if any. The ids stay readable."""
-        fd, self._pidfd = self._pidfd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def __enter__(self) -> PeerCredentials:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # Like a socket object: a forgotten descriptor is closed, not leaked.
-        if getattr(self, "_pidfd", None) is not None:
-            self.close()
 
 
 # ------------------------------------------------------ peer credentials
@@ -449,12 +186,6 @@ def message_credentials(item: _Ucred) -> PeerCredentials:
     )
 
 
-def _fds_of(data: bytes) -> list[int]:
-    fds = array.array("i")
-    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
 def credentials_from_ancillary(
     ancdata: list[tuple[int, int, bytes]],
 ) -> tuple[PeerCredentials | None, list[tuple[int, int, bytes]]]:
@@ -465,44 +196,10 @@ def credentials_from_ancillary(
     credentials, untouched. Used by :func:`recv_credentials` and by message
     channels that receive descriptors and credentials together.
     """
-    decoded: DecodedCredentials | None = None
-    pidfd: int | None = None
-    rest: list[tuple[int, int, bytes]] = []
-    try:
-        for level, kind, data in ancdata:
-            if _backend.is_pidfd_cmsg(level, kind):
-                for fd in _fds_of(data):
-                    if pidfd is None:
-                        pidfd = fd
-                    else:  # pragma: no cover - the kernel sends one
-                        os.close(fd)
-                continue
-            dec = _backend.decode_cmsg(level, kind, data)
-            if dec is None:
-                rest.append((level, kind, data))
-            elif decoded is None:
-                decoded = dec
-    except BaseException:
-        if pidfd is not None:
-            os.close(pidfd)
-        raise
+    decoded, pidfd, rest = split_credentials(ancdata, backend=_backend)
     if decoded is None:
-        if pidfd is not None:
-            os.close(pidfd)
         return None, rest
     return PeerCredentials._from_decoded(decoded, pidfd, _backend.MESSAGE_MECHANISM or ""), rest
-
-
-def _close_rights(items: list[tuple[int, int, bytes]]) -> int:
-    """Close descriptors that arrived where none were expected; return how many."""
-    n = 0
-    for level, kind, data in items:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            for fd in _fds_of(data):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                n += 1
-    return n
 
 
 def recv_credentials(
@@ -519,7 +216,9 @@ def recv_credentials(
     cloexec = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
     data, ancdata, msg_flags, raw = sock.recvmsg(bufsize, space, flags | cloexec)
     creds, rest = credentials_from_ancillary(ancdata)
-    dropped = _close_rights(rest)
+    stray = fds_in(rest)  # descriptors where none were expected: closed at once
+    close_fds(stray)
+    dropped = len(stray)
     if msg_flags & socket.MSG_CTRUNC or dropped:
         if creds is not None:
             creds.close()
@@ -554,12 +253,12 @@ def send_credentials(
     """
     if sock.family != socket.AF_UNIX:
         raise UnsupportedFeature("credentials can only be sent over Unix-domain sockets")
-    item = _backend.send_cmsg(pid, uid, gid)
+    item = credentials(pid, uid, gid, backend=_backend)
     dest = None if address is None else Address.parse(address).sockaddr
     try:
         if dest is None:
-            return sock.sendmsg([data], [item])
-        return sock.sendmsg([data], [item], 0, dest)
+            return sock.sendmsg([data], [item], NOSIGNAL)
+        return sock.sendmsg([data], [item], NOSIGNAL, dest)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ESRCH):
             raise

@@ -34,6 +34,7 @@ __all__ = [
     "PeerError",
     "PeerTimeout",
     "ProtocolError",
+    "TooManyFds",
     "UnsupportedFeature",
     "WrongSocketType",
 ]
@@ -125,6 +126,18 @@ class UnsupportedFeature(AfunixError):
 
     def __init__(self, message: str, filename: object = None) -> None:
         super().__init__(_errno.EOPNOTSUPP, message, filename)
+
+
+class TooManyFds(AfunixError, ValueError):
+    """More descriptors than one message can carry (``SCM_MAX_FD``, 253). Nothing was sent."""
+
+    def __init__(self, count: int, limit: int = 253) -> None:
+        super().__init__(
+            _errno.EINVAL,
+            f"cannot send {count} descriptors in one message: the kernel's limit is "
+            f"{limit} (SCM_MAX_FD); send them in several messages",
+        )
+        self.count = count
 
 
 class PeerError(AfunixError):

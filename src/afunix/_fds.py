@@ -24,24 +24,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import socket
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import Any, NamedTuple
 
-from ._ancillary import (
+from ._cmsg import (
+    SCM_MAX_FD,
     ControlItem,
     Credentials,
+    FdLike,
     Rights,
     control_space,
     decode,
     encode,
+    fd_numbers,
+    fileno_of,
 )
-from ._errors import AfunixError
-from ._protocol import SCM_MAX_FD
+from ._errors import AfunixError, TooManyFds
+from ._platform import NOSIGNAL
 
 __all__ = [
     "SCM_MAX_FD",
@@ -59,42 +62,6 @@ __all__ = [
 ]
 
 
-class _HasFileno(Protocol):
-    def fileno(self) -> int: ...
-
-
-FdLike: TypeAlias = "int | _HasFileno"
-
-
-class TooManyFds(AfunixError, ValueError):
-    """More descriptors than one message can carry (``SCM_MAX_FD``, 253). Nothing was sent."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__(
-            errno.EINVAL,
-            f"cannot send {count} descriptors in one message: the kernel's limit is "
-            f"{SCM_MAX_FD} (SCM_MAX_FD); send them in several messages",
-        )
-        self.count = count
-
-
-def fileno_of(obj: FdLike) -> int:
-    """The descriptor number of an ``int``, a file or a socket; refuses closed ones."""
-    if isinstance(obj, bool):
-        raise TypeError("a bool is not a descriptor")
-    fd = obj if isinstance(obj, int) else obj.fileno()
-    if not isinstance(fd, int) or fd < 0:
-        raise ValueError(f"{obj!r} has no open descriptor (is it closed?)")
-    return fd
-
-
-def _fd_list(fds: Iterable[FdLike]) -> list[int]:
-    numbers = [fileno_of(f) for f in fds]
-    if len(numbers) > SCM_MAX_FD:
-        raise TooManyFds(len(numbers))
-    return numbers
-
-
 def _is_stream(sock: socket.socket) -> bool:
     return sock.type == socket.SOCK_STREAM
 
@@ -110,10 +77,16 @@ class Outgoing:
     included) was sent and the same call can be retried.
 
     On seqpacket and datagram sockets a ``sendmsg`` is all-or-nothing, so one
-    successful call completes the message.
+    successful call completes the message. Every call passes ``MSG_NOSIGNAL``: a
+    peer that has gone is a ``BrokenPipeError``, never a ``SIGPIPE``.
+
+    *fds* is read once, and the objects in it (files, sockets) stay referenced
+    by the message until it is dropped: a file whose only reference was the
+    caller's argument (``fds=[open(path)]``, or a generator of files) is not
+    closed, its number perhaps reused by another thread, before it is sent.
     """
 
-    __slots__ = ("_address", "_ancdata", "_buffers", "fds_sent", "sent", "total")
+    __slots__ = ("_address", "_ancdata", "_buffers", "_refs", "fds_sent", "sent", "total")
 
     def __init__(
         self,
@@ -123,7 +96,9 @@ class Outgoing:
         *,
         credentials: Credentials | None = None,
     ) -> None:
-        numbers = _fd_list(fds)
+        refs = fds if type(fds) is tuple or type(fds) is list else list(fds)
+        numbers = fd_numbers(refs)
+        self._refs = refs
         self._buffers = [memoryview(b).cast("B") for b in buffers if len(b)]
         self.total = sum(len(b) for b in self._buffers)
         if numbers and not self.total:
@@ -155,9 +130,9 @@ class Outgoing:
         while True:
             try:
                 if self._address is not None:
-                    n = sock.sendmsg(self._buffers, anc, 0, self._address)
+                    n = sock.sendmsg(self._buffers, anc, NOSIGNAL, self._address)
                 else:
-                    n = sock.sendmsg(self._buffers, anc)
+                    n = sock.sendmsg(self._buffers, anc, NOSIGNAL)
             except InterruptedError:
                 continue  # nothing was sent; same call again
             break
@@ -247,7 +222,6 @@ class _Items:
 _MSG_PEEK = int(socket.MSG_PEEK)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-_control_space = functools.lru_cache(maxsize=32)(control_space)
 
 
 def _check_flags(flags: int) -> int:
@@ -274,7 +248,7 @@ def recvmsg_items(
     if not 0 <= maxfds <= SCM_MAX_FD:
         raise ValueError(f"maxfds must be 0..{SCM_MAX_FD}, not {maxfds}")
     data, anc, msg_flags, address = sock.recvmsg(
-        bufsize, _control_space(maxfds, credentials), _check_flags(flags)
+        bufsize, control_space(maxfds, credentials), _check_flags(flags)
     )
     items = decode(anc, msg_flags, room=maxfds) if anc or msg_flags & _MSG_CTRUNC else []
     # Linux echoes MSG_CMSG_CLOEXEC back in msg_flags; it says nothing about the message.

@@ -36,6 +36,7 @@ from ._address import Address
 from ._bind import BoundPath
 from ._errors import AfunixError, ProtocolError
 from ._fds import recv_fds, send_fds
+from ._platform import NOSIGNAL
 from ._sockets import DatagramSocket, Socket
 
 __all__ = ["ENV_VAR", "Takeover", "offer", "reap_failed", "spawn_successor", "take_over"]
@@ -57,7 +58,9 @@ class Takeover:
     def ready(self) -> None:
         """Tell the old process we accept now; it stops accepting and drains."""
         try:
-            self.channel.sendall(READY)
+            # MSG_NOSIGNAL: an old process that died already is a BrokenPipeError
+            # here, not a SIGPIPE that kills its successor.
+            self.channel.sendall(READY, NOSIGNAL)
         finally:
             self.channel.close()
 

@@ -12,14 +12,15 @@ can notify unconditionally.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import socket
 from collections.abc import Mapping, Sequence
 
 from ._address import Address, AddressKind
+from ._cmsg import fd_numbers, rights
 from ._errors import AfunixError
+from ._platform import NOSIGNAL
 
 __all__ = ["format_notification", "notify"]
 
@@ -61,13 +62,9 @@ def notify(
     if addr.kind not in (AddressKind.PATH, AddressKind.ABSTRACT):
         raise AfunixError(errno.EINVAL, f"NOTIFY_SOCKET={target!r} is not a Unix socket address")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        ancillary = []
-        if fds:
-            ancillary.append(
-                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-            )
+        ancillary = [rights(fd_numbers(fds))] if fds else []
         try:
-            sock.sendmsg([payload], ancillary, 0, addr.sockaddr)
+            sock.sendmsg([payload], ancillary, NOSIGNAL, addr.sockaddr)
         except OSError as exc:
             raise AfunixError(
                 exc.errno or errno.EIO,

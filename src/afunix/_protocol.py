@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final, NoReturn
 
-from ._ancillary import close_fds
+from ._cmsg import SCM_MAX_FD, close_fds
 from ._errors import ProtocolError
 
 __all__ = [
@@ -85,8 +85,6 @@ MAGIC: Final = 0xAF
 FLAG_MEMFD: Final = 0x01
 KNOWN_FLAGS: Final = FLAG_MEMFD
 HEADER: Final = struct.Struct("!BBHI")
-#: Linux's limit of descriptors per ``sendmsg`` (``SCM_MAX_FD`` in ``include/net/scm.h``).
-SCM_MAX_FD: Final = 253
 #: The headers that take a batch's descriptors start within this many bytes of
 #: the batch's first byte. (afunix holds at most 64 KiB of frames per batch.) A
 #: peer cannot park descriptors in the receiver while other traffic flows.

@@ -11,8 +11,9 @@ a blocking ``connect`` waits for room, a non-blocking one fails with
 ``EAGAIN``, and ``ECONNREFUSED`` means that *nothing listens* (a stale file).
 :func:`connect` with ``timeout=`` waits for room in the kernel (a blocking
 connect bounded by ``SO_SNDTIMEO``, so it is woken in turn with the other
-waiting clients) until the deadline and then raises :class:`ListenQueueFull`; with ``retries=`` it retries transient
-failures (full queue, server restarting) with exponential backoff.
+waiting clients) until the deadline and then raises :class:`ListenQueueFull`;
+with ``retries=`` it retries transient failures (full queue, server
+restarting) with exponential backoff.
 """
 
 from __future__ import annotations

@@ -27,21 +27,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._address import AddressLike
-from ._ancillary import close_fds
+from ._cmsg import SCM_MAX_FD, FdLike, close_fds, fd_numbers, rights
 from ._errors import AfunixError
-from ._fds import SCM_MAX_FD, FdLike, Outgoing
+from ._fds import Outgoing
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, available
+from ._platform import NOSIGNAL
 from ._protocol import DEFAULT_MAX_SIZE
 from ._sockets import SocketTypeLike, connect, listen, pair, type_name
-from .channel import (
-    _RECV_BUFSIZE,
-    _SCM_RIGHTS,
-    _SOL_SOCKET,
-    Message,
-    _Core,
-    _numbers,
-    _pack_fds,
-)
+from .channel import _RECV_BUFSIZE, Message, _Core
 
 __all__ = ["AsyncChannel"]
 
@@ -308,9 +301,15 @@ class AsyncChannel:
     ) -> None:
         """Send one message; see :meth:`Channel.send` (and its *more*)."""
         core = self._core
+        if fds:
+            # Read once, and referenced here until sent, across every await (see
+            # channel._kept): the files the caller passed stay open until they went.
+            if type(fds) is not tuple and type(fds) is not list:
+                fds = list(fds)
+            numbers = fd_numbers(fds)
+        else:
+            numbers = []
         if memfd is None and address is None:
-            numbers = _numbers(fds) if fds else []
-            fds = numbers  # an iterator is read once
             frame = core.plain_frame(data, len(numbers)) if len(numbers) <= SCM_MAX_FD else None
             if frame is not None:
                 if more or core.held:
@@ -327,13 +326,13 @@ class AsyncChannel:
         size = memoryview(data).nbytes
         use_memfd = core.use_memfd(size, memfd)
         try:
-            await self._send(data, fds, use_memfd, address)
+            await self._send(data, numbers, use_memfd, address)
         except OSError as exc:
             if exc.errno != errno.EMSGSIZE or memfd is not None or use_memfd or core.stream:
                 raise
             if not available():  # pragma: no cover - not Linux
                 raise
-            await self._send(data, fds, True, address)
+            await self._send(data, numbers, True, address)  # the same descriptors
 
     async def _send(
         self, data: bytes | bytearray | memoryview, fds: Iterable[FdLike], memfd: bool, address: Any
@@ -349,6 +348,8 @@ class AsyncChannel:
         self, buf: MemfdBuffer, length: int, fds: Iterable[FdLike] = (), *, address: Any = None
     ) -> None:
         """Seal *buf* and send it as the payload; see :meth:`Channel.send_buffer`."""
+        if type(fds) is not tuple and type(fds) is not list:
+            fds = list(fds)  # read once, referenced until sent (see send)
         out, mfd = self._core.outgoing_buffer(buf, length, fds, address)
         try:
             await self._push(out)
@@ -361,12 +362,12 @@ class AsyncChannel:
         try:
             while fds and not sent:
                 try:
-                    sent = sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))])
+                    sent = sock.sendmsg([frame], [rights(fds)], NOSIGNAL)
                 except BlockingIOError:
                     await self._wait(writable=True)
             while sent < len(frame):
                 try:
-                    sent += sock.send(frame[sent:] if sent else frame)
+                    sent += sock.send(frame[sent:] if sent else frame, NOSIGNAL)
                 except BlockingIOError:
                     await self._wait(writable=True)
         except BaseException:
@@ -479,9 +480,9 @@ class AsyncChannel:
             frames, fds = core.take_held()
             with contextlib.suppress(OSError):
                 if fds:
-                    core.sock.sendmsg([frames], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))])
+                    core.sock.sendmsg([frames], [rights(fds)], NOSIGNAL)
                 else:
-                    core.sock.send(frames)
+                    core.sock.send(frames, NOSIGNAL)
             close_fds(fds)
         core.close()
 

@@ -33,31 +33,33 @@ less room than the sender sent) raises :class:`~afunix.ControlTruncated`.
 from __future__ import annotations
 
 import _socket
-import array
 import contextlib
 import errno
-import functools
 import os
 import socket
-import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Literal
 
 from ._address import AddressLike
-from ._ancillary import (
+from ._cmsg import (
+    SCM_MAX_FD,
     ControlError,
     Credentials,
+    FdLike,
     close_fds,
     control_space,
+    fd_numbers,
     fds_in,
+    fds_only,
     rights,
 )
 from ._creds import PeerCredentials, message_credentials
-from ._errors import AfunixError, ProtocolError, UnsupportedFeature
-from ._fds import SCM_MAX_FD, FdLike, Outgoing, TooManyFds, fileno_of, recvmsg_items
+from ._errors import AfunixError, ProtocolError, TooManyFds, UnsupportedFeature
+from ._fds import Outgoing, recvmsg_items
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
+from ._platform import NOSIGNAL
 from ._protocol import (
     CLOSED,
     DEFAULT_MAX_SIZE,
@@ -87,24 +89,20 @@ _RECV_FIRST = 16 * 1024
 #: with a single ``send`` (the fast path); larger ones use ``sendmsg`` with two buffers.
 _PLAIN_MAX = 8 * 1024
 _PLAIN_TYPES = (bytes, bytearray)
-_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
-def _numbers(fds: Iterable[FdLike]) -> list[int]:
-    """Descriptor numbers of *fds* (see :func:`~afunix._fds.fileno_of`)."""
-    if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
-        (one,) = fds
-        if type(one) is int and one >= 0:
-            return [one]
-    return [fileno_of(f) for f in fds]
+def _kept(fds: Iterable[FdLike]) -> list[FdLike] | tuple[FdLike, ...]:
+    """*fds* read once: a list or tuple as it is, any other iterable as a new list.
 
-
-_INT = struct.Struct("i")
-
-
-def _pack_fds(fds: list[int]) -> bytes:
-    """The ``SCM_RIGHTS`` data of *fds* (native ints)."""
-    return _INT.pack(fds[0]) if len(fds) == 1 else array.array("i", fds).tobytes()
+    A send keeps what this returns referenced until the ``sendmsg`` that carries
+    the descriptors has returned (through a memfd resend too): the caller's
+    ``fds=[open(path)]`` may be the only reference to that file, and a file
+    object collected before the ``sendmsg`` closes its descriptor, whose number
+    another thread may already have reused for a file of its own.
+    """
+    if type(fds) is tuple or type(fds) is list:
+        return fds
+    return list(fds)
 
 
 _pack_header = HEADER.pack
@@ -278,8 +276,6 @@ class Message:
 _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
 _SOCKET_KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
-#: ``control_space`` per (maxfds, credentials): the same few values for every channel.
-_control_space = functools.lru_cache(maxsize=32)(control_space)
 #: The C ``accept`` under ``socket.accept()``, which would read the listener's
 #: family and type again (two enum conversions) for every connection.
 _accept: Callable[[socket.socket], tuple[int, Any]] = _socket.socket._accept  # type: ignore[attr-defined]
@@ -333,7 +329,7 @@ class _Core:
         #: descriptors of several messages (``send(..., more=True)``), so always the
         #: kernel's most; ``maxfds`` is then checked per message, on its header.
         self.room = SCM_MAX_FD if self.stream else maxfds
-        self.control = _control_space(self.room, credentials)
+        self.control = control_space(self.room, credentials)
         #: Read only a header next (set after a large payload was received in place).
         self.header_next = False
         #: The stream fast path's receive buffer (see _RECV_BUFSIZE), made on first use.
@@ -439,7 +435,7 @@ class _Core:
         """The message to send, and the memfd we created for it (close it after sending)."""
         if self.closed:
             raise AfunixError(errno.EBADF, "the channel is closed")
-        numbers = [fileno_of(f) for f in fds]
+        numbers = fd_numbers(fds)
         view = memoryview(data).cast("B")
         size = len(view)
         if len(numbers) + memfd > SCM_MAX_FD:
@@ -463,7 +459,7 @@ class _Core:
     def outgoing_buffer(
         self, buf: MemfdBuffer, length: int, fds: Iterable[FdLike], address: Any
     ) -> tuple[Outgoing, int]:
-        numbers = [fileno_of(f) for f in fds]
+        numbers = fd_numbers(fds)
         if len(numbers) + 1 > SCM_MAX_FD:
             raise TooManyFds(len(numbers) + 1)
         if length > self.max_size:
@@ -579,7 +575,7 @@ class _Core:
                     raise
                 return None
             try:  # descriptors: checked as recvmsg_items() checks them
-                fds = rights(anc, flags, room=self.room)
+                fds = fds_only(anc, flags, room=self.room)
             except ControlError:
                 self.fail()  # a message's descriptors are gone: the stream is broken
                 raise
@@ -836,52 +832,59 @@ class Channel:
         is ever held back.
         """
         core = self._core
-        if memfd is None and address is None and fds:
-            numbers = _numbers(fds)
-            fds = numbers  # an iterator is read once
+        if not fds:
+            if memfd is None and address is None:
+                plain = core.plain_frame(data)
+                if plain is not None:
+                    with self._send_lock:
+                        if more or core.held:
+                            if core.hold(plain) or not more:
+                                self._write_held()
+                        else:
+                            self._write(plain)
+                    return
+                if isinstance(data, (bytes, bytearray)):
+                    header = core.plain_header(data)
+                    if header is not None:
+                        with self._send_lock:
+                            if core.held:
+                                self._write_held()
+                            self._write_parts(header, data)
+                        return
+            numbers: list[int] = []
+        else:
+            # Read once, and referenced here until sent (see _kept): the files the
+            # caller passed stay open however the message goes out.
+            if type(fds) is not tuple and type(fds) is not list:
+                fds = list(fds)  # as _kept(fds), without a call on the hot path
+            numbers = fd_numbers(fds)
             nfds = len(numbers)
-            frame = core.plain_frame(data, nfds) if nfds <= SCM_MAX_FD else None
-            if frame is not None:
-                with self._send_lock:
-                    if more or core.held:
-                        if not core.room_for(nfds):
-                            self._write_held()
-                        if core.hold(frame, numbers) or not more:
-                            self._write_held()
-                    else:
-                        self._write_fds(frame, numbers)
-                return
-        elif memfd is None and address is None:
-            plain = core.plain_frame(data)
-            if plain is not None:
-                with self._send_lock:
-                    if more or core.held:
-                        if core.hold(plain) or not more:
-                            self._write_held()
-                    else:
-                        self._write(plain)
-                return
-            header = core.plain_header(data) if isinstance(data, (bytes, bytearray)) else None
-            if header is not None:
-                assert isinstance(data, (bytes, bytearray))
-                with self._send_lock:
-                    if core.held:
-                        self._write_held()
-                    self._write_parts(header, data)
-                return
+            if memfd is None and address is None and nfds <= SCM_MAX_FD:
+                frame = core.plain_frame(data, nfds)
+                if frame is not None:
+                    with self._send_lock:
+                        if more or core.held:
+                            if not core.room_for(nfds):
+                                self._write_held()
+                            if core.hold(frame, numbers) or not more:
+                                self._write_held()
+                        else:
+                            self._write_fds(frame, numbers)
+                    return
         if core.held:
             self.flush()  # keep the order: held messages first
         size = memoryview(data).nbytes
         use_memfd = core.use_memfd(size, memfd)
         try:
-            self._send(data, fds, use_memfd, address)
+            self._send(data, numbers, use_memfd, address)
         except OSError as exc:
-            # A packet too big for the socket: retry as a memfd unless told not to.
+            # A packet too big for the socket: retry as a memfd unless told not to,
+            # with the same descriptors (an iterator was read once, above).
             if exc.errno != errno.EMSGSIZE or memfd is not None or use_memfd or core.stream:
                 raise
             if not available():  # pragma: no cover - not Linux
                 raise
-            self._send(data, fds, True, address)
+            self._send(data, numbers, True, address)
 
     def _send(
         self, data: bytes | bytearray | memoryview, fds: Iterable[FdLike], memfd: bool, address: Any
@@ -901,6 +904,7 @@ class Channel:
         The zero-copy path: write into ``buf.view`` in place, then send its
         first *length* bytes. The buffer is consumed (sealed and closed).
         """
+        fds = _kept(fds)  # referenced until sent (see _kept)
         out, mfd = self._core.outgoing_buffer(buf, length, fds, address)
         try:
             self._push(out)
@@ -911,9 +915,9 @@ class Channel:
         """Write whole frames (the send lock is held)."""
         sock, sent = self._core.sock, 0
         try:
-            sent = sock.send(frame)
+            sent = sock.send(frame, NOSIGNAL)
             while sent < len(frame):
-                sent += sock.send(frame[sent:])
+                sent += sock.send(frame[sent:], NOSIGNAL)
         except BaseException:
             if sent:  # half a message went out: the peer's framing is lost for good
                 self._core.fail()
@@ -923,9 +927,9 @@ class Channel:
         """Write a frame with its descriptors attached to its first byte (UNP 15.7)."""
         sock, sent = self._core.sock, 0
         try:
-            sent = sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fds(fds))])
+            sent = sock.sendmsg([frame], [rights(fds)], NOSIGNAL)
             while sent < len(frame):  # the descriptors went with the first byte
-                sent += sock.send(frame[sent:])
+                sent += sock.send(frame[sent:], NOSIGNAL)
         except BaseException:
             if sent:
                 self._core.fail()
@@ -935,14 +939,14 @@ class Channel:
         """Write a header and its payload with ``sendmsg``, the payload not copied."""
         sock, sent, total = self._core.sock, 0, len(header) + len(data)
         try:
-            sent = sock.sendmsg([header, data])
+            sent = sock.sendmsg([header, data], (), NOSIGNAL)
             if sent < total:  # a signal cut it short: finish the message
                 with memoryview(data) as view:
                     while sent < total:
                         if sent < len(header):
-                            sent += sock.sendmsg([header[sent:], view])
+                            sent += sock.sendmsg([header[sent:], view], (), NOSIGNAL)
                         else:
-                            sent += sock.send(view[sent - len(header) :])
+                            sent += sock.send(view[sent - len(header) :], NOSIGNAL)
         except BaseException:
             if sent:  # half a message went out: the peer's framing is lost for good
                 self._core.fail()

@@ -544,7 +544,7 @@ def test_unsealed_memfd_from_a_peer_is_refused(kind: str) -> None:
         before = fd_table()
         raw.sendmsg(
             [encode_header(8, 2, FLAG_MEMFD)],
-            afunix._ancillary.encode([afunix._ancillary.Rights((0, mfd))]),
+            [afunix._cmsg.rights([0, mfd])],
         )
         os.close(mfd)
         with pytest.raises(PayloadError, match="lacks the seal"):

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 import afunix
-from afunix import _creds, _creds_unsupported
+from afunix import _creds
+from afunix._platform import unsupported as _creds_unsupported
 from afunix.channel import Channel
 from tests.conftest import NOBODY, afunix_cmd
 

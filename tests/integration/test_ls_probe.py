@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from afunix._probe import EXIT_STATUS
+from afunix.probe import EXIT_STATUS
 
 from ..conftest import NOBODY, afunix_cmd, background, serving
 
@@ -218,8 +218,8 @@ def test_probes_leave_no_connection_behind(sockdir: Path) -> None:
     """200 probes in a row against a thread-model server: each one live, and
     afterwards the server holds no connection (each probe closed its own)."""
     from afunix._address import Address
-    from afunix._diag import dump, holders
-    from afunix._probe import probe as probe_call
+    from afunix.diag import dump, holders
+    from afunix.probe import probe as probe_call
 
     path = sockdir / "srv.sock"
     with serving(sockdir, str(path), "--model", "thread") as proc:
@@ -486,7 +486,7 @@ def test_fallback_to_proc_net_unix(
 ) -> None:
     """Where sock_diag is refused (no unix_diag module, a seccomp filter), ls reads
     /proc/net/unix: names, types and states, no peers or queues, and says so."""
-    from afunix import _diag
+    from afunix import diag as _diag
     from afunix.cli import main
 
     def refused() -> list[_diag.UnixSocketInfo]:

@@ -28,7 +28,7 @@ import pytest
 
 from afunix import Channel, Listener, peer_credentials, recv_fds, send_fds
 from afunix._protocol import encode_header
-from afunix._relay import FrameTracker, Relay, decode_packet_frame
+from afunix.relay import FrameTracker, Relay, decode_packet_frame
 
 from ..conftest import NOBODY, afunix_cmd, serving
 

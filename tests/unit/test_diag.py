@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from afunix import _diag
+from afunix import diag as _diag
 
 pytestmark = pytest.mark.skipif(sys.byteorder != "little", reason="tables are little-endian")
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from afunix import Channel, ControlTruncated, ProtocolError, TooManyFds
-from afunix import _ancillary as anc
+from afunix import _cmsg as anc
 from afunix._fds import recv_fds, send_fds, sendall_fds
 from afunix._protocol import CLOSED, NEED_DATA, RawMessage, StreamDecoder, encode_header
 

@@ -36,3 +36,14 @@ def test_core_imports_only_the_standard_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "[]", out
+
+
+def test_lowlevel_face_is_pinned() -> None:
+    """``afunix.lowlevel`` exports exactly these names, each the implementing module's."""
+    import afunix._cmsg
+    import afunix._notify
+    import afunix.lowlevel as lowlevel
+
+    assert lowlevel.__all__ == ["close_fds", "notify"]
+    assert lowlevel.close_fds is afunix._cmsg.close_fds
+    assert lowlevel.notify is afunix._notify.notify

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .._ancillary import close_fds
+from .._cmsg import close_fds
 from .._errors import ProtocolError
 from .._protocol import HEADER, Event, RawMessage, StreamDecoder, encode_header
 

@@ -73,12 +73,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .._address import AddressLike
-from .._ancillary import close_fds
 from .._creds import PeerCredentials
 from .._errors import AfunixError
 from .._fds import recv_fds
-from .._notify import notify
 from .._protocol import CLOSED, NEED_DATA, FrameError
+from ..lowlevel import close_fds, notify
 from ..server import Connection, Server
 from . import confine
 from . import flags as _flags

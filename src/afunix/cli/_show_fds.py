@@ -22,7 +22,7 @@ import threading
 from typing import Any
 
 from .._address import Address
-from .._ancillary import ControlError, close_fds
+from .._cmsg import ControlError, close_fds
 from .._fds import SCM_MAX_FD, describe_fd, recvmsg_items
 from .._sockets import listen
 from ..server import somaxconn

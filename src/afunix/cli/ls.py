@@ -8,8 +8,8 @@ import pwd
 import sys
 from typing import Any
 
-from .._diag import Holder, UnixSocketInfo, dump_or_fallback, holders
-from ._common import count_arg, print_json, print_line
+from ..diag import Holder, UnixSocketInfo, dump_or_fallback, holders
+from ._common import count_arg, emit_json, print_line
 
 SCHEMA = "afunix.ls/1"
 COLUMNS = ("INODE", "ADDRESS", "TYPE", "STATE", "PID", "COMMAND", "UID", "QUEUE", "PEER")
@@ -161,7 +161,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     chosen.sort(key=lambda s: (not s.listening, s.address is None, s.address or "", s.inode))
     objects = [to_json(s, by_inode, held) for s in chosen]
     if args.json:
-        print_json({"schema": SCHEMA, "source": source, "sockets": objects})
+        emit_json("ls", {"source": source, "sockets": objects})
         return 0
     rows = [_row(o) for o in objects]
     if not (sys.stdout.isatty() and _rich(rows)):

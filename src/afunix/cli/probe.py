@@ -6,9 +6,9 @@ import argparse
 import pwd
 from typing import Any
 
-from .._address import Address, AddressKind
-from .._probe import EXIT_STATUS, ProbeResult, probe
-from ._common import address_arg, print_json, print_line
+from .. import Address, AddressKind
+from ..probe import EXIT_STATUS, ProbeResult, probe
+from ._common import address_arg, emit_json, print_line
 
 SCHEMA = "afunix.probe/1"
 
@@ -105,7 +105,7 @@ def render(result: ProbeResult) -> list[str]:
 def cmd_probe(args: argparse.Namespace) -> int:
     result = probe(args.address)
     if args.json:
-        print_json(to_json(result))
+        emit_json("probe", to_json(result))
     else:
         for line in render(result):
             print_line(line)

@@ -2,7 +2,7 @@
 
 Like ``socat -v``, but it shows what ``socat`` cannot: every descriptor
 passed (and what it refers to), the client's credentials, and afunix frames
-decoded as messages. The relay itself is :class:`afunix._relay.Relay`; this
+decoded as messages. The relay itself is :class:`afunix.relay.Relay`; this
 module turns its events into lines (text or ``--json``).
 """
 
@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from .._relay import SCHEMA, Event, Relay
+from ..relay import SCHEMA, Event, Relay
 from ._common import SOCKET_TYPES, ServerOutput, address_arg, count_arg, mode_arg
 
 _ARROW = {"to-server": "client -> server", "to-client": "server -> client"}

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from .._ancillary import ControlTruncated
+from .._cmsg import ControlTruncated
 from .._fds import recv_fds, send_fds
 from .._sockets import pair
 from ..channel import Channel

@@ -1,7 +1,7 @@
 """What is at a Unix socket address: the verdict of ``afunix probe``.
 
 :func:`probe` looks at the file (``stat``), asks the kernel which socket is
-bound to it (:mod:`afunix._diag`), and tries one non-blocking ``connect``,
+bound to it (:mod:`afunix.diag`), and tries one non-blocking ``connect``,
 reading the server's credentials (``SO_PEERCRED``) and closing at once: the
 server sees a client that connects and leaves, nothing that hangs on.
 
@@ -26,7 +26,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
-from . import _diag
+from . import diag as _diag
 from ._address import Address, AddressKind
 from ._bind import describe_file
 

@@ -23,11 +23,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from ._creds_nopidfd import has_pidfd as has_pidfd
-from ._creds_nopidfd import pidfd_exited as pidfd_exited
-from ._creds_nopidfd import pidfd_pid as pidfd_pid
-from ._creds_nopidfd import process_facts as process_facts
-from ._credstructs import (
+from .._credstructs import (
     CMSGCRED_SIZE,
     DecodedCredentials,
     parse_cmsgcred,
@@ -38,7 +34,12 @@ from ._credstructs import (
     parse_openbsd_sockpeercred,
     parse_unpcbid,
 )
-from ._errors import UnsupportedFeature
+from .._errors import UnsupportedFeature
+from ._nopidfd import find_socket_holder as find_socket_holder
+from ._nopidfd import has_pidfd as has_pidfd
+from ._nopidfd import pidfd_exited as pidfd_exited
+from ._nopidfd import pidfd_pid as pidfd_pid
+from ._nopidfd import process_facts as process_facts
 
 SOL_LOCAL = 0
 SOL_SOCKET = socket.SOL_SOCKET
@@ -105,7 +106,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:  # prag
     sock.setsockopt(SOL_LOCAL, _CREDS_OPT, int(on))
 
 
-def send_cmsg(
+def credentials_item(
     pid: int | None, uid: int | None, gid: int | None
 ) -> tuple[int, int, bytes]:  # pragma: no cover
     """An empty ``struct cmsgcred`` for the kernel to fill in (FreeBSD/DragonFly)."""

@@ -1,12 +1,12 @@
 """What the systems without pidfds and without a safe ``/proc`` share (BSDs, macOS).
 
-Imported by :mod:`afunix._creds_bsd` and :mod:`afunix._creds_macos`, so that each
+Imported by :mod:`afunix._platform.bsd` and :mod:`afunix._platform.macos`, so that each
 platform module keeps only what really differs.
 """
 
 from __future__ import annotations
 
-from ._errors import UnsupportedFeature
+from .._errors import UnsupportedFeature
 
 
 def has_pidfd() -> bool | None:
@@ -26,3 +26,8 @@ def process_facts(
 ) -> tuple[str | None, tuple[str, ...] | None, str | None, bool]:  # pragma: no cover
     """No ``/proc`` to read safely here: nothing is known beyond the ids."""
     return None, None, None, False
+
+
+def find_socket_holder(path: bytes) -> str | None:  # pragma: no cover - not Linux
+    """No ``/proc/net/unix`` here (``sockstat``/``lsof`` would be needed): unknown."""
+    return None

@@ -1,4 +1,4 @@
-"""The sans-IO control-message codec (``afunix._ancillary``), on tables of bytes.
+"""The sans-IO control-message codec (``afunix._cmsg``), on tables of bytes.
 
 Two levels: items <-> ``(level, type, data)`` triples (what CPython's
 ``sendmsg``/``recvmsg`` use) and triples <-> raw ``msg_control`` buffers
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from afunix import _ancillary as anc
-from afunix._ancillary import (
+from afunix import _cmsg as anc
+from afunix._cmsg import (
     ControlTruncated,
     Credentials,
     Layout,
@@ -293,3 +293,74 @@ def test_raw_buffer_from_the_kernel_decodes(fds: list[int]) -> None:
             assert len(anc.pack_buffer(got)) == len(anc.pack_buffer(sent)) == anc.rights_space(2)
         finally:
             anc.close_fds(received)
+
+
+# ---------------------------------------------------- sending: numbers and builders
+
+
+def test_fd_numbers_of_ints_files_and_sockets(fds: list[int]) -> None:
+    a, b = socket.socketpair()
+    with a, b, open(os.devnull, "rb") as f:
+        assert anc.fd_numbers((fds[0],)) == [fds[0]]
+        assert anc.fd_numbers([fds[0], f, a]) == [fds[0], f.fileno(), a.fileno()]
+        assert anc.fd_numbers(iter([b])) == [b.fileno()]  # any iterable, read once
+        assert anc.fd_numbers(()) == []
+
+
+def test_fd_numbers_refuses_what_is_no_descriptor(fds: list[int]) -> None:
+    with pytest.raises(TypeError, match="bool"):
+        anc.fd_numbers([True])
+    f = open(os.devnull, "rb")  # noqa: SIM115
+    f.close()
+    with pytest.raises(ValueError, match="closed"):
+        anc.fd_numbers([f])
+    with pytest.raises(ValueError, match="no open descriptor"):
+        anc.fd_numbers([-1])
+    with pytest.raises(anc.TooManyFds) as info:
+        anc.fd_numbers([fds[0]] * (anc.SCM_MAX_FD + 1))
+    assert (info.value.count, info.value.errno) == (254, errno.EINVAL)
+    assert len(anc.fd_numbers([fds[0]] * anc.SCM_MAX_FD)) == 253
+
+
+@pytest.mark.parametrize(
+    ("numbers", "data"),
+    [([7], i32(7)), ([3, 4, 5], i32(3, 4, 5)), (list(range(253)), i32(*range(253)))],
+)
+def test_rights_builds_scm_rights(numbers: list[int], data: bytes) -> None:
+    assert anc.rights(numbers) == (socket.SOL_SOCKET, socket.SCM_RIGHTS, data)
+    assert anc.encode([Rights(tuple(numbers))]) == [anc.rights(numbers)]
+
+
+def test_credentials_builds_this_systems_item() -> None:
+    own = (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, i32(os.getpid(), os.getuid(), os.getgid()))
+    assert anc.credentials() == own
+    claimed = (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, i32(1, 2, 3))
+    assert anc.credentials(1, 2, 3) == claimed
+
+
+def test_control_space_is_cached() -> None:
+    anc.control_space(253, True)
+    hits = anc.control_space.cache_info().hits
+    assert anc.control_space(253, True) == socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
+    assert anc.control_space.cache_info().hits == hits + 1
+    assert anc.control_space(1) == socket.CMSG_SPACE(4)
+
+
+def test_split_credentials_takes_credentials_and_pidfd(fds: list[int]) -> None:
+    ucred = (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, i32(42, 1000, 100))
+    other = (socket.SOL_SOCKET, socket.SCM_RIGHTS, i32(fds[0]))
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        decoded, got, rest = anc.split_credentials([other, ucred, (1, 4, i32(pidfd))])
+        assert decoded is not None
+        assert (decoded.pid, decoded.uid, decoded.gid) == (42, 1000, 100)
+        assert (got, rest) == (pidfd, [other])
+    finally:
+        os.close(pidfd)
+
+
+def test_split_credentials_closes_a_pidfd_without_credentials() -> None:
+    pidfd = os.pidfd_open(os.getpid())
+    decoded, got, rest = anc.split_credentials([(1, 4, i32(pidfd))])
+    assert (decoded, got, rest) == (None, None, [])
+    assert not is_open(pidfd)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 import sys
 
-from ._credstructs import DecodedCredentials
-from ._errors import UnsupportedFeature
+from .._credstructs import DecodedCredentials
+from .._errors import UnsupportedFeature
 
 NAME = sys.platform
 PEER_MECHANISM = "none"
@@ -48,7 +48,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:
     raise _unsupported("receiving per-message credentials")
 
 
-def send_cmsg(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
+def credentials_item(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
     raise _unsupported("sending credentials")
 
 
@@ -58,3 +58,8 @@ def decode_cmsg(level: int, kind: int, data: bytes) -> DecodedCredentials | None
 
 def is_pidfd_cmsg(level: int, kind: int) -> bool:
     return False
+
+
+def find_socket_holder(path: bytes) -> str | None:  # pragma: no cover - not Linux
+    """Nothing is known about who holds a socket here."""
+    return None

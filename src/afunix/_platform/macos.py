@@ -12,12 +12,13 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
-from ._creds_nopidfd import has_pidfd as has_pidfd
-from ._creds_nopidfd import pidfd_exited as pidfd_exited
-from ._creds_nopidfd import pidfd_pid as pidfd_pid
-from ._creds_nopidfd import process_facts as process_facts
-from ._credstructs import MACOS_XUCRED_SIZE, DecodedCredentials, parse_macos_xucred, parse_pid
-from ._errors import UnsupportedFeature
+from .._credstructs import MACOS_XUCRED_SIZE, DecodedCredentials, parse_macos_xucred, parse_pid
+from .._errors import UnsupportedFeature
+from ._nopidfd import find_socket_holder as find_socket_holder
+from ._nopidfd import has_pidfd as has_pidfd
+from ._nopidfd import pidfd_exited as pidfd_exited
+from ._nopidfd import pidfd_pid as pidfd_pid
+from ._nopidfd import process_facts as process_facts
 
 NAME = "macos"
 PEER_MECHANISM = "LOCAL_PEERCRED (struct xucred) + LOCAL_PEERPID"
@@ -49,7 +50,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:  # prag
     raise _no_messages()
 
 
-def send_cmsg(
+def credentials_item(
     pid: int | None, uid: int | None, gid: int | None
 ) -> tuple[int, int, bytes]:  # pragma: no cover
     raise _no_messages()

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from ._address import Address, AddressLike
-from ._ancillary import ControlTruncated, close_fds
+from ._cmsg import ControlTruncated, close_fds
 from ._creds import PeerCredentials, enable_credentials, message_credentials, peer_credentials
 from ._fds import describe_fd, recv_fds, recvmsg_items, sendall_fds
 from ._protocol import FLAG_MEMFD, HEADER, SCM_MAX_FD, FrameError, decode_header

@@ -1,6 +1,10 @@
-"""Sans-IO control messages (``cmsg``): build and parse ``SCM_RIGHTS`` and ``SCM_CREDENTIALS``.
+"""The control-message codec (sans-IO): ``SCM_RIGHTS``, ``SCM_CREDENTIALS``, ``SCM_PIDFD``.
 
-No socket I/O happens here. The socket layer (:mod:`afunix._fds`) calls
+The one place of afunix that turns descriptors into control data and back:
+:func:`fd_numbers` is the only conversion of the caller's descriptors (ints,
+files, sockets) to numbers, :func:`rights` and :func:`credentials` build what
+``sendmsg`` sends, :func:`decode`, :func:`fds_only` and :func:`fds_in` read
+what ``recvmsg`` returned. No socket I/O happens here. The socket layer (:mod:`afunix._fds`) calls
 ``sendmsg``/``recvmsg`` and hands this module what the kernel returned; this
 module turns it into typed items, checks it, and on any error closes every
 descriptor that arrived, so a bad message never leaks a descriptor (UNP 15.7).
@@ -26,20 +30,23 @@ gid_t gid``, three native 32-bit integers); it appears on a socket with
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket as _constants  # constants and the pure CMSG_* size functions only; no I/O
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, Protocol, TypeAlias
 
-from ._errors import ProtocolError
-from ._platform import PLATFORM
+from ._credstructs import DecodedCredentials
+from ._errors import ProtocolError, TooManyFds
+from ._platform import PLATFORM, Backend
 
 __all__ = [
     "INT_SIZE",
     "NATIVE_LAYOUT",
     "SCM_CREDENTIALS",
+    "SCM_MAX_FD",
     "SCM_PIDFD",
     "SCM_RIGHTS",
     "SOL_SOCKET",
@@ -48,17 +55,24 @@ __all__ = [
     "ControlItem",
     "ControlTruncated",
     "Credentials",
+    "FdLike",
     "Layout",
     "Rights",
     "Triple",
     "UnexpectedControl",
     "close_fds",
     "control_space",
+    "credentials",
     "decode",
     "encode",
+    "fd_numbers",
     "fds_in",
+    "fds_only",
+    "fileno_of",
     "pack_buffer",
+    "rights",
     "rights_space",
+    "split_credentials",
     "unpack_buffer",
 ]
 
@@ -71,6 +85,9 @@ SCM_CREDENTIALS: int = getattr(_constants, "SCM_CREDENTIALS", -1)
 #: Linux >= 6.5 ``SO_PASSPIDFD``: a pidfd, i.e. a *descriptor*, which must be
 #: closed like ``SCM_RIGHTS`` ones if it shows up unasked.
 SCM_PIDFD: int = getattr(_constants, "SCM_PIDFD", 0x04 if PLATFORM.name == "linux" else -1)
+
+#: Linux's limit of descriptors per ``sendmsg`` (``SCM_MAX_FD`` in ``include/net/scm.h``).
+SCM_MAX_FD: Final = 253
 
 INT_SIZE = struct.calcsize("i")
 #: ``struct ucred``: pid_t, uid_t, gid_t.
@@ -128,6 +145,107 @@ ControlItem: TypeAlias = Rights | Credentials
 
 
 # ---------------------------------------------------------------------------
+# The caller's descriptors -> numbers -> control data (sending)
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FdLike: TypeAlias = "int | _HasFileno"
+
+
+def fileno_of(obj: FdLike) -> int:
+    """The descriptor number of an ``int``, a file or a socket; refuses closed ones."""
+    if isinstance(obj, bool):
+        raise TypeError("a bool is not a descriptor")
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"{obj!r} has no open descriptor (is it closed?)")
+    return fd
+
+
+def fd_numbers(fds: Iterable[FdLike]) -> list[int]:
+    """The descriptor numbers of *fds* (ints, files, sockets): the only conversion.
+
+    Refuses bools, closed files and more than :data:`SCM_MAX_FD` descriptors
+    (:class:`~afunix.TooManyFds`). The numbers are only good while the objects
+    they came from are alive: a sender keeps *fds* referenced until the
+    ``sendmsg`` that carries them has returned (a file collected earlier closes
+    its descriptor, and the number may name another file by then).
+    """
+    if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
+        (one,) = fds
+        if type(one) is int and one >= 0:
+            return [one]
+    numbers = [fileno_of(f) for f in fds]
+    if len(numbers) > SCM_MAX_FD:
+        raise TooManyFds(len(numbers), SCM_MAX_FD)
+    return numbers
+
+
+_INT = struct.Struct("i")
+
+
+def rights(fds: Sequence[int]) -> Triple:
+    """The ``SCM_RIGHTS`` control message of descriptor numbers *fds* (see :func:`fd_numbers`)."""
+    data = _INT.pack(fds[0]) if len(fds) == 1 else struct.pack(f"{len(fds)}i", *fds)
+    return (SOL_SOCKET, SCM_RIGHTS, data)
+
+
+def credentials(
+    pid: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    *,
+    backend: Backend = PLATFORM.backend,
+) -> Triple:
+    """The credentials control message this system sends (Linux ``SCM_CREDENTIALS``,
+    BSD ``SCM_CREDS``): *pid*/*uid*/*gid* claimed, or this process's own when ``None``.
+
+    *backend* is this system's (:data:`afunix._platform.PLATFORM`); tests pass another.
+    """
+    return backend.credentials_item(pid, uid, gid)
+
+
+def split_credentials(
+    triples: Iterable[Triple], *, backend: Backend = PLATFORM.backend
+) -> tuple[DecodedCredentials | None, int | None, list[Triple]]:
+    """Take the credential items out of what ``recvmsg`` returned.
+
+    Returns the sender's credentials as the platform backend parses them
+    (``SCM_CREDENTIALS``, ``SCM_CREDS``...), the pidfd of an ``SCM_PIDFD``
+    that came with them (the caller owns it; closed here if no credentials
+    came), and every other item untouched. On an error the pidfd is closed.
+    """
+    decoded: DecodedCredentials | None = None
+    pidfd: int | None = None
+    rest: list[Triple] = []
+    try:
+        for level, kind, data in triples:
+            if backend.is_pidfd_cmsg(level, kind):
+                for fd in fds_in([(SOL_SOCKET, SCM_PIDFD, data)]):
+                    if pidfd is None:
+                        pidfd = fd
+                    else:  # pragma: no cover - the kernel sends one
+                        os.close(fd)
+                continue
+            dec = backend.decode_cmsg(level, kind, data)
+            if dec is None:
+                rest.append((level, kind, data))
+            elif decoded is None:
+                decoded = dec
+    except BaseException:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    if decoded is None and pidfd is not None:
+        os.close(pidfd)
+        pidfd = None
+    return decoded, pidfd, rest
+
+
+# ---------------------------------------------------------------------------
 # Sizes
 
 
@@ -138,11 +256,13 @@ def rights_space(nfds: int) -> int:
     return NATIVE_LAYOUT.space(nfds * INT_SIZE) if nfds else 0
 
 
+@functools.lru_cache(maxsize=64)
 def control_space(maxfds: int, credentials: bool = False) -> int:
     """The ``recvmsg`` control buffer size for up to *maxfds* descriptors (+ credentials).
 
     Each control message needs its own ``CMSG_SPACE``; a sum of them is what
-    the kernel needs to deliver all of them without ``MSG_CTRUNC``.
+    the kernel needs to deliver all of them without ``MSG_CTRUNC``. Cached: a
+    channel asks once per connection.
     """
     size = rights_space(maxfds)
     if credentials and SCM_CREDENTIALS >= 0:
@@ -168,7 +288,7 @@ def encode(items: Iterable[ControlItem]) -> list[Triple]:
                 for fd in item.fds:
                     if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
                         raise ValueError(f"not a descriptor number: {fd!r}")
-                out.append((SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(item.fds)}i", *item.fds)))
+                out.append(rights(item.fds))
         elif isinstance(item, Credentials):
             if SCM_CREDENTIALS < 0:  # pragma: no cover - not Linux
                 raise ValueError("SCM_CREDENTIALS exists on Linux only")
@@ -231,7 +351,9 @@ def decode(
         raise
 
 
-def rights(triples: Sequence[Triple], msg_flags: int = 0, *, room: int | None = None) -> list[int]:
+def fds_only(
+    triples: Sequence[Triple], msg_flags: int = 0, *, room: int | None = None
+) -> list[int]:
     """The descriptors of what ``recvmsg`` returned, checked as :func:`decode` checks
     them (it raises the same errors, every descriptor closed).
 

@@ -1,4 +1,4 @@
-"""Linux credentials: ``SO_PEERCRED``, ``SO_PEERGROUPS``, ``SO_PEERPIDFD``, ``SCM_CREDENTIALS``.
+"""Linux: ``SO_PEERCRED``, ``SO_PEERGROUPS``, ``SO_PEERPIDFD``, ``SCM_CREDENTIALS``, ``/proc``.
 
 The thin system-call layer under :mod:`afunix._creds`; it returns plain
 values (never :class:`~afunix.PeerCredentials`) so that it imports nothing
@@ -27,7 +27,7 @@ import select
 import socket
 import struct
 
-from ._credstructs import UCRED_SIZE, DecodedCredentials, build_ucred, parse_ucred
+from .._credstructs import UCRED_SIZE, DecodedCredentials, build_ucred, parse_ucred
 
 NAME = "linux"
 #: How the peer's identity is obtained on a connected socket.
@@ -225,7 +225,7 @@ def enable_passcred(sock: socket.socket, on: bool, pidfd: bool) -> None:
                 raise
 
 
-def send_cmsg(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
+def credentials_item(pid: int | None, uid: int | None, gid: int | None) -> tuple[int, int, bytes]:
     """The ``SCM_CREDENTIALS`` item a sender attaches; ``None`` means "my own".
 
     "My own" is what the kernel always accepts: this process's pid and its
@@ -252,3 +252,63 @@ def decode_cmsg(level: int, kind: int, data: bytes) -> DecodedCredentials | None
 def is_pidfd_cmsg(level: int, kind: int) -> bool:
     """Whether an ancillary item is ``SCM_PIDFD`` (a pidfd of the sender)."""
     return level == SOL_SOCKET and kind == SCM_PIDFD
+
+
+# -------------------------------------------- who holds a socket path
+
+
+def _socket_inodes(path: bytes) -> set[int]:
+    """Inodes of listening sockets bound to *path*, from ``/proc/net/unix``."""
+    inodes: set[int] = set()
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            next(f, None)  # header
+            for line in f:
+                fields = line.rstrip(b"\n").split(None, 7)
+                # Num RefCount Protocol Flags Type St Inode Path
+                if len(fields) == 8 and fields[7] == path:
+                    inodes.add(int(fields[6]))
+    except OSError:
+        return set()
+    return inodes
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return "?"
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or "?"
+
+
+def find_socket_holder(path: bytes) -> str | None:
+    """Describe a process that has a socket bound at *path* open, if visible.
+
+    Returns ``"pid N (command line)"`` or ``None`` when the holder cannot be
+    seen (another user's process without privilege, or another PID namespace).
+    """
+    inodes = _socket_inodes(path)
+    if not inodes:
+        return None
+    targets = {f"socket:[{ino}]" for ino in inodes}
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:  # pragma: no cover - /proc always listable on Linux
+        return None
+    for pid in sorted(pids):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if link in targets:
+                who = "this process" if pid == me else _cmdline(pid)
+                return f"pid {pid} ({who})"
+    return None

@@ -1,0 +1,404 @@
+"""The layering of ``src/afunix``, checked from its source (``ast``; nothing is imported).
+
+Every module sits in exactly one layer of :data:`LAYERS` (bottom first, as
+in ``docs/architecture.md`` and section 1 of the design guide). The rules
+(design guide, section 3.3):
+
+1. imports go to the same layer or down, and the import graph has no cycle;
+2. apps (``broker/``, ``bench/``, ``cli/``, ``__main__``) import public modules
+   (no ``_`` part in the path) and modules of their own package;
+3. a ``_name`` never leaves its module (``from .channel import _Core``);
+4. sans-IO modules import no concurrency or I/O loop (``asyncio``,
+   ``selectors``, ``select``, ``threading``, ``trio``, ``anyio``) and call no
+   socket method (``send*``, ``recv*``, ``accept``, ``connect``, ``bind``,
+   ``listen``, ``[gs]etsockopt``, ``setblocking``, ``settimeout``);
+7. every module is in exactly one layer, and every pattern matches a module.
+
+Imports count wherever they are: relative or absolute, at module level or
+inside a function, under ``TYPE_CHECKING`` too.
+
+Today's code breaks some rules on purpose, until the migration (section 9)
+removes the cause: those are the entries of :data:`ALLOWED`, each with why
+and the step that removes it. The table only shrinks: an entry nothing uses
+any more fails the test, so a step that fixes a cause must delete its entry.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src" / "afunix"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+#: Layers, bottom first; each maps to ``fnmatch`` patterns of dotted module names
+#: (without the leading ``afunix.``; the package itself is ``__init__``).
+LAYERS: dict[str, list[str]] = {
+    "base": ["_errors", "_credstructs"],
+    "platform": ["_platform", "_platform.*", "_peer"],
+    "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol"],
+    "io": [
+        "_fds",
+        "_sockets",
+        "_bind",
+        "_creds",
+        "_activation",
+        "_notify",
+        "_handoff",
+        "opener",
+        "policy",
+        "diag",
+        "probe",
+    ],
+    "shells": ["channel", "aio"],
+    "services": ["server", "relay"],
+    "faces": ["__init__", "lowlevel"],
+    "apps": ["__main__", "cli", "cli.*", "bench", "bench.*", "broker", "broker.*"],
+}
+SANS_IO = "sans-IO"
+APPS = "apps"
+#: Rule 4: what a sans-IO module must not import ...
+IO_MODULES = {"asyncio", "selectors", "select", "threading", "trio", "anyio", "afunix._io"}
+#: ... nor call as a method.
+SOCKET_METHODS = re.compile(
+    r"^(send\w*|recv\w*|accept|connect|bind|listen|[gs]etsockopt|setblocking|settimeout)$"
+)
+
+# Steps of the migration (design guide, section 9) and why each exception exists.
+STEP5 = "Phase 1 step 5: AsyncChannel a shell over ChannelProtocol, channel._Core deleted"
+STEP6 = "Phase 1 step 6: the broker speaks through Channel/AsyncChannel (bodies only)"
+FACES = "Phase 2 steps 3-4: afunix.lowlevel and public names; apps import public modules"
+AIO_WHY = "aio.py shares Channel's _Core (and its _RECV_BUFSIZE): two private names"
+BROKER_IO = "the broker has its own framing, control data and socket I/O"
+BROKER_NAMES = "the broker uses names (errors, addresses, credentials) not public yet"
+CLI_NAMES = "the CLI uses names public nowhere yet (lowlevel helpers, error classes)"
+BENCH_NAMES = "afunix bench's report, spec and plot are private modules of afunix.bench"
+
+#: ``(importer, imported)`` -> (why, the step that removes it): today's exceptions,
+#: 47 pairs (1 aio.py, 17 broker/, 29 cli/). One entry covers every rule the pair
+#: breaks (a private module, private names taken from it). Only ever shrinks: rename
+#: an entry when its module moves; an entry nothing needs fails the test.
+ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
+    ("aio", "channel"): (AIO_WHY, STEP5),
+    ("broker.audit", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.client", "_address"): (BROKER_NAMES, FACES),
+    ("broker.client", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.client", "_fds"): (BROKER_IO, STEP6),
+    ("broker.client", "_protocol"): (BROKER_IO, STEP6),
+    ("broker.client", "_sockets"): (BROKER_IO, STEP6),
+    ("broker.confine", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.flags", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.policy", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.protocol", "_cmsg"): (BROKER_IO, STEP6),
+    ("broker.protocol", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.protocol", "_protocol"): (BROKER_IO, STEP6),
+    ("broker.server", "_address"): (BROKER_NAMES, FACES),
+    ("broker.server", "_creds"): (BROKER_NAMES, FACES),
+    ("broker.server", "_errors"): (BROKER_NAMES, FACES),
+    ("broker.server", "_fds"): (BROKER_IO, STEP6),
+    ("broker.server", "_protocol"): (BROKER_IO, STEP6),
+    ("cli._common", "_address"): (CLI_NAMES, FACES),
+    ("cli._common", "_errors"): (CLI_NAMES, FACES),
+    ("cli._show_fds", "_address"): (CLI_NAMES, FACES),
+    ("cli._show_fds", "_cmsg"): (CLI_NAMES, FACES),
+    ("cli._show_fds", "_fds"): (CLI_NAMES, FACES),
+    ("cli._show_fds", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.bench", "bench._report"): (BENCH_NAMES, FACES),
+    ("cli.bench", "bench._spec"): (BENCH_NAMES, FACES),
+    ("cli.bench", "bench._plot"): (BENCH_NAMES, FACES),
+    ("cli.bind", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.connect", "_errors"): (CLI_NAMES, FACES),
+    ("cli.connect", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.creds", "_creds"): (CLI_NAMES, FACES),
+    ("cli.creds", "_errors"): (CLI_NAMES, FACES),
+    ("cli.creds", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.load", "_address"): (CLI_NAMES, FACES),
+    ("cli.pair", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.send_fds", "_fds"): (CLI_NAMES, FACES),
+    ("cli.send_fds", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.serve", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.tour", "_address"): (CLI_NAMES, FACES),
+    ("cli.tour", "_errors"): (CLI_NAMES, FACES),
+    ("cli.tour", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.tour_creds", "_creds"): (CLI_NAMES, FACES),
+    ("cli.tour_creds", "_credstructs"): (CLI_NAMES, FACES),
+    ("cli.tour_creds", "_sockets"): (CLI_NAMES, FACES),
+    ("cli.tour_fds", "_cmsg"): (CLI_NAMES, FACES),
+    ("cli.tour_fds", "_fds"): (CLI_NAMES, FACES),
+    ("cli.tour_fds", "_sockets"): (CLI_NAMES, FACES),
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    imported: str
+    names: tuple[str, ...]  # the names taken (``from x import a, b``); () for ``import x``
+    line: int
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = list(rel.parts)
+    if parts == ["__init__"]:
+        return "__init__"
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _package(name: str, path: Path) -> list[str]:
+    """The package parts a relative import of module *name* starts from."""
+    if name == "__init__":
+        return []
+    parts = name.split(".")
+    return parts if path.name == "__init__.py" else parts[:-1]
+
+
+def _ours(dotted: str, known: dict[str, Path]) -> str | None:
+    """``afunix.x.y`` (or ``afunix``) as a module name of :func:`modules`, else None."""
+    if dotted == "afunix":
+        return "__init__"
+    if dotted.startswith("afunix."):
+        rest = dotted.removeprefix("afunix.")
+        return rest if rest in known else None
+    return None
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path]) -> Iterator[Import]:
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = _ours(alias.name, known)
+                yield Import(name, target or alias.name, (), node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = _package(name, path)
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                dotted = ".".join(["afunix", *base, *([node.module] if node.module else [])])
+            else:
+                dotted = node.module or ""
+            target = _ours(dotted, known)
+            if target is None:
+                yield Import(name, dotted, tuple(a.name for a in node.names), node.lineno)
+                continue
+            names: list[str] = []
+            for alias in node.names:
+                sub = _ours(f"{dotted}.{alias.name}", known)
+                if sub is not None:  # ``from . import linux``: a module
+                    yield Import(name, sub, (), node.lineno)
+                else:
+                    names.append(alias.name)
+            if names:
+                yield Import(name, target, tuple(names), node.lineno)
+
+
+def socket_calls(path: Path) -> Iterator[tuple[str, int]]:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and SOCKET_METHODS.match(node.func.attr)
+        ):
+            yield node.func.attr, node.lineno
+
+
+def layer_of(name: str) -> list[str]:
+    return [
+        layer
+        for layer, patterns in LAYERS.items()
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    ]
+
+
+def is_private_module(name: str) -> bool:
+    return name != "__init__" and any(part.startswith("_") for part in name.split("."))
+
+
+def package_of(name: str) -> str:
+    return name.split(".", maxsplit=1)[0]
+
+
+def violations() -> tuple[list[str], set[tuple[str, str]]]:
+    """Every broken rule as a message, and the ALLOWED pairs that excused one."""
+    known = modules()
+    order = list(LAYERS)
+    found: list[str] = []
+    used: set[tuple[str, str]] = set()
+    graph: dict[str, set[str]] = {name: set() for name in known}
+
+    def report(imp: Import, rule: str) -> None:
+        pair = (imp.importer, imp.imported)
+        if pair in ALLOWED:
+            used.add(pair)
+        else:
+            found.append(f"{imp.importer}:{imp.line} -> {imp.imported}: {rule}")
+
+    for name, path in known.items():
+        (own,) = layer_of(name) or ["?"]
+        for imp in imports_of(name, path, known):
+            if imp.imported not in known:  # stdlib or third party
+                if own == SANS_IO and imp.imported.split(".")[0] in IO_MODULES:
+                    report(imp, f"rule 4: a sans-IO module imports {imp.imported}")
+                continue
+            graph[name].add(imp.imported)
+            theirs = layer_of(imp.imported)
+            if own != "?" and len(theirs) == 1 and order.index(theirs[0]) > order.index(own):
+                report(imp, f"rule 1: {own} imports upward ({theirs[0]})")
+            if (
+                own == APPS
+                and is_private_module(imp.imported)
+                and package_of(imp.imported) != package_of(name)
+            ):
+                report(imp, "rule 2: an app imports a private module")
+            private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                report(imp, f"rule 3: takes private names {private}")
+        if own == SANS_IO:
+            for method, line in socket_calls(path):
+                found.append(f"{name}:{line}: rule 4: a sans-IO module calls .{method}()")
+    found += [f"cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    return found, used
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+# ------------------------------------------------------------------- the tests
+
+
+def test_every_module_is_in_exactly_one_layer() -> None:
+    wrong = {name: layer_of(name) for name in modules() if len(layer_of(name)) != 1}
+    assert not wrong, f"modules in no layer or several: {wrong}"
+
+
+def test_every_pattern_matches_a_module() -> None:
+    names = list(modules())
+    unused = [
+        p for ps in LAYERS.values() for p in ps if not any(fnmatch.fnmatchcase(n, p) for n in names)
+    ]
+    assert not unused, f"patterns matching no module (remove or rename them): {unused}"
+
+
+def test_imports_follow_the_layers() -> None:
+    found, _ = violations()
+    assert not found, "\n".join(found)
+
+
+def test_every_allowed_exception_is_still_needed() -> None:
+    _, used = violations()
+    unused = sorted(set(ALLOWED) - used)
+    assert not unused, f"ALLOWED entries nothing needs any more (delete them): {unused}"
+
+
+def test_allowed_exceptions_name_a_reason_and_a_step() -> None:
+    known = modules()
+    for (importer, imported), (why, step) in ALLOWED.items():
+        assert importer in known and imported in known, (importer, imported)
+        assert why and step.startswith(("Phase 1 step", "Phase 2 step")), (importer, why, step)
+
+
+def test_architecture_doc_names_every_module() -> None:
+    """Top-level modules by file name (``_fds.py``); packages by directory (``cli/``)."""
+    text = ARCHITECTURE.read_text()
+    missing = []
+    for path in modules().values():
+        rel = path.relative_to(SRC)
+        named = str(rel) if len(rel.parts) == 1 else f"{rel.parts[0]}/"
+        if named not in text:
+            missing.append(named)
+    assert not missing, f"docs/architecture.md does not name: {sorted(set(missing))}"
+
+
+# ----------------------------------------------------- the checker checks itself
+
+
+@pytest.mark.parametrize(
+    ("source", "rule"),
+    [
+        ("from .channel import Channel\n", "rule 1"),  # _fds (io) -> channel (shells)
+        ("from ._memfd import _SEAL_SEAL\n", "rule 3"),
+        ("import asyncio\n", None),  # io may use asyncio
+    ],
+)
+def test_the_checker_sees_a_planted_import(
+    source: str, rule: str | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A copy of the tree with one line added to ``_fds.py``: the checker reports it."""
+    import shutil
+
+    copy = tmp_path / "afunix"
+    shutil.copytree(SRC, copy)
+    fds = copy / "_fds.py"
+    fds.write_text(fds.read_text() + "\n" + source)
+    monkeypatch.setitem(globals(), "SRC", copy)
+    found, _ = violations()
+    if rule is None:
+        assert not found
+    else:
+        assert any(f.startswith("_fds:") and rule in f for f in found), found
+
+
+def test_the_checker_sees_a_cycle_and_sans_io_socket_calls(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "afunix"
+    shutil.copytree(SRC, copy)
+    (copy / "_errors.py").write_text(
+        (copy / "_errors.py").read_text() + "\nfrom . import _address\n"
+    )
+    (copy / "_protocol.py").write_text(
+        (copy / "_protocol.py").read_text()
+        + "\nimport threading\n\ndef _peek(sock):\n    return sock.recv(1)\n"
+    )
+    monkeypatch.setitem(globals(), "SRC", copy)
+    found, _ = violations()
+    assert any(f.startswith("cycle:") and "_errors" in f for f in found), found
+    assert any("rule 4" in f and "threading" in f for f in found), found
+    assert any("rule 4" in f and ".recv()" in f for f in found), found
