@@ -43,9 +43,14 @@ def _connect(path: Path, timeout: float = 10.0) -> socket.socket:
 
 
 def _recv_all(s: socket.socket) -> bytes:
+    """Everything until end of file. A refused client that had sent data is reset
+    (the server closed with those bytes unread): what came before the reset counts."""
     out = b""
-    while chunk := s.recv(4096):
-        out += chunk
+    try:
+        while chunk := s.recv(4096):
+            out += chunk
+    except ConnectionResetError:
+        pass
     return out
 
 
