@@ -668,3 +668,39 @@ def test_no_progress_when_stderr_is_a_pipe(sockdir: Path, term_env: dict[str, st
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
     check(strict_loads(result.stdout), "load", LOAD_BUSY)
+
+
+BENCH_SMALL = (
+    "bench",
+    "--quick",
+    "--rounds",
+    "1",
+    "--seconds",
+    "0.001",
+    "--max-size",
+    "4K",
+    "--cases",
+    "rtt",
+    "--impls",
+    "stdlib,afunix",
+)
+MOFN = re.compile(rb"\b\d+/\d+\b")  # rich's "done/total" column
+
+
+def test_bench_shows_progress_on_a_terminal(tmp_path: Path, term_env: dict[str, str]) -> None:
+    env = {**term_env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    status, out, err = _run_with_pty_stderr(afunix_cmd(*BENCH_SMALL), env)
+    assert status == 0, err[-2000:]
+    assert b"round-trip latency" in out  # the tables on standard output
+    assert MOFN.search(err), err[-2000:]  # the bar, on the terminal only
+    assert b"rtt" in err
+
+
+def test_bench_shows_no_progress_when_stderr_is_a_pipe(
+    tmp_path: Path, term_env: dict[str, str]
+) -> None:
+    env = {**term_env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = afunix(*BENCH_SMALL, env=env)
+    assert result.returncode == 0, result.stderr
+    assert b"round-trip latency" in result.stdout
+    assert not MOFN.search(result.stderr), result.stderr[-2000:]
