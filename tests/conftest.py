@@ -93,6 +93,16 @@ def afunix_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "afunix", *args]
 
 
+def wait_until(pred: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll *pred* every 20 ms until it is true (then True) or *timeout* passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def wait_for_path(path: Path | str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

@@ -16,25 +16,21 @@ import termios
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from afunix.broker import Broker, Client, load_policy
 from afunix.broker.client import BrokerError
-from tests.conftest import afunix_cmd
+from tests.conftest import afunix_cmd, wait_until
 from tests.security.broker_support import BrokerProcess, Tree, as_nobody, tree
 
 __all__ = ["tree"]
 
 
-def _wait(pred: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
+def _wait(pred: Callable[[], object], timeout: float = 5.0) -> bool:
+    return wait_until(pred, timeout)
 
 
 def _wait_serving(tree: Tree) -> None:

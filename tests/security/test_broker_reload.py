@@ -14,14 +14,14 @@ import json
 import os
 import signal
 import subprocess
-import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from afunix.broker import Policy, PolicyError, parse_policy
-from tests.conftest import afunix_cmd
+from tests.conftest import afunix_cmd, wait_until
 from tests.security.broker_support import BrokerProcess, Tree, as_nobody, tree
 
 __all__ = ["tree"]
@@ -113,13 +113,8 @@ def _reload_failures(t: Tree) -> list[dict[str, object]]:
     return [r for r in t.audit_lines() if r["event"] == "reload-failed"]
 
 
-def _wait(pred: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
+def _wait(pred: Callable[[], object], timeout: float = 15.0) -> bool:
+    return wait_until(pred, timeout)
 
 
 def test_sighup_with_each_bad_policy_keeps_the_old_one(tree: Tree) -> None:

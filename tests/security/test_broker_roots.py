@@ -18,12 +18,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from afunix.broker import Broker, Client, PolicyError, confine, load_policy, parse_policy
-from tests.conftest import NOBODY, afunix_cmd
+from tests.conftest import NOBODY, afunix_cmd, wait_until
 from tests.security.broker_support import BrokerProcess, Tree, as_nobody, nobody_can_open
 
 SECRET = "TOP SECRET\n"
@@ -87,13 +88,8 @@ os.symlink(target, root)
 """
 
 
-def _wait(pred: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
+def _wait(pred: Callable[[], object], timeout: float = 10.0) -> bool:
+    return wait_until(pred, timeout)
 
 
 def test_a_nested_root_swapped_for_a_symlink_serves_nothing_outside(sockdir: Path) -> None:
