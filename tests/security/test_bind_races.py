@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -406,3 +407,51 @@ def test_a_planted_lock_file_is_refused_and_never_followed(sockdir: Path) -> Non
     lock.unlink()
     with afunix.listen(path):
         assert not lock.exists()  # removed once the socket listens
+
+
+def _start_in_threads(path: Path, n: int) -> tuple[list[afunix.Socket], list[BaseException]]:
+    """*n* threads call ``afunix.listen(path)`` at once; the sockets won and errors."""
+    barrier = threading.Barrier(n)
+    won: list[afunix.Socket] = []
+    lost: list[BaseException] = []
+    lock = threading.Lock()
+
+    def start() -> None:
+        barrier.wait(10)
+        try:
+            sock = afunix.listen(path)
+        except OSError as exc:
+            with lock:
+                lost.append(exc)
+        else:
+            with lock:
+                won.append(sock)
+
+    threads = [threading.Thread(target=start) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return won, lost
+
+
+def test_threads_of_one_process_never_both_win_a_stale_path(sockdir: Path) -> None:
+    """flock locks belong to open file descriptions, not processes: four threads of one
+    process that start servers on one stale path exclude each other too (300 rounds)."""
+    path = sockdir / "t.sock"
+    rounds, double, none = 300, 0, 0
+    for _ in range(rounds):
+        _stale(path)
+        won, lost = _start_in_threads(path, STARTERS)
+        try:
+            double += len(won) > 1
+            none += not won
+            assert all(isinstance(e, afunix.AddressInUse) for e in lost), lost
+            if len(won) == 1:  # the winner serves the path itself
+                bound = won[0].bound_path
+                assert bound is not None and os.stat(path).st_ino == bound.ino
+        finally:
+            for sock in won:
+                sock.close()
+    print(f"\n{rounds} rounds of {STARTERS} threads: {double} double wins, {none} without a winner")
+    assert (double, none) == (0, 0)
