@@ -69,6 +69,7 @@ from ._creds import PeerCredentials, enable_credentials, peer_credentials, recv_
 from ._errors import AfunixError, PeerError, PeerTimeout, ProtocolError, UnsupportedFeature
 from ._handoff import Takeover, offer, reap_failed, spawn_successor, take_over
 from ._notify import notify
+from ._platform import NOSIGNAL
 from ._sockets import Socket, SocketTypeLike, listen, socket_type
 from .aio import AsyncChannel
 from .channel import Channel
@@ -107,7 +108,6 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERCRED: int | None = (
     getattr(socket, "SO_PEERCRED", None) if sys.platform.startswith("linux") else None
 )
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -331,11 +331,11 @@ class Connection(_Peer):
         """Send all of *data*; :class:`~afunix.PeerTimeout` if the client stops reading."""
         timeout = self.limits.send_timeout
         if timeout is None:
-            self.sock.sendall(data)
+            self.sock.sendall(data, NOSIGNAL)
             return
         self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(data)
+            self.sock.sendall(data, NOSIGNAL)
         except TimeoutError:
             raise PeerTimeout(f"client did not read for more than {timeout:g}s") from None
         finally:
@@ -948,7 +948,7 @@ class Server:
         """Turn a client away: :attr:`refuse_with` if its buffer has room, close, count."""
         if self.refuse_with:
             with contextlib.suppress(OSError):
-                conn.send(self.refuse_with, socket.MSG_DONTWAIT | _NOSIGNAL)
+                conn.send(self.refuse_with, socket.MSG_DONTWAIT | NOSIGNAL)
         conn.close()
         self._refusals.add(reason, detail)
 
@@ -1212,7 +1212,7 @@ class Server:
             )
             return
         try:
-            self.sock.sendto(reply, sender.sockaddr)
+            self.sock.sendto(reply, NOSIGNAL, sender.sockaddr)
         except OSError as exc:
             log.warning("reply to %s failed: %s", sender.describe(), exc)
 

@@ -273,6 +273,22 @@ _PIPE_SCRIPT = textwrap.dedent(
         b.close()
         report("send_fds", lambda: send_fds(a, b"x", [0]))
         report("sendall_fds", lambda: sendall_fds(a, b"x", [0]))
+    elif api == "server":  # a thread-model Server's Connection.send to a gone client
+        import threading
+        from afunix import Server
+        done = threading.Event()
+        def handler(conn):
+            while conn.recv(10):
+                pass  # until the client has gone
+            report("connection", lambda: conn.send(b"x" * 10))
+            done.set()
+        srv = Server(sys.argv[3], handler, model="thread", type=kind).start()
+        c = socket.socket(socket.AF_UNIX, getattr(socket, "SOCK_" + kind.upper()))
+        c.connect(sys.argv[3])
+        c.sendall(b"x")
+        c.close()
+        done.wait(20)
+        srv.stop()
     elif api == "sync":
         a, b = Channel.pair(kind)
         b.close()
@@ -309,11 +325,12 @@ _PIPE_SCRIPT = textwrap.dedent(
         ("asyncio", "seqpacket"),
         ("raw", "stream"),
         ("raw", "seqpacket"),
+        ("server", "stream"),
     ],
 )
-def test_writing_to_a_gone_peer_raises_broken_pipe(api: str, kind: str) -> None:
+def test_writing_to_a_gone_peer_raises_broken_pipe(api: str, kind: str, sockdir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _PIPE_SCRIPT, api, kind],
+        [sys.executable, "-c", _PIPE_SCRIPT, api, kind, str(sockdir / "s.sock")],
         capture_output=True,
         timeout=50,
     )
@@ -321,6 +338,6 @@ def test_writing_to_a_gone_peer_raises_broken_pipe(api: str, kind: str) -> None:
     assert proc.returncode == 0, f"exit status {proc.returncode} after:\n{out}{proc.stderr!r}"
     lines = out.splitlines()
     assert lines[-1] == "alive"
-    assert len(lines) > 4
+    assert len(lines) > (2 if api == "server" else 4)
     for line in lines[:-1]:
         assert line.split(" ", 2)[2] == "BrokenPipeError", line
