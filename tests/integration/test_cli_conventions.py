@@ -576,9 +576,10 @@ def test_zsh_and_fish_scripts_are_generated(shell: str, marker: str) -> None:
     assert marker in text and "afunix" in text
     if shell == "fish":
         assert "--command afunix" in text
-    if shutil.which(shell):  # the shell itself, when installed, must parse it
-        ok = subprocess.run([shell, "-n"], input=text, text=True, capture_output=True, timeout=30)
-        assert ok.returncode == 0, ok.stderr
+    if shutil.which(shell) is None:
+        pytest.fail(f"{shell} is required for this test (apt-get install {shell}; .ci/run does)")
+    ok = subprocess.run([shell, "-n"], input=text, text=True, capture_output=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr  # the shell itself parses the script
 
 
 def test_every_command_accepts_debug_after_its_name() -> None:
