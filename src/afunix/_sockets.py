@@ -408,9 +408,9 @@ def _connect_unix(sock: socket.socket, addr: Address, deadline: float | None) ->
     sock.setblocking(True)
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _queue_full(addr)
+            # At least one attempt, even at the deadline: the kernel's answer (refused,
+            # no such file, ...) says more than "timed out" would.
+            left = max(deadline - time.monotonic(), 1e-6)
             sec = int(left)
             usec = max(int((left - sec) * 1_000_000), 1 if not sec else 0)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(sec, usec))

@@ -228,8 +228,15 @@ def test_status_130_interrupted(sockdir: Path) -> None:
         listener.settimeout(30)
         conn, _ = listener.accept()  # the client is connected and waiting: interrupt it
         with conn:
+            # stdin stays open (communicate() would close it: an end of input that a
+            # busy client may read, and exit 0 on, before it handles the signal)
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+            proc.wait(30)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.close()
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
     assert proc.returncode == 130
     assert (out, b"Traceback" in err) == (b"", False)
 
