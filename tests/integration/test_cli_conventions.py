@@ -213,6 +213,16 @@ def test_status_141_standard_output_closed(sockdir: Path) -> None:
     assert err == b""
 
 
+# A parent that runs this suite in the background (a shell's `cmd &`) ignores SIGINT,
+# and an ignored signal stays ignored across exec: Python then installs no
+# KeyboardInterrupt handler. The test is about Ctrl-C reaching a normal afunix, so the
+# command is started through this, which puts SIGINT back to its default first.
+_SIGINT_AT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 def test_status_130_interrupted(sockdir: Path) -> None:
     """Ctrl-C (SIGINT) once the client is connected: 130, no traceback."""
     path = str(sockdir / "quiet.sock")
@@ -220,23 +230,28 @@ def test_status_130_interrupted(sockdir: Path) -> None:
         listener.bind(path)
         listener.listen()
         proc = subprocess.Popen(
-            afunix_cmd("connect", path),
+            [sys.executable, "-c", _SIGINT_AT_DEFAULT, *afunix_cmd("connect", path)[1:]],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        listener.settimeout(30)
-        conn, _ = listener.accept()  # the client is connected and waiting: interrupt it
-        with conn:
-            # stdin stays open (communicate() would close it: an end of input that a
-            # busy client may read, and exit 0 on, before it handles the signal)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(30)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        proc.stdin.close()
-        out, err = proc.stdout.read(), proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
+        try:
+            listener.settimeout(30)
+            conn, _ = listener.accept()  # the client is connected and waiting: interrupt it
+            with conn:
+                # stdin stays open (communicate() would close it: an end of input that a
+                # busy client may read, and exit 0 on, before it handles the signal)
+                proc.send_signal(signal.SIGINT)
+                proc.wait(30)
+            assert proc.stdout is not None and proc.stderr is not None
+            out, err = proc.stdout.read(), proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
     assert proc.returncode == 130
     assert (out, b"Traceback" in err) == (b"", False)
 
