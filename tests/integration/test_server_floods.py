@@ -345,12 +345,15 @@ def test_uid_limit_in_the_fork_model_counts_children(sockdir: Path) -> None:
             deadline = time.monotonic() + 10
             while True:  # room again once the child is reaped
                 with _connect(path) as c:
-                    c.sendall(b"again")
-                    c.shutdown(socket.SHUT_WR)
+                    try:
+                        c.sendall(b"again")
+                        c.shutdown(socket.SHUT_WR)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # refused and closed before our bytes went: still busy
                     got = _recv_all(c)
                 if got == b"again":
                     break
-                assert got == b"busy" and time.monotonic() < deadline
+                assert got in (b"busy", b"") and time.monotonic() < deadline
                 time.sleep(0.01)
         finally:
             for h in held:
