@@ -408,7 +408,11 @@ def test_descriptors_lost_to_msg_ctrunc_are_reported_and_end_that_connection(
                 sock.settimeout(30)
                 sock.connect(spot)
                 send_fds(sock, b"frame", [f])
-                assert sock.recv(10) == b""  # the relay ended the connection
+                try:  # the relay ended the connection: end of file, or a
+                    # reset if it closed with bytes of ours unread
+                    assert sock.recv(10) == b""
+                except ConnectionResetError:
+                    pass
             text = spy.wait_for("#1 closed")
         finally:
             subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={limits}:"], check=True)

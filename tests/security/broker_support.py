@@ -243,7 +243,15 @@ def as_nobody(addr: str | Path, requests: list[dict[str, Any]]) -> list[dict[str
         cwd="/",
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return [Result(r) for r in json.loads(proc.stdout)]
+
+
+class Result(dict[str, Any]):
+    """One probe result; a missing key (``["ok"]`` of a refused request) names the
+    whole result, so a failing test says what the broker answered instead."""
+
+    def __missing__(self, key: str) -> Any:
+        raise KeyError(f"{key!r} not in the broker's answer {dict(self)}")
 
 
 def nobody_can_open(path: Path) -> bool:
