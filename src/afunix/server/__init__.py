@@ -230,7 +230,9 @@ class Server:
     """
 
     policy: _Part[PeerPolicy | None] = _Part("_admission", "Who may connect (``policy=``).")
-    verify: _Part[Verifier | None] = _Part("_admission", "The ``verify(sock, peer)`` hook, after it.")
+    verify: _Part[Verifier | None] = _Part(
+        "_admission", "The ``verify(sock, peer)`` hook, after it."
+    )
     max_clients: _Part[int | None] = _Part("_admission", "Clients served at once.")
     max_clients_per_uid: _Part[int | None] = _Part(
         "_admission",

@@ -101,8 +101,7 @@ class AsyncRunner:
             while not stop.is_set():
                 if self._limit is not None:
                     await self._limit.acquire()
-                stop_after = await self._serve_next(stopper)
-                if stop_after:
+                if await self._serve_next(stopper):
                     break
         finally:
             stopper.cancel()
