@@ -28,8 +28,9 @@ def _children_of(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            # Bytes: a process name (comm) can be any bytes, not UTF-8 (seen: 0xff).
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:

@@ -26,6 +26,7 @@ import pytest
 
 import afunix
 from afunix.server import THREAD_MAX_CLIENTS, somaxconn
+from afunix.server._threads import ThreadRunner
 from tests.conftest import NOBODY, wait_for_path
 
 BURST = 3000
@@ -155,7 +156,8 @@ def test_thread_start_failure_refuses_that_client_and_keeps_serving(
     real_start = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
-        if getattr(self, "_target", None) == srv._run_thread and failures[0] > 0:
+        target = getattr(self, "_target", None)  # a bound method of the thread runner
+        if getattr(target, "__func__", None) is ThreadRunner._run_thread and failures[0] > 0:
             failures[0] -= 1
             raise RuntimeError("can't start new thread")
         real_start(self)
@@ -304,7 +306,7 @@ def test_uid_limit_refuses_at_accept_and_serves_other_uids(
             assert calls[0] == 2
             assert _as_nobody_echo(path) == b"nobody"
             held.pop().close()
-            _wait(lambda: srv._uid_conns.get(0, 0) < 2)
+            _wait(lambda: srv._admission._uid_conns.get(0, 0) < 2)
             with _connect(path) as c:
                 c.sendall(b"again")
                 c.shutdown(socket.SHUT_WR)

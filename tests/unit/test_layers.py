@@ -41,7 +41,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: Layers, bottom first; each maps to ``fnmatch`` patterns of dotted module names
 #: (without the leading ``afunix.``; the package itself is ``__init__``).
 LAYERS: dict[str, list[str]] = {
-    "base": ["_errors", "_credstructs"],
+    "base": ["_errors", "_credstructs", "_limits"],
     "platform": ["_platform", "_platform.*", "_peer"],
     "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol"],
     "io": [
@@ -58,7 +58,7 @@ LAYERS: dict[str, list[str]] = {
         "probe",
     ],
     "shells": ["channel", "aio"],
-    "services": ["server", "relay"],
+    "services": ["server", "server.*", "relay"],
     "faces": ["__init__", "lowlevel"],
     "apps": ["__main__", "cli", "cli.*", "bench", "bench.*", "broker", "broker.*"],
 }

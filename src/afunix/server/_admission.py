@@ -1,0 +1,349 @@
+"""``Admission``: who gets served, decided once per client for every runner.
+
+In order, right after ``accept`` (UNP 15.8): the per-uid cap (one
+``SO_PEERCRED``, before any thread, child or task), then ``policy`` on the
+kernel's credentials, then the ``verify`` hook. Refusals are counted by reason
+and logged in aggregate, so a flood never becomes a flood of log lines.
+Datagrams are judged on the credentials the kernel attached to each one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeAlias
+
+from .._address import Address
+from .._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
+from .._errors import ProtocolError, UnsupportedFeature
+from .._platform import NOSIGNAL
+from ..policy import PeerPolicy
+from ._connection import BUFSIZE, Datagram, peer_address
+
+__all__ = ["REFUSAL_LOG_INTERVAL", "Admission", "Verifier"]
+
+log = logging.getLogger("afunix.server")
+
+#: ``verify(sock, peer_address)``: the server's template hook, after ``policy``.
+Verifier: TypeAlias = Callable[[socket.socket, Address], bool]
+
+#: Seconds between two log lines about clients refused for one reason.
+REFUSAL_LOG_INTERVAL = 10.0
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERCRED: int | None = (
+    getattr(socket, "SO_PEERCRED", None) if sys.platform.startswith("linux") else None
+)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The client's effective uid at ``connect`` time.
+
+    On Linux one ``SO_PEERCRED`` ``getsockopt``, no groups, no pidfd: cheap
+    enough to run on every accepted connection before anything else.
+    """
+    if _SO_PEERCRED is not None:
+        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(raw)[1])
+    with peer_credentials(conn, pidfd=False) as creds:  # pragma: no cover - not Linux
+        return creds.uid
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the client closed its end before we accepted it, sending nothing.
+
+    Such a connection can neither ask nor hear anything: a handler would only
+    see end of file. One ``recv(MSG_PEEK)``; a client still connected (the
+    usual case) makes it fail with ``EAGAIN``. ``POLLHUP`` tells a closed
+    client from one that only shut down its writing side and waits for a reply.
+    """
+    try:
+        if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return False
+    except OSError:
+        return False
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
+
+
+class _Refusals:
+    """Clients turned away without a handler, counted by reason and logged in aggregate.
+
+    A flood must not turn into a flood of log lines: the first refusal for a
+    reason is logged at once, later ones are counted, and the count is logged
+    with the next refusal that comes :data:`REFUSAL_LOG_INTERVAL` seconds after
+    the last line, and at shutdown. Used by the accepting thread only.
+    """
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        #: Refusals since the server started, by reason.
+        self.counts: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def add(self, reason: str, detail: str) -> None:
+        """Count one refusal; log *detail* unless a line for *reason* went out recently."""
+        total = self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < self.interval:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._logged_at[reason] = now
+        self._unlogged.pop(reason, None)
+        log.warning(
+            "%s (%s: %d refused so far; logged at most every %gs)",
+            detail,
+            reason,
+            total,
+            self.interval,
+        )
+
+    def flush(self) -> None:
+        """Log what was counted and not yet logged (at shutdown)."""
+        for reason, n in sorted(self._unlogged.items()):
+            log.warning("%s: %d more client(s) refused, %d in all", reason, n, self.counts[reason])
+        self._unlogged.clear()
+
+
+class Admission:
+    """The admission of one server's clients, shared by its runners.
+
+    Holds the server's ``policy``, ``verify``, ``max_clients``,
+    ``max_clients_per_uid`` and ``refuse_with`` (the :class:`~afunix.Server`
+    attributes of those names read and write them here, so a change, such as
+    the broker lowering the per-uid cap on reload, applies to the next client),
+    and counts what became of clients: ``served``, ``rejected`` (by ``policy`` or
+    ``verify``), ``hung_up`` and ``refused`` (by reason). With ``fork=True``
+    the per-uid count is :attr:`child_uid` (pid -> uid), kept by the fork runner.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: PeerPolicy | None,
+        verify: Verifier | None,
+        max_clients: int | None,
+        max_clients_per_uid: int | None,
+        refuse_with: bytes,
+        fork: bool,
+    ) -> None:
+        self.policy = policy
+        self.verify = verify
+        self.max_clients = max_clients
+        self.max_clients_per_uid = max_clients_per_uid
+        self.refuse_with = refuse_with
+        self.fork = fork
+        self.refusals = _Refusals()
+        self.refused = self.refusals.counts
+        self.served = 0
+        self.rejected = 0
+        self.hung_up = 0
+        #: Whether datagrams arrive with their sender's credentials (see :meth:`prepare`).
+        self.datagram_credentials = False
+        self.child_uid: dict[int, int] = {}  # fork model: pid -> uid
+        self._uid_conns: dict[int, int] = {}  # thread and asyncio models: uid -> connections
+        self._uid_lock = threading.Lock()
+
+    def prepare(self, sock: socket.socket, address: Address, sock_type: int) -> None:
+        """Check that ``policy`` and the per-uid cap can work on *sock* (a server of
+        *sock_type*); ask for per-datagram credentials on a Unix datagram socket."""
+        if sock.family != socket.AF_UNIX:
+            what = "a peer policy" if self.policy is not None else "max_clients_per_uid"
+            if self.policy is not None or self.max_clients_per_uid is not None:
+                raise UnsupportedFeature(
+                    f"{what} needs the kernel's credentials of each client, which exist "
+                    f"only for Unix-domain sockets, not for {address.describe()}"
+                )
+            return
+        if sock_type != socket.SOCK_DGRAM:
+            return
+        try:
+            enable_credentials(sock)
+        except UnsupportedFeature:
+            if self.policy is not None:
+                raise UnsupportedFeature(
+                    "a peer policy on a datagram server needs per-message credentials, "
+                    "which this system does not provide; use a stream socket"
+                ) from None
+            return
+        self.datagram_credentials = True
+
+    # ------------------------------------------------------------ connections
+    def admit(
+        self, conn: socket.socket, peer: Address, uid: int | None
+    ) -> tuple[bool, PeerCredentials | None]:
+        """``policy``, then ``verify``: whether to serve *conn*, and its credentials if read.
+
+        A refused *conn* is closed and its *uid* (from :meth:`uid_admit`) given back.
+        """
+        creds = None
+        ok = True
+        if self.policy is not None:
+            creds = self._credentials(conn, peer)
+            ok = creds is not None and self._policy_allows(creds, peer, "connection")
+        if ok and self._verify(conn, peer):
+            return True, creds
+        if creds is not None:
+            creds.close()
+        conn.close()
+        self.uid_release(uid)
+        return False, None
+
+    def _credentials(self, conn: socket.socket, peer: Address) -> PeerCredentials | None:
+        """The client's credentials for ``policy``; ``None`` (refused, logged) if unreadable."""
+        try:
+            return peer_credentials(conn)
+        except OSError as exc:
+            self.rejected += 1
+            log.warning(
+                "refused connection from %s: its credentials cannot be read (%s)",
+                peer.describe(),
+                exc,
+            )
+            return None
+
+    def _verify(self, conn: socket.socket, peer: Address) -> bool:
+        if self.verify is None:
+            return True
+        try:
+            ok = self.verify(conn, peer)
+        except Exception:
+            log.exception("verify() raised for peer %s; refusing it", peer.describe())
+            ok = False
+        if not ok:
+            self.rejected += 1
+        return ok
+
+    def _policy_allows(self, creds: PeerCredentials | None, peer: Address, what: str) -> bool:
+        """Judge one client against ``policy``; log and count a refusal."""
+        if self.policy is None:
+            return True
+        if creds is None:
+            self.rejected += 1
+            log.warning(
+                "refused %s from %s: it carried no credentials, and the peer policy needs them",
+                what,
+                peer.describe(),
+            )
+            return False
+        decision = self.policy.check(creds)
+        if decision.allowed:
+            log.debug("admitted %s from %s: %s", what, creds.describe(), decision.reason)
+            return True
+        self.rejected += 1
+        exe = ""
+        try:
+            facts = creds.facts()
+        except OSError:
+            pass
+        else:
+            if facts.exe:
+                exe = f", exe {facts.exe}"
+        where = "" if peer.kind.value == "unnamed" else f" at {peer.describe()}"
+        log.warning(
+            "refused %s from %s%s%s: %s", what, creds.describe(), exe, where, decision.reason
+        )
+        return False
+
+    # ------------------------------------------------------------ per-uid cap
+    @property
+    def uid_limit(self) -> int | None:
+        """Connections one uid may hold at once; ``None``: no per-uid cap.
+
+        ``max_clients_per_uid``, but never more than three quarters of
+        ``max_clients`` (``max_clients - max_clients // 4``): the last quarter,
+        rounded down, is kept for the other uids, so one local user cannot take
+        every slot however high its own cap. The check runs right after
+        ``accept``, before ``policy``, ``verify``, a thread, a child or a task.
+        """
+        cap = self.max_clients_per_uid
+        if cap is not None and self.max_clients:
+            cap = min(cap, self.max_clients - self.max_clients // 4)
+        return cap
+
+    def uid_admit(self, conn: socket.socket) -> tuple[bool, int | None]:
+        """The per-uid cap, checked with one ``SO_PEERCRED`` and no thread, no log line.
+
+        Returns whether *conn* may be served (refused: already closed) and the
+        uid it was counted under (``None`` without a cap); give that uid back
+        with :meth:`uid_release` when the connection ends.
+        """
+        cap = self.uid_limit
+        if cap is None:
+            return True, None
+        if _hung_up(conn):
+            conn.close()
+            self.hung_up += 1
+            return False, None
+        try:
+            uid = _peer_uid(conn)
+        except OSError as exc:
+            self._refuse(conn, "uid-limit", f"refused a client: its uid cannot be read ({exc})")
+            return False, None
+        if self.fork:  # children end in the fork runner's reap, maybe in a signal handler
+            held = list(self.child_uid.values()).count(uid)
+            ok = held < cap
+        else:
+            with self._uid_lock:
+                held = self._uid_conns.get(uid, 0)
+                ok = held < cap
+                if ok:
+                    self._uid_conns[uid] = held + 1
+        if not ok:
+            self._refuse(
+                conn,
+                "uid-limit",
+                f"refused a connection from uid {uid}: it holds {held}, the limit per uid",
+            )
+            return False, None
+        return True, uid
+
+    def uid_release(self, uid: int | None) -> None:
+        """A connection counted under *uid* ended (nothing to do for ``None`` or forks)."""
+        if uid is None or self.fork:
+            return
+        with self._uid_lock:
+            left = self._uid_conns.get(uid, 0) - 1
+            if left > 0:
+                self._uid_conns[uid] = left
+            else:
+                self._uid_conns.pop(uid, None)
+
+    def _refuse(self, conn: socket.socket, reason: str, detail: str) -> None:
+        """Turn a client away: ``refuse_with`` if its buffer has room, close, count."""
+        if self.refuse_with:
+            with contextlib.suppress(OSError):
+                conn.send(self.refuse_with, socket.MSG_DONTWAIT | NOSIGNAL)
+        conn.close()
+        self.refusals.add(reason, detail)
+
+    # -------------------------------------------------------------- datagrams
+    def admit_datagram(self, sock: socket.socket) -> Datagram | None:
+        """One datagram from *sock* with its sender's credentials, judged by ``policy``;
+        ``None`` if it was dropped (refused, or malformed).
+
+        Raises ``BlockingIOError`` when none is waiting (the socket is non-blocking).
+        """
+        if self.datagram_credentials:
+            try:
+                msg = recv_credentials(sock, BUFSIZE)
+            except ProtocolError as exc:
+                log.warning("dropped a datagram: %s", exc)
+                return None
+            dgram = Datagram(msg.data, msg.sender, msg.credentials)
+        else:
+            data, raw = sock.recvfrom(BUFSIZE)
+            dgram = Datagram(data, peer_address(sock, raw))
+        if not self._policy_allows(dgram.credentials, dgram.sender, "datagram"):
+            return None
+        return dgram

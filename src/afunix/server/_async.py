@@ -1,0 +1,240 @@
+"""The asyncio runner: one event loop, a task per connection (or datagram).
+
+``Server(model="asyncio")`` runs :meth:`AsyncRunner.serve` in an
+``asyncio.Runner`` of its own. The loop waits for a client or a stop request,
+whichever comes first (a client accepted while stopping is still served),
+admits it and starts a task; ``max_clients`` is a semaphore taken before each
+accept. Out of descriptors or memory, it pauses 0.1 s. On stop it closes the
+listener, lets tasks finish for ``shutdown_timeout`` and cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Awaitable
+from typing import Any
+
+from .._address import Address
+from .._creds import PeerCredentials
+from .._limits import Limits
+from ._admission import Admission
+from ._connection import AsyncConnection, Datagram, Handler, log_handler_failure, peer_address
+from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
+
+__all__ = ["AsyncRunner"]
+
+log = logging.getLogger("afunix.server")
+
+#: What the next client is: an accepted socket and its raw address, or a datagram
+#: (``None``: dropped by admission) and ``None``.
+_Next = tuple[Any, Any]
+
+
+class AsyncRunner:
+    """Serves one listener in the running event loop until a stop is requested."""
+
+    def __init__(
+        self,
+        listener: ListeningSocket,
+        admission: Admission,
+        handler: Handler,
+        limits: Limits,
+        *,
+        max_clients: int | None,
+        shutdown_timeout: float,
+    ) -> None:
+        self.listener = listener
+        self.admission = admission
+        self.handler = handler
+        self.limits = limits
+        self.max_clients = max_clients
+        self.shutdown_timeout = shutdown_timeout
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limit: asyncio.Semaphore | None = None
+        self._pinger: asyncio.TimerHandle | None = None
+
+    async def serve(self, handle_signals: bool) -> None:
+        """Serve until the listener's stop request (or ``SIGTERM``/``SIGINT`` when
+        *handle_signals*); then stop accepting and drain."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def wake() -> None:  # from any thread or a signal handler
+            loop.call_soon_threadsafe(stop.set)
+
+        self.listener.on_stop = wake
+        if self.listener.stopping.is_set():
+            stop.set()
+        self.listener.sock.setblocking(False)
+        self._limit = asyncio.Semaphore(self.max_clients) if self.max_clients else None
+        period = watchdog_period()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.listener.request_stop)
+            loop.add_signal_handler(signal.SIGUSR2, self.listener.hand_over_in_background)
+        try:
+            self.listener.announce()
+            if period is not None:
+                self._ping(loop, period)
+            await self._accept_loop(stop)
+            await self._drain()
+        finally:
+            if self._pinger is not None:
+                self._pinger.cancel()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+                    loop.remove_signal_handler(sig)
+            self.listener.on_stop = None
+
+    def _ping(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        """``WATCHDOG=1`` from a loop callback: a blocked loop stops pinging."""
+        watchdog_ping()
+        self._pinger = loop.call_later(period, self._ping, loop, period)
+
+    async def _accept_loop(self, stop: asyncio.Event) -> None:
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if self._limit is not None:
+                    await self._limit.acquire()
+                if await self._serve_next(stopper):
+                    break
+        finally:
+            stopper.cancel()
+
+    async def _serve_next(self, stopper: asyncio.Future[Any]) -> bool:
+        """Wait for the next client and start its task; whether to stop accepting."""
+        waited = await self._next(stopper)
+        if waited is None:
+            self._release()
+            return True
+        fut, stop_after = waited
+        try:
+            first, raw = fut.result()
+        except OSError as exc:
+            self._release()
+            if exc.errno not in PAUSE_ERRNOS:
+                raise
+            log.error("accept failed: %s; pausing briefly", exc)
+            await asyncio.sleep(0.1)
+            return False
+        task = self._start(first, raw)
+        if task is None:
+            self._release()
+        else:
+            self.admission.served += 1
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return stop_after
+
+    async def _next(
+        self, stopper: asyncio.Future[Any]
+    ) -> tuple[asyncio.Future[_Next], bool] | None:
+        """The next client (a done future) and whether a stop came meanwhile; ``None``:
+        stopped with no client."""
+        if self.listener.type == socket.SOCK_DGRAM:
+            getter: Awaitable[_Next] = self._next_datagram()
+        else:
+            getter = asyncio.get_running_loop().sock_accept(self.listener.sock)
+        fut = asyncio.ensure_future(getter)
+        done, _ = await asyncio.wait({fut, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if fut in done:
+            return fut, False
+        fut.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await fut
+        if fut.cancelled() or fut.exception() is not None:
+            return None
+        return fut, True  # accept() completed while we were stopping: serve that client too
+
+    def _start(self, first: Any, raw: Any) -> asyncio.Task[None] | None:
+        """A task for an admitted client; ``None`` if it was refused (and closed)."""
+        if self.listener.type == socket.SOCK_DGRAM:
+            if first is None:  # refused by the policy, or malformed: dropped
+                return None
+            return asyncio.ensure_future(self._datagram(first))
+        conn: socket.socket = first
+        ok, uid = self.admission.uid_admit(conn)
+        peer = peer_address(self.listener.sock, raw)
+        if not ok:
+            return None
+        ok, creds = self.admission.admit(conn, peer, uid)
+        if not ok:
+            return None
+        return asyncio.ensure_future(self._connection(conn, peer, creds, uid))
+
+    def _release(self) -> None:
+        if self._limit is not None:
+            self._limit.release()
+
+    async def _drain(self) -> None:
+        self.admission.refusals.flush()
+        self.listener.stop_accepting()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d connections still open at shutdown", len(pending))
+            await asyncio.wait(pending, timeout=1.0)
+
+    async def _connection(
+        self, conn: socket.socket, peer: Address, creds: PeerCredentials | None, uid: int | None
+    ) -> None:
+        connection = AsyncConnection(conn, peer, creds, self.limits)
+        try:
+            await self.handler(connection)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log_handler_failure(exc, connection.describe())
+        finally:
+            connection.close()
+            self.admission.uid_release(uid)
+            self._release()
+
+    async def _next_datagram(self) -> tuple[Datagram | None, None]:
+        """One datagram judged by admission, from the event loop (it has no ``sock_recvmsg``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return self.admission.admit_datagram(self.listener.sock), None
+            except (BlockingIOError, InterruptedError):
+                pass
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = self.listener.sock.fileno()
+            loop.add_reader(fd, _set_done, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+
+    async def _datagram(self, dgram: Datagram) -> None:
+        sender = dgram.sender
+        try:
+            reply = await self.handler(dgram)
+            if reply is not None:
+                await self._reply(reply, sender)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("datagram handler raised for sender %s", sender.describe())
+        finally:
+            self._release()
+
+    async def _reply(self, reply: bytes, sender: Address) -> None:
+        if sender.kind.value == "unnamed":
+            log.warning("cannot reply to a datagram from an unbound socket")
+            return
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendto(self.listener.sock, reply, sender.sockaddr)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
