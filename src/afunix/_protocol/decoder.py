@@ -21,7 +21,9 @@ descriptors out, and it holds every rule:
   have all gone by (its ``sendmsg`` ended before the next one began), and
   nothing is left over at end of file;
 * the headers that take a batch's descriptors start within
-  :data:`BATCH_SPAN` (256 KiB) of the batch's first byte.
+  :data:`BATCH_SPAN` (256 KiB) of the end of the batch's bytes. (Not of its
+  first byte: Linux ends a ``recvmsg`` with the part of a ``sendmsg`` that
+  carries descriptors, so that ``sendmsg`` may begin late in a long read.)
 
 One more limit holds when descriptors arrive: no more than two batches' worth
 (``2 * SCM_MAX_FD``) wait for their headers. A peer cannot park descriptors
@@ -57,8 +59,8 @@ from .framing import (
     header_problem,
 )
 
-#: The headers that take a batch's descriptors start within this many bytes of
-#: the batch's first byte. (afunix holds at most 64 KiB of frames per batch.) A
+#: The headers that take a batch's descriptors start within this many bytes of the
+#: end of the batch's bytes. (afunix holds at most 64 KiB of frames per batch.) A
 #: peer cannot park descriptors in the receiver while other traffic flows.
 BATCH_SPAN: Final = 256 * 1024
 
@@ -336,49 +338,40 @@ class StreamDecoder:
         ``started``, so a header may be checked again.
         """
         batches = self._batches
-        if not batches:
+        first = batches[0] if batches else None
+        if first is None or at < first[_START]:  # none came with or before this header
             if nfds:
-                raise _Refused(self._none_arrived(nfds))
+                raise _Refused(
+                    f"header announces {nfds} descriptor(s) but none arrived with it (did the "
+                    "sender attach them, or did something receive without room for them?)"
+                )
             return []
-        first = batches[0]
-        start, end, fds, taken, started = first
-        if start <= at < end:  # in the oldest batch's bytes
-            if at - start >= BATCH_SPAN:
-                raise _Refused(self._unclaimed(first))
+        _, end, fds, taken, started = first
+        if at < end:  # the header starts in the oldest batch's bytes
             if not started:
                 first[_STARTED] = True
-        elif at >= end:  # past them
-            if not started:  # a sendmsg's first byte, a header, came with its descriptors
-                raise _Refused(
-                    "descriptors arrived with bytes where no message starts (the peer "
-                    "attached them to the middle of a message)"
-                )
-            if at - start >= BATCH_SPAN or (len(batches) > 1 and batches[1][_END] <= at):
-                # The oldest batch still holds descriptors (a used-up batch is dropped),
-                # yet its headers are long past, or the next sendmsg began within the
-                # bytes of the next batch, all behind this header.
-                raise _Refused(self._unclaimed(first))
-            if len(batches) > 1 and batches[1][_START] <= at:
-                batches[1][_STARTED] = True
+        elif not started:  # a sendmsg's first byte, a header, came with its descriptors
+            raise _Refused(
+                "descriptors arrived with bytes where no message starts (the peer "
+                "attached them to the middle of a message)"
+            )
+        elif at - end >= BATCH_SPAN or (len(batches) > 1 and batches[1][_END] <= at):
+            # The oldest batch still holds descriptors (a used-up batch is dropped), yet
+            # its headers are long past, or the next sendmsg began within the bytes of
+            # the next batch, all behind this header.
+            raise _Refused(self._unclaimed(first))
+        elif len(batches) > 1 and batches[1][_START] <= at:
+            batches[1][_STARTED] = True  # the header starts in the next batch's bytes
         if not nfds:
             return []
-        if start > at:
-            raise _Refused(self._none_arrived(nfds))
         left = len(fds) - taken
-        if left == nfds:
-            batches.popleft()  # used up: nothing left to check
-            return fds[taken:] if taken else fds  # type: ignore[no-any-return]
+        if left > nfds:
+            first[_TAKEN] = taken + nfds
+            return fds[taken : taken + nfds]  # type: ignore[no-any-return]
         if left < nfds:
             raise _Refused(f"header announces {nfds} descriptor(s) but {left} arrived with it")
-        first[_TAKEN] = taken + nfds
-        return fds[taken : taken + nfds]  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _none_arrived(nfds: int) -> str:
-        return (
-            f"header announces {nfds} descriptor(s) but none arrived with it (did the "
-            "sender attach them, or did something receive without room for them?)"
-        )
+        batches.popleft()  # used up: nothing left to check
+        return fds[taken:] if taken else fds  # type: ignore[no-any-return]
 
     @staticmethod
     def _unclaimed(batch: _Batch) -> str:
