@@ -75,6 +75,10 @@ _Batch: TypeAlias = list[Any]
 _START, _END, _FDS, _TAKEN, _STARTED = 0, 1, 2, 3, 4
 
 
+#: Stands for "no batch" in _claim(): it starts after every header.
+_NO_BATCH: Final[_Batch] = [1 << 62, 1 << 62, [], 0, False]
+
+
 class _Refused(Exception):
     """:meth:`StreamDecoder._claim` refuses a header; the message says why."""
 
@@ -338,15 +342,15 @@ class StreamDecoder:
         ``started``, so a header may be checked again.
         """
         batches = self._batches
-        first = batches[0] if batches else None
-        if first is None or at < first[_START]:  # none came with or before this header
+        first = batches[0] if batches else _NO_BATCH
+        start, end, fds, taken, started = first
+        if at < start:  # none came with or before this header
             if nfds:
                 raise _Refused(
                     f"header announces {nfds} descriptor(s) but none arrived with it (did the "
                     "sender attach them, or did something receive without room for them?)"
                 )
             return []
-        _, end, fds, taken, started = first
         if at < end:  # the header starts in the oldest batch's bytes
             if not started:
                 first[_STARTED] = True
