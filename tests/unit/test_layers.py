@@ -43,7 +43,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: dict[str, list[str]] = {
     "base": ["_errors", "_credstructs", "_limits"],
     "platform": ["_platform", "_platform.*", "_peer"],
-    "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol"],
+    "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol", "_protocol.*"],
     "io": [
         "_fds",
         "_sockets",
@@ -393,8 +393,8 @@ def test_the_checker_sees_a_cycle_and_sans_io_socket_calls(
     (copy / "_errors.py").write_text(
         (copy / "_errors.py").read_text() + "\nfrom . import _address\n"
     )
-    (copy / "_protocol.py").write_text(
-        (copy / "_protocol.py").read_text()
+    (copy / "_protocol" / "decoder.py").write_text(
+        (copy / "_protocol" / "decoder.py").read_text()
         + "\nimport threading\n\ndef _peek(sock):\n    return sock.recv(1)\n"
     )
     monkeypatch.setitem(globals(), "SRC", copy)

@@ -490,3 +490,32 @@ def test_packet_errors_close_fds(
     with pytest.raises(FrameError, match=match):
         decode_packet(packet, fds, **kw)  # type: ignore[arg-type]
     assert not any(is_open(fd) for fd in fds)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("buffered", [False, True])
+def test_batch_span_counts_from_the_end_of_the_batch(
+    newfd: Callable[[], int], fast: bool, buffered: bool
+) -> None:
+    """Linux ends a ``recvmsg`` with the part of a ``sendmsg`` that carries descriptors,
+    so one read (here 253,248 bytes, within a channel's 256 KiB buffer) may bring 248 KiB
+    of earlier plain frames before the batch's first header, whose last header then
+    starts 308 KiB after the read's first byte. Counted from there, BATCH_SPAN refused
+    this legitimate stream; counted from the end of the batch's bytes it is accepted."""
+    plain = frame(b"p" * 8000) * 31  # earlier sendmsg calls, no descriptors
+    batch = frame(b"d" * 4000, 1) * 16  # one sendmsg: 16 frames, 16 descriptors
+    stream, cut = plain + batch, len(plain) + 5000  # the read ends inside the batch
+    fds = [newfd() for _ in range(16)]
+    dec = StreamDecoder()
+    head = 5 if buffered else 0  # a short read before: the decoder holds bytes
+    if head:
+        dec.receive_data(stream[:head])
+    dec.receive_data(stream[head:cut], fds)
+    dec.receive_data(stream[cut:])
+    got: list[RawMessage] = []
+    while fast and (item := dec.next_fast()) is not None:
+        body, its = (item, []) if isinstance(item, bytes) else item
+        got.append(RawMessage(body, its, 0, len(body)))
+    got += [m for m in drain(dec) if isinstance(m, RawMessage)]
+    assert [m.fds for m in got] == [[]] * 31 + [[fd] for fd in fds]
+    assert dec.held_fds == 0
