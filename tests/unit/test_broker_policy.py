@@ -12,9 +12,9 @@ import pytest
 
 from afunix.broker.flags import Wire
 from afunix.broker.policy import (
-    Limits,
+    BrokerLimits,
     PathRefused,
-    PolicyError,
+    PolicyFileError,
     _compile_glob,
     _glob_match,
     load_policy,
@@ -112,7 +112,7 @@ INVALID = [
 def test_invalid_policies_name_the_line_and_the_reason(
     tmp_path: Path, body: str, line: int, why: str
 ) -> None:
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(PolicyFileError) as info:
         parse_policy(policy(tmp_path, body), "p.toml")
     exc = info.value
     assert exc.line == line, exc
@@ -122,11 +122,11 @@ def test_invalid_policies_name_the_line_and_the_reason(
 
 
 def test_load_policy_errors(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="cannot read it"):
+    with pytest.raises(PolicyFileError, match="cannot read it"):
         load_policy(tmp_path / "missing.toml")
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b"version = 1\n# caf\xe9\n")
-    with pytest.raises(PolicyError, match="line 2: not valid UTF-8"):
+    with pytest.raises(PolicyFileError, match="line 2: not valid UTF-8"):
         load_policy(bad)
 
 
@@ -168,7 +168,7 @@ def test_valid_policy(tmp_path: Path) -> None:
     assert first.uids == {65534, 1000} and first.gids == {65534}
     assert second.name == "rule 2" and second.line == 17
     assert second.create_mode == 0o640 and second.create_excl and second.no_symlinks
-    assert p.limits == Limits(burst=5, idle_timeout=2.5)
+    assert p.limits == BrokerLimits(burst=5, idle_timeout=2.5)
 
 
 def test_an_empty_policy_denies_everything(tmp_path: Path) -> None:

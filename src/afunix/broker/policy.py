@@ -43,7 +43,13 @@ components, including none (so ``"**"`` also matches the root itself).
 
 Users and groups are resolved to ids when the policy is loaded; reload it
 (``SIGHUP``) after changing them. An invalid policy is refused with
-:class:`PolicyError`, which names the file, the line and the reason.
+:class:`PolicyFileError` (an :class:`afunix.PolicyError`), which names the file,
+the line and the reason.
+
+Renamed (the old names still work for one release, with a ``DeprecationWarning``):
+``Limits`` is :class:`BrokerLimits` (``afunix.Limits`` are a server's per-connection
+limits), ``PolicyError`` is :class:`PolicyFileError`, ``Decision`` is
+:class:`AccessDecision` (``afunix.policy.Decision`` is a peer policy's verdict).
 """
 
 from __future__ import annotations
@@ -57,20 +63,22 @@ import pwd
 import re
 import stat
 import tomllib
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from .._errors import AfunixError
+from .. import AfunixError
+from ..policy import PolicyError as _PeerPolicyError
 from . import flags as _flags
 
 __all__ = [
     "OPERATIONS",
-    "Decision",
-    "Limits",
+    "AccessDecision",
+    "BrokerLimits",
     "PathRefused",
     "Policy",
-    "PolicyError",
+    "PolicyFileError",
     "Rule",
     "Subject",
     "load_policy",
@@ -83,12 +91,17 @@ OPERATIONS: Final = ("read", "write", "append", "create", "list")
 MAX_PATH: Final = 4095
 
 
-class PolicyError(AfunixError, ValueError):
-    """The policy cannot be used. ``line`` is where (1-based), or ``None`` for the whole file."""
+class PolicyFileError(_PeerPolicyError):
+    """The policy file cannot be used (``EINVAL``). ``line`` is where (1-based), or ``None``
+    for the whole file; ``source`` (also ``filename``) is the file.
+
+    An :class:`afunix.PolicyError` (and so an ``OSError`` and a ``ValueError``):
+    ``except afunix.PolicyError`` catches a bad peer policy and a bad broker policy alike.
+    """
 
     def __init__(self, source: str, line: int | None, reason: str) -> None:
         where = f"{source}, line {line}" if line else source
-        super().__init__(errno.EINVAL, f"invalid policy {where}: {reason}", source)
+        super().__init__(f"invalid policy {where}: {reason}", source)
         self.source = source
         self.line = line
         self.reason = reason
@@ -117,7 +130,7 @@ class Subject(Protocol):
 
 # ------------------------------------------------------------------ limits
 @dataclass(frozen=True)
-class Limits:
+class BrokerLimits:
     """Resource limits of the daemon (the ``[limits]`` table).
 
     Per *peer* means per uid: a client cannot dodge a limit by opening more
@@ -269,7 +282,7 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Decision:
+class AccessDecision:
     """What the policy says about one request.
 
     ``rule`` is the granting rule (``None`` when denied), ``rel`` the path
@@ -291,10 +304,10 @@ class Policy:
     """A loaded, valid policy: rules in order, limits, and where it came from."""
 
     rules: tuple[Rule, ...]
-    limits: Limits = Limits()
+    limits: BrokerLimits = BrokerLimits()
     source: str = "<string>"
 
-    def decide(self, who: Subject, comps: tuple[str, ...], flags: int) -> Decision:
+    def decide(self, who: Subject, comps: tuple[str, ...], flags: int) -> AccessDecision:
         """Find the first rule that grants the (checked) wire *flags* on *comps* to *who*."""
         ops = _flags.operations(flags)
         shown = "/" + "/".join(comps)
@@ -318,12 +331,12 @@ class Policy:
             if "create" in ops and rule.create_excl and not flags & _flags.Wire.EXCL:
                 why_not.append(f"rule {rule.name!r} grants create only with EXCL (O_EXCL)")
                 continue
-            return Decision(rule, rel, 0, f"granted by rule {rule.name!r}")
+            return AccessDecision(rule, rel, 0, f"granted by rule {rule.name!r}")
         if why_not:
             reason = "; ".join(why_not)
         else:
             reason = f"no rule grants uid {who.uid} access to {shown} (default deny)"
-        return Decision(None, (), errno.EACCES, reason)
+        return AccessDecision(None, (), errno.EACCES, reason)
 
 
 # ------------------------------------------------------------ request paths
@@ -433,10 +446,10 @@ class _Builder:
         #: Where validation is (table, index, key): the line of an unexpected error.
         self.at: tuple[str, int, str] = ("", 0, "")
 
-    def fail(self, table: str, index: int, key: str, reason: str) -> PolicyError:
-        return PolicyError(self.source, self.lines.of(table, index, key), reason)
+    def fail(self, table: str, index: int, key: str, reason: str) -> PolicyFileError:
+        return PolicyFileError(self.source, self.lines.of(table, index, key), reason)
 
-    def limits(self, raw: Any) -> Limits:
+    def limits(self, raw: Any) -> BrokerLimits:
         if not isinstance(raw, Mapping):
             raise self.fail("", 0, "limits", "[limits] must be a table")
         values: dict[str, Any] = {}
@@ -458,10 +471,10 @@ class _Builder:
             if not low <= value <= high:
                 raise self.fail("limits", 0, key, f"{key} = {value} is outside {low}..{high}")
             values[key] = kind(value)
-        return Limits(**values)
+        return BrokerLimits(**values)
 
     def rule(self, raw: Any, i: int, names: set[str]) -> Rule:
-        def fail(key: str, reason: str) -> PolicyError:
+        def fail(key: str, reason: str) -> PolicyFileError:
             return self.fail("rule", i, key, reason)
 
         self.at = ("rule", i, "")
@@ -648,9 +661,9 @@ def _failing_line(text: str, kind: type[BaseException]) -> int | None:
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
-    """Parse and validate policy *text*; raise :class:`PolicyError` with the line if invalid.
+    """Parse and validate policy *text*; raise :class:`PolicyFileError` with the line if invalid.
 
-    Whatever is wrong with *text*, the only exception is :class:`PolicyError`:
+    Whatever is wrong with *text*, the only exception is :class:`PolicyFileError`:
     a failure the TOML parser or the checks did not foresee (nesting deep
     enough to exhaust the recursion limit, an integer of thousands of digits,
     a NUL byte in a user name) says what it was and, where it can be found,
@@ -663,14 +676,14 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         m = _TOML_POS.search(message)
         line = int(m.group(1)) if m else None
         reason = message[: m.start()] if m else message
-        raise PolicyError(source, line, f"not valid TOML: {reason}") from None
+        raise PolicyFileError(source, line, f"not valid TOML: {reason}") from None
     except Exception as exc:  # RecursionError, ValueError (too many digits), ...
         where = _failing_line(text, type(exc))
-        raise PolicyError(source, where, f"not valid TOML: {_what(exc)}") from None
+        raise PolicyFileError(source, where, f"not valid TOML: {_what(exc)}") from None
     build = _Builder(source, _Lines(text))
     try:
         return _validate(raw, source, build)
-    except PolicyError:
+    except PolicyFileError:
         raise
     except Exception as exc:
         raise build.fail(*build.at, f"cannot be used: {_what(exc)}") from None
@@ -687,7 +700,7 @@ def _validate(raw: dict[str, Any], source: str, build: _Builder) -> Policy:
         raise build.fail(
             "", 0, "version", f"policy version {_show(version)} is not supported (use 1)"
         )
-    limits = build.limits(raw["limits"]) if "limits" in raw else Limits()
+    limits = build.limits(raw["limits"]) if "limits" in raw else BrokerLimits()
     raw_rules = raw.get("rule", [])
     if not isinstance(raw_rules, list):
         raise build.fail("", 0, "rule", "rule must be an array of tables: write [[rule]]")
@@ -704,23 +717,45 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise PolicyError(source, None, f"cannot read it: {why}") from None
+        raise PolicyFileError(source, None, f"cannot read it: {why}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PolicyError(source, None, "cannot read it: not a regular file")
+            raise PolicyFileError(source, None, "cannot read it: not a regular file")
         with open(fd, "rb", closefd=False) as f:
             data = f.read((1 << 20) + 1)
     except OSError as exc:
-        if isinstance(exc, PolicyError):
+        if isinstance(exc, PolicyFileError):
             raise
-        raise PolicyError(source, None, f"cannot read it: {exc.strerror}") from None
+        raise PolicyFileError(source, None, f"cannot read it: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(data) > 1 << 20:
-        raise PolicyError(source, None, "file is larger than 1 MiB")
+        raise PolicyFileError(source, None, "file is larger than 1 MiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise PolicyError(source, line, "not valid UTF-8") from None
+        raise PolicyFileError(source, line, "not valid UTF-8") from None
     return parse_policy(text, source)
+
+
+#: Old names (renamed so that ``afunix`` and ``afunix.broker`` never share a name): they
+#: work for one release and warn.
+_RENAMED: Final = {
+    "Limits": "BrokerLimits",
+    "PolicyError": "PolicyFileError",
+    "Decision": "AccessDecision",
+}
+
+
+def __getattr__(name: str) -> object:
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{__name__}.{name} is deprecated: it is now {__name__}.{new} "
+        "(the old name is removed in the next minor release)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]
