@@ -95,7 +95,6 @@ ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
     ("broker.client", "_sockets"): (BROKER_IO, STEP6),
     ("broker.confine", "_errors"): (BROKER_NAMES, FACES),
     ("broker.flags", "_errors"): (BROKER_NAMES, FACES),
-    ("broker.policy", "_errors"): (BROKER_NAMES, FACES),
     ("broker.protocol", "_cmsg"): (BROKER_IO, STEP6),
     ("broker.protocol", "_errors"): (BROKER_NAMES, FACES),
     ("broker.protocol", "_protocol"): (BROKER_IO, STEP6),
