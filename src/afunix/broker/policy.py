@@ -74,6 +74,7 @@ from . import flags as _flags
 from ._toml_lines import TomlLines
 
 __all__ = [
+    "MAX_PATH",
     "OPERATIONS",
     "AccessDecision",
     "BrokerLimits",

@@ -72,12 +72,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .._address import AddressLike
-from .._creds import PeerCredentials
-from .._errors import AfunixError
-from .._fds import recv_fds
+from .. import AfunixError, PeerCredentials
 from .._protocol import CLOSED, NEED_DATA, FrameError
-from ..lowlevel import close_fds, notify
+from ..lowlevel import AddressLike, close_fds, notify, recv_fds
 from ..server import Connection, Server
 from . import confine
 from . import flags as _flags

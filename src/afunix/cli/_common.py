@@ -42,8 +42,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._address import Address
-from .._errors import AfunixError, PeerError
+from .. import Address, AfunixError, PeerError
 
 EX_OK = 0
 EX_GENERIC = 1
