@@ -322,3 +322,35 @@ def test_decide(tmp_path: Path, two_rules: object) -> None:
     assert "only with EXCL" in d.reason
     d = two_rules.decide(adm, (*logs, "a.log"), R | W)
     assert "does not grant write" in d.reason and "does not grant read" in d.reason
+
+
+def test_toml_lines_locates_tables_and_keys() -> None:
+    """The line locator behind every error's line number (``broker/_toml_lines.py``)."""
+    from afunix.broker._toml_lines import TomlLines
+
+    text = textwrap.dedent(
+        '''\
+        version = 1
+        [limits]
+        burst = 5
+        [[rule]]
+        name = """a name
+        root = "/not/a/key"
+        """
+        root = "/srv"
+        [[other]]
+        root = "/x"
+        [[rule]]
+        "allow" = ["read"]
+        '''
+    )
+    lines = TomlLines(text)
+    assert lines.of("", 0, "version") == 1
+    assert lines.of("limits", 0, "burst") == 3
+    assert lines.of("rule", 0) == 4
+    assert lines.of("rule", 0, "name") == 5
+    assert lines.of("rule", 0, "root") == 8  # not line 6, inside the multi-line string
+    assert lines.of("other", 0, "root") == 10
+    assert lines.of("rule", 1, "allow") == 12
+    assert lines.of("rule", 1, "paths") == 11  # a missing key: the table's header
+    assert lines.of("rule", 2) is None
