@@ -114,6 +114,10 @@ _LAZY: dict[str, str] = {
     "Server": "afunix.server",
 }
 
+#: Public submodules imported on first use: those ``import afunix`` used to import (so
+#: ``afunix.server.echo`` after a plain ``import afunix`` keeps working) and the low-level face.
+_SUBMODULES: frozenset[str] = frozenset({"aio", "lowlevel", "opener", "server"})
+
 #: Names that moved to :mod:`afunix.lowlevel`: they work for one release, and warn.
 _MOVED: frozenset[str] = frozenset(
     {
@@ -140,12 +144,14 @@ _MOVED: frozenset[str] = frozenset(
 
 
 def __getattr__(name: str) -> object:
-    """Import a lazy name on first use; resolve a moved name, with a warning."""
+    """Import a lazy name or submodule on first use; resolve a moved name, with a warning."""
     module = _LAZY.get(name)
     if module is not None:
         value = getattr(_importlib.import_module(module), name)
         globals()[name] = value  # the next lookup does not come here
         return value
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"afunix.{name}")
     if name in _MOVED:
         _warnings.warn(
             f"afunix.{name} is deprecated: import it from afunix.lowlevel "

@@ -364,6 +364,23 @@ def test_import_afunix_is_lazy() -> None:
     assert asyncio_after and kept
 
 
+def test_submodules_import_afunix_used_to_load_are_still_attributes() -> None:
+    """``import afunix`` loaded ``afunix.server``, ``.aio`` and ``.opener`` before it became
+    lazy; programs that use ``afunix.server.echo`` after a plain ``import afunix`` work."""
+    code = (
+        "import sys, afunix\n"
+        "assert 'afunix.server' not in sys.modules\n"
+        "print(afunix.server.echo.__module__, afunix.aio.AsyncChannel.__name__,"
+        " afunix.opener.my_open.__name__, afunix.lowlevel.send_fds.__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert out.stdout.split() == ["afunix.server", "AsyncChannel", "my_open", "send_fds"], (
+        out.stderr
+    )
+
+
 def test_core_imports_only_the_standard_library() -> None:
     code = (
         "import sys, afunix, afunix.lowlevel, afunix.server\n"
