@@ -1,25 +1,29 @@
 """afunix: Unix-domain socket IPC for Python, after Stevens' UNP chapter 15.
 
+Two faces. This module is what most programs need: addresses and sockets
+(:func:`listen`, :func:`connect`, :func:`pair`), messages that carry
+descriptors (:class:`Channel`, :class:`AsyncChannel`), servers (:class:`Server`),
+peers (:func:`peer_credentials`, :class:`PeerPolicy`) and the errors, each an
+``OSError`` with its errno. :mod:`afunix.lowlevel` has the calls beneath them
+(``send_fds``, ``recv_credentials``, memfd payloads, the platform's facts).
+
 The public API is what ``__all__`` lists; everything else lives in private
-modules and may change. Start with :func:`listen`, :func:`connect`,
-:func:`pair` and :class:`Server`.
+modules and may change. ``import afunix`` is cheap: the asyncio parts
+(:class:`AsyncChannel`, :class:`Server` and its connections) are imported the
+first time they are used, and the broker, the benchmarks and the command line
+only when asked for (``import afunix.broker``).
 """
+
+import importlib as _importlib
+import typing as _typing
+import warnings as _warnings
 
 from ._address import Address as Address
 from ._address import AddressKind as AddressKind
-from ._cmsg import ControlError as ControlError
 from ._cmsg import ControlTruncated as ControlTruncated
-from ._cmsg import UnexpectedControl as UnexpectedControl
-from ._creds import CredentialsMessage as CredentialsMessage
-from ._creds import CredentialsRefused as CredentialsRefused
 from ._creds import PeerCredentials as PeerCredentials
 from ._creds import PeerGone as PeerGone
-from ._creds import ProcessFacts as ProcessFacts
-from ._creds import credential_mechanisms as credential_mechanisms
-from ._creds import enable_credentials as enable_credentials
 from ._creds import peer_credentials as peer_credentials
-from ._creds import recv_credentials as recv_credentials
-from ._creds import send_credentials as send_credentials
 from ._errors import AddressError as AddressError
 from ._errors import AddressInUse as AddressInUse
 from ._errors import AfunixError as AfunixError
@@ -34,31 +38,24 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import UnsupportedFeature as UnsupportedFeature
 from ._errors import WrongSocketType as WrongSocketType
 from ._fds import TooManyFds as TooManyFds
-from ._fds import recv_fds as recv_fds
-from ._fds import send_fds as send_fds
-from ._fds import sendall_fds as sendall_fds
-from ._memfd import MemfdBuffer as MemfdBuffer
-from ._memfd import MemfdPool as MemfdPool
-from ._memfd import PayloadError as PayloadError
-from ._platform import PLATFORM as PLATFORM
 from ._sockets import DatagramSocket as DatagramSocket
 from ._sockets import Socket as Socket
 from ._sockets import connect as connect
 from ._sockets import listen as listen
 from ._sockets import pair as pair
-from .aio import AsyncChannel as AsyncChannel
 from .channel import Channel as Channel
 from .channel import Listener as Listener
 from .channel import Message as Message
-from .opener import HelperError as HelperError
-from .opener import my_open as my_open
 from .policy import PeerPolicy as PeerPolicy
 from .policy import PolicyError as PolicyError
-from .server import AsyncConnection as AsyncConnection
-from .server import Connection as Connection
-from .server import Datagram as Datagram
-from .server import Limits as Limits
-from .server import Server as Server
+
+if _typing.TYPE_CHECKING:  # imported on first use (they load asyncio): see __getattr__
+    from .aio import AsyncChannel as AsyncChannel
+    from .server import AsyncConnection as AsyncConnection
+    from .server import Connection as Connection
+    from .server import Datagram as Datagram
+    from .server import Limits as Limits
+    from .server import Server as Server
 
 __version__ = "0.1.0"
 
@@ -68,7 +65,6 @@ __version__ = "0.1.0"
 __core__ = "pure-python"
 
 __all__ = [
-    "PLATFORM",
     "Address",
     "AddressError",
     "AddressInUse",
@@ -78,49 +74,95 @@ __all__ = [
     "AsyncConnection",
     "Channel",
     "Connection",
-    "ControlError",
     "ControlTruncated",
-    "CredentialsMessage",
-    "CredentialsRefused",
     "Datagram",
     "DatagramSocket",
-    "HelperError",
     "Limits",
     "ListenQueueFull",
     "Listener",
-    "MemfdBuffer",
-    "MemfdPool",
     "Message",
     "NoReplyAddress",
     "NoSuchSocket",
     "NotASocket",
     "NothingListening",
-    "PayloadError",
     "PeerCredentials",
     "PeerError",
     "PeerGone",
     "PeerPolicy",
     "PeerTimeout",
     "PolicyError",
-    "ProcessFacts",
     "ProtocolError",
     "Server",
     "Socket",
     "TooManyFds",
-    "UnexpectedControl",
     "UnsupportedFeature",
     "WrongSocketType",
     "__version__",
     "connect",
-    "credential_mechanisms",
-    "enable_credentials",
     "listen",
-    "my_open",
     "pair",
     "peer_credentials",
-    "recv_credentials",
-    "recv_fds",
-    "send_credentials",
-    "send_fds",
-    "sendall_fds",
 ]
+
+#: Public names imported on first use, and the module that defines each.
+_LAZY: dict[str, str] = {
+    "AsyncChannel": "afunix.aio",
+    "AsyncConnection": "afunix.server",
+    "Connection": "afunix.server",
+    "Datagram": "afunix.server",
+    "Limits": "afunix.server",
+    "Server": "afunix.server",
+}
+
+#: Public submodules imported on first use: those ``import afunix`` used to import (so
+#: ``afunix.server.echo`` after a plain ``import afunix`` keeps working) and the low-level face.
+_SUBMODULES: frozenset[str] = frozenset({"aio", "lowlevel", "opener", "server"})
+
+#: Names that moved to :mod:`afunix.lowlevel`: they work for one release, and warn.
+_MOVED: frozenset[str] = frozenset(
+    {
+        "PLATFORM",
+        "ControlError",
+        "CredentialsMessage",
+        "CredentialsRefused",
+        "HelperError",
+        "MemfdBuffer",
+        "MemfdPool",
+        "PayloadError",
+        "ProcessFacts",
+        "UnexpectedControl",
+        "credential_mechanisms",
+        "enable_credentials",
+        "my_open",
+        "recv_credentials",
+        "recv_fds",
+        "send_credentials",
+        "send_fds",
+        "sendall_fds",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    """Import a lazy name or submodule on first use; resolve a moved name, with a warning."""
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(_importlib.import_module(module), name)
+        globals()[name] = value  # the next lookup does not come here
+        return value
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"afunix.{name}")
+    if name in _MOVED:
+        _warnings.warn(
+            f"afunix.{name} is deprecated: import it from afunix.lowlevel "
+            f"(afunix.lowlevel.{name}); the old name is removed in the next minor release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_importlib.import_module("afunix.lowlevel"), name)
+    raise AttributeError(f"module 'afunix' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazy ones included before their first use."""
+    return sorted(set(globals()) | set(__all__))

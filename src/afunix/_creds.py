@@ -106,7 +106,7 @@ def peer_credentials(sock: socket.socket, *, pidfd: bool = True) -> PeerCredenti
                 "credentials for it; "
                 + (
                     "datagram sockets carry credentials per message: use "
-                    "afunix.enable_credentials() and afunix.recv_credentials()"
+                    "afunix.lowlevel.enable_credentials() and recv_credentials()"
                     if kind
                     else "call peer_credentials() on an accepted or connected socket"
                 ),

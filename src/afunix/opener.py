@@ -35,7 +35,7 @@ from ._errors import PeerError
 from ._fds import recvmsg_items, send_fds
 from ._sockets import pair
 
-__all__ = ["DEFAULT_HELPER", "HelperError", "my_open", "openfile_main"]
+__all__ = ["DEFAULT_HELPER", "HelperError", "HelperLike", "my_open", "openfile_main"]
 
 #: ``afunix openfile`` of the running interpreter (works inside a virtualenv).
 DEFAULT_HELPER: tuple[str, ...] = (sys.executable, "-m", "afunix", "openfile")

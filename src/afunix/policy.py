@@ -41,10 +41,13 @@ __all__ = ["Decision", "PeerPolicy", "PolicyError"]
 
 
 class PolicyError(AfunixError, ValueError):
-    """A policy names a user or group that does not exist, or an invalid id (``EINVAL``)."""
+    """A policy cannot be used (``EINVAL``): it names a user or group that does not exist,
+    or an invalid id. The broker's :class:`afunix.broker.PolicyFileError` (a policy file
+    that cannot be read or is invalid) is a subclass, so ``except afunix.PolicyError``
+    catches both; *filename* is then the policy file."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EINVAL, message)
+    def __init__(self, message: str, filename: object = None) -> None:
+        super().__init__(errno.EINVAL, message, filename)
 
 
 @dataclass(frozen=True)

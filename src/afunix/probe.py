@@ -30,6 +30,8 @@ from . import diag as _diag
 from ._address import Address, AddressKind
 from ._bind import describe_file
 
+__all__ = ["DUMPS", "EXIT_STATUS", "ProbeResult", "probe"]
+
 EXIT_STATUS = {
     "live": 0,
     "nothing": 3,

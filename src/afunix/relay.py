@@ -38,7 +38,19 @@ from ._fds import describe_fd, recv_fds, recvmsg_items, sendall_fds
 from ._protocol import FLAG_MEMFD, HEADER, SCM_MAX_FD, FrameError, decode_header
 from ._sockets import Socket, SocketTypeLike, connect, listen, socket_type, type_name
 
-__all__ = ["SCHEMA", "Event", "FrameTracker", "Relay", "describe_passed_fd", "preview"]
+__all__ = [
+    "SCHEMA",
+    "TO_CLIENT",
+    "TO_SERVER",
+    "Event",
+    "FrameTracker",
+    "Relay",
+    "Sink",
+    "client_identity",
+    "decode_packet_frame",
+    "describe_passed_fd",
+    "preview",
+]
 
 SCHEMA: Final = "afunix.spy/1"
 #: One event: a JSON-ready mapping with ``schema``, ``event`` and its fields.

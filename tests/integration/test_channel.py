@@ -32,19 +32,20 @@ from typing import Any
 import pytest
 
 import afunix
+import afunix.lowlevel
 from afunix import (
     AsyncChannel,
     Channel,
     ControlTruncated,
     Listener,
     Message,
-    PayloadError,
     ProtocolError,
     TooManyFds,
     UnsupportedFeature,
 )
 from afunix._memfd import MEMFD_THRESHOLD
 from afunix._protocol import FLAG_MEMFD, encode_header
+from afunix.lowlevel import PayloadError
 
 TYPES = ["stream", "seqpacket", "dgram"]
 
@@ -551,7 +552,7 @@ def test_unsealed_memfd_from_a_peer_is_refused(kind: str) -> None:
             ch.recv()
         before.pop(mfd, None)
         assert fd_table() == before
-        afunix.sendall_fds(raw, encode_header(2, 0) + b"ok")
+        afunix.lowlevel.sendall_fds(raw, encode_header(2, 0) + b"ok")
         with ch.recv() as msg:  # the framing is intact: the channel goes on
             assert msg.data == b"ok"
 
@@ -560,7 +561,7 @@ def test_unsealed_memfd_from_a_peer_is_refused(kind: str) -> None:
 def test_garbage_on_a_stream_closes_the_channel() -> None:
     raw, ours = socket.socketpair()
     with raw, Channel(ours) as ch:
-        afunix.sendall_fds(raw, b"GET / HTTP/1.0\r\n\r\n", [0, 1])
+        afunix.lowlevel.sendall_fds(raw, b"GET / HTTP/1.0\r\n\r\n", [0, 1])
         before = fd_table()
         with pytest.raises(ProtocolError, match="not an afunix frame") as info:
             ch.recv()
@@ -743,32 +744,33 @@ def test_async_close_wakes_a_waiting_receiver() -> None:
 
 # ------------------------------------------------------------- public names
 def test_public_names_are_exported() -> None:
-    for name in [
-        "AsyncChannel",
-        "Channel",
-        "ControlError",
-        "ControlTruncated",
-        "HelperError",
-        "Listener",
-        "MemfdBuffer",
-        "MemfdPool",
-        "Message",
-        "PayloadError",
-        "TooManyFds",
-        "UnexpectedControl",
-        "my_open",
-        "recv_fds",
-        "send_fds",
-        "sendall_fds",
-    ]:
-        assert name in afunix.__all__, name
-        assert getattr(afunix, name) is not None
+    """Channels and their errors in ``afunix``; the calls beneath them in ``afunix.lowlevel``."""
+    faces = {
+        afunix: ["AsyncChannel", "Channel", "ControlTruncated", "Listener", "Message"],
+        afunix.lowlevel: [
+            "ControlError",
+            "HelperError",
+            "MemfdBuffer",
+            "MemfdPool",
+            "PayloadError",
+            "UnexpectedControl",
+            "my_open",
+            "recv_fds",
+            "send_fds",
+            "sendall_fds",
+        ],
+    }
+    for module, names in faces.items():
+        for name in names:
+            assert name in module.__all__, name
+            assert getattr(module, name) is not None
+    assert "TooManyFds" in afunix.__all__
 
 
 def test_send_buffer_zero_copy_path(api: API) -> None:
     async def body() -> None:
         a, b = api.pair("stream")
-        with a, b, afunix.MemfdPool(1 << 16, spares=1) as pool:
+        with a, b, afunix.lowlevel.MemfdPool(1 << 16, spares=1) as pool:
             pool.fill()
             buf = pool.acquire(5)
             with buf.view as v:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import afunix
+import afunix.lowlevel
 from afunix import _creds
 from afunix._platform import unsupported as _creds_unsupported
 from afunix.channel import Channel
@@ -233,11 +234,11 @@ def test_unsupported_system_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
             afunix.peer_credentials(a)
         assert i.value.errno == errno.EOPNOTSUPP
         with pytest.raises(afunix.UnsupportedFeature, match="not supported on this system"):
-            afunix.send_credentials(a, b"x")
+            afunix.lowlevel.send_credentials(a, b"x")
 
 
 def test_mechanisms_reported() -> None:
-    got = afunix.credential_mechanisms()
+    got = afunix.lowlevel.credential_mechanisms()
     assert got["system"] == "linux"
     assert got["peer"] == "SO_PEERCRED"
     assert got["message"] == "SCM_CREDENTIALS"
@@ -252,13 +253,16 @@ def receiver(sockdir: Path) -> Iterator[socket.socket]:
 
 
 def test_each_datagram_carries_its_senders_credentials(receiver: socket.socket) -> None:
-    afunix.enable_credentials(receiver)
+    afunix.lowlevel.enable_credentials(receiver)
     where = receiver.getsockname()
     nobody = subprocess.run([*NOBODY, PY, "-c", DGRAM_CLIENT, where, "from nobody"], timeout=30)
     assert nobody.returncode == 0
     with afunix.connect(where, "dgram") as me:
         me.send(b"from root")
-    with afunix.recv_credentials(receiver) as first, afunix.recv_credentials(receiver) as second:
+    with (
+        afunix.lowlevel.recv_credentials(receiver) as first,
+        afunix.lowlevel.recv_credentials(receiver) as second,
+    ):
         assert first.data == b"from nobody"
         assert first.credentials is not None
         assert (first.credentials.uid, first.credentials.gid) == (65534, 65534)
@@ -269,7 +273,7 @@ def test_each_datagram_carries_its_senders_credentials(receiver: socket.socket) 
 
 
 def test_datagram_pid_is_the_real_senders(receiver: socket.socket) -> None:
-    afunix.enable_credentials(receiver)
+    afunix.lowlevel.enable_credentials(receiver)
     code = DGRAM_CLIENT + "\nimport os; print(os.getpid())\n"
     out = subprocess.run(
         [*NOBODY, PY, "-c", code, receiver.getsockname(), "x"],
@@ -277,7 +281,7 @@ def test_datagram_pid_is_the_real_senders(receiver: socket.socket) -> None:
         text=True,
         timeout=30,
     )
-    with afunix.recv_credentials(receiver) as msg:
+    with afunix.lowlevel.recv_credentials(receiver) as msg:
         assert msg.credentials is not None
         assert msg.credentials.pid == int(out.stdout)
 
@@ -285,17 +289,17 @@ def test_datagram_pid_is_the_real_senders(receiver: socket.socket) -> None:
 def test_no_credentials_unless_enabled(receiver: socket.socket) -> None:
     with afunix.connect(receiver.getsockname(), "dgram") as me:
         me.send(b"plain")
-    msg = afunix.recv_credentials(receiver)
+    msg = afunix.lowlevel.recv_credentials(receiver)
     assert msg.data == b"plain" and msg.credentials is None
 
 
 def test_privileged_sender_may_claim_other_ids(receiver: socket.socket) -> None:
-    afunix.enable_credentials(receiver)
+    afunix.lowlevel.enable_credentials(receiver)
     other = subprocess.Popen([PY, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         with afunix.connect(receiver.getsockname(), "dgram") as me:
-            afunix.send_credentials(me, b"claim", uid=1234, gid=5678, pid=other.pid)
-        with afunix.recv_credentials(receiver) as msg:
+            afunix.lowlevel.send_credentials(me, b"claim", uid=1234, gid=5678, pid=other.pid)
+        with afunix.lowlevel.recv_credentials(receiver) as msg:
             assert msg.credentials is not None
             assert (msg.credentials.pid, msg.credentials.uid, msg.credentials.gid) == (
                 other.pid,
@@ -311,21 +315,22 @@ def test_privileged_sender_may_claim_other_ids(receiver: socket.socket) -> None:
 FORGER = r"""
 import errno, json, sys
 import afunix
+import afunix.lowlevel
 sock = afunix.connect(sys.argv[1], "dgram", bind=None)
 out = {}
 for name, claim in (("uid", {"uid": 0}), ("gid", {"gid": 0}), ("pid", {"pid": 1})):
     try:
-        afunix.send_credentials(sock, b"forged " + name.encode(), **claim)
+        afunix.lowlevel.send_credentials(sock, b"forged " + name.encode(), **claim)
         out[name] = "sent"
-    except afunix.CredentialsRefused as exc:
+    except afunix.lowlevel.CredentialsRefused as exc:
         out[name] = [exc.errno, str(exc)]
-afunix.send_credentials(sock, b"honest")
+afunix.lowlevel.send_credentials(sock, b"honest")
 print(json.dumps(out))
 """
 
 
 def test_forged_credentials_from_nobody_are_refused(receiver: socket.socket) -> None:
-    afunix.enable_credentials(receiver)
+    afunix.lowlevel.enable_credentials(receiver)
     out = subprocess.run(
         [*NOBODY, PY, "-c", FORGER, receiver.getsockname()],
         capture_output=True,
@@ -340,7 +345,7 @@ def test_forged_credentials_from_nobody_are_refused(receiver: socket.socket) -> 
         assert "the kernel refused to send credentials" in message
         assert "uid 65534" in message and "[EPERM]" in message
     # Nothing forged got through; the honest message did, as nobody.
-    with afunix.recv_credentials(receiver) as msg:
+    with afunix.lowlevel.recv_credentials(receiver) as msg:
         assert msg.data == b"honest"
         assert msg.credentials is not None and msg.credentials.uid == 65534
     receiver.settimeout(0)
@@ -350,16 +355,16 @@ def test_forged_credentials_from_nobody_are_refused(receiver: socket.socket) -> 
 
 def test_claiming_a_pid_that_does_not_exist(receiver: socket.socket) -> None:
     with afunix.connect(receiver.getsockname(), "dgram") as me:
-        with pytest.raises(afunix.CredentialsRefused, match="no process has pid") as info:
-            afunix.send_credentials(me, b"x", pid=2**22 + 12345)
+        with pytest.raises(afunix.lowlevel.CredentialsRefused, match="no process has pid") as info:
+            afunix.lowlevel.send_credentials(me, b"x", pid=2**22 + 12345)
         assert info.value.errno == errno.ESRCH
 
 
 def test_per_message_pidfd(receiver: socket.socket) -> None:
-    afunix.enable_credentials(receiver, pidfd=True)
+    afunix.lowlevel.enable_credentials(receiver, pidfd=True)
     with afunix.connect(receiver.getsockname(), "dgram") as me:
         me.send(b"with pidfd")
-    with afunix.recv_credentials(receiver) as msg:
+    with afunix.lowlevel.recv_credentials(receiver) as msg:
         creds = msg.credentials
         assert creds is not None and creds.pidfd is not None
         assert creds.current_pid() == os.getpid()
@@ -368,7 +373,7 @@ def test_per_message_pidfd(receiver: socket.socket) -> None:
 
 
 def test_descriptors_where_none_were_expected_are_closed(receiver: socket.socket) -> None:
-    afunix.enable_credentials(receiver)
+    afunix.lowlevel.enable_credentials(receiver)
     r, w = os.pipe()
     try:
         with afunix.connect(receiver.getsockname(), "dgram") as me:
@@ -377,7 +382,7 @@ def test_descriptors_where_none_were_expected_are_closed(receiver: socket.socket
         os.close(r)
         os.close(w)
     with pytest.raises(afunix.ProtocolError, match="2 descriptor"):
-        afunix.recv_credentials(receiver)
+        afunix.lowlevel.recv_credentials(receiver)
     # (the autouse no_fd_leak fixture checks that both received fds were closed)
 
 

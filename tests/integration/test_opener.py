@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import afunix
+import afunix.lowlevel
 from afunix.opener import DEFAULT_HELPER, HelperError, my_open
 
 from ..conftest import NOBODY, afunix_cmd, wait_for_path
@@ -168,7 +169,7 @@ def test_openfile_cli_protocol(textfile: Path) -> None:
         )
         assert proc.returncode == 0
         assert proc.stdout == proc.stderr == b""  # silent, like the book's program
-        data, fds, _, _ = afunix.recv_fds(ours, 10, 1)
+        data, fds, _, _ = afunix.lowlevel.recv_fds(ours, 10, 1)
         assert data == b"\0"  # write_fd(fd, "", 1, fd): one NUL byte
         assert len(fds) == 1
         assert os.read(fds[0], 5) == b"hello"
@@ -332,8 +333,8 @@ def test_show_fds_reports_a_truncation_and_goes_on(sockdir: Path, textfile: Path
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             base = os.open(textfile, os.O_RDONLY)
             try:
-                afunix.send_fds(s, b"y", [base] * 253, address=str(path))
-                afunix.send_fds(s, b"z", [base], address=str(path))
+                afunix.lowlevel.send_fds(s, b"y", [base] * 253, address=str(path))
+                afunix.lowlevel.send_fds(s, b"z", [base], address=str(path))
             finally:
                 os.close(base)
         text = wait_for_text(out, r"message 2 ")

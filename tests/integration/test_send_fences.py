@@ -106,8 +106,8 @@ def test_async_inline_opened_file_is_the_file_sent(kind: str, cfg: Path) -> None
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_send_buffer_and_send_fds_keep_a_generators_files(cfg: Path) -> None:
-    from afunix import recv_fds, send_fds, sendall_fds
     from afunix._memfd import MemfdBuffer
+    from afunix.lowlevel import recv_fds, send_fds, sendall_fds
 
     a, b = Channel.pair("seqpacket")
     with a, b:
@@ -240,7 +240,8 @@ def test_async_iterator_fds_survive_the_memfd_resend(
 _PIPE_SCRIPT = textwrap.dedent(
     """
     import asyncio, os, signal, socket, sys
-    from afunix import AsyncChannel, Channel, sendall_fds, send_fds
+    from afunix import AsyncChannel, Channel
+    from afunix.lowlevel import sendall_fds, send_fds
     from afunix._memfd import MemfdBuffer
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a gone peer kills us if we let it

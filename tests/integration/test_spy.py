@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from afunix import Channel, Listener, peer_credentials, recv_fds, send_fds
+from afunix import Channel, Listener, peer_credentials
 from afunix._protocol import encode_header
+from afunix.lowlevel import recv_fds, send_fds
 from afunix.relay import FrameTracker, Relay, decode_packet_frame
 
 from ..conftest import NOBODY, afunix_cmd, serving

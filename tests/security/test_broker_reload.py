@@ -1,6 +1,6 @@
 """Bad policies: a clear error at start, the old policy kept on SIGHUP (issue 15, item 6).
 
-Before, some invalid policies raised something other than ``PolicyError`` out
+Before, some invalid policies raised something other than ``PolicyFileError`` out
 of the loader (``RecursionError`` from deeply nested arrays, ``ValueError`` from
 ``getpwnam`` with a NUL byte or from an integer of thousands of digits); in the
 ``SIGHUP`` handler that exception killed the broker. A FIFO in the policy's
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from afunix.broker import Policy, PolicyError, parse_policy
+from afunix.broker import Policy, PolicyFileError, parse_policy
 from tests.conftest import afunix_cmd, wait_until
 from tests.security.broker_support import BrokerProcess, Tree, as_nobody, tree
 
@@ -246,7 +246,7 @@ _NOISE = st.text(
 def _only_policy_or_policy_error(text: str) -> None:
     try:
         result = parse_policy(text, "fuzz.toml")
-    except PolicyError as exc:
+    except PolicyFileError as exc:
         assert exc.errno == errno.EINVAL and exc.source == "fuzz.toml"
         assert len(str(exc)) < 1000
     else:
@@ -267,6 +267,6 @@ def test_fuzzed_noise_gives_a_policy_or_a_policy_error(text: str) -> None:
 
 def test_the_deep_nesting_finder_names_the_line() -> None:
     text = "".join(f"k{i} = {i}\n" for i in range(41)) + "x = [" + "[" * DEEP + "]" * (DEEP + 1)
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(PolicyFileError) as info:
         parse_policy(text, "p.toml")
     assert info.value.line == 42 and "nested too deeply" in info.value.reason

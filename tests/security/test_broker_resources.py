@@ -32,7 +32,7 @@ from afunix.broker import Broker, Client, parse_policy
 from afunix.broker.audit import MAX_LINE, REFUSAL_BYTES, AuditLog
 from afunix.broker.client import BrokerError
 from afunix.broker.flags import Wire
-from afunix.broker.policy import Limits
+from afunix.broker.policy import BrokerLimits
 from afunix.broker.protocol import OpenRequest, encode_request
 from afunix.broker.server import FDS_PER_CONNECTION, FDS_RESERVE, descriptor_budget
 from tests.conftest import NOBODY, afunix_cmd
@@ -312,7 +312,7 @@ def test_the_descriptor_budget_formula() -> None:
     descriptors each); room = (RLIMIT_NOFILE - reserve - 2 * appends) // 8 connections;
     one uid gets at most half the room and half the append pipes; too low a limit is
     refused with what to do."""
-    limits = Limits()
+    limits = BrokerLimits()
     roomy = descriptor_budget(limits, rules=2, nofile=1 << 20, open_now=10)
     assert roomy.clients == limits.max_clients
     assert roomy.per_peer(limits) == limits.connections_per_peer

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from afunix.broker import Broker, Client, PolicyError, confine, load_policy, parse_policy
+from afunix.broker import Broker, Client, PolicyFileError, confine, load_policy, parse_policy
 from tests.conftest import NOBODY, afunix_cmd, wait_until
 from tests.security.broker_support import BrokerProcess, Tree, as_nobody, nobody_can_open
 
@@ -137,7 +137,7 @@ def test_a_root_that_is_a_symlink_is_a_policy_error_at_start(sockdir: Path) -> N
     t = _nested_tree(sockdir)
     os.rename(t.root, sockdir / "real-reports")
     os.symlink(sockdir / "real-reports", t.root)
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(PolicyFileError) as info:
         load_policy(t.policy)
     assert info.value.line == 17
     assert "is a symlink" in info.value.reason and "name the real directory" in info.value.reason
@@ -158,7 +158,7 @@ def test_a_symlink_above_a_root_is_refused_too(sockdir: Path) -> None:
     real = sockdir / "real" / "data"
     real.mkdir(parents=True)
     os.symlink(sockdir / "real", sockdir / "via")
-    with pytest.raises(PolicyError, match=r"via' is a symlink"):
+    with pytest.raises(PolicyFileError, match=r"via' is a symlink"):
         parse_policy(f'[[rule]]\nroot = "{sockdir}/via/data"\nanyone = true\nallow = ["read"]\n')
 
 
@@ -169,7 +169,7 @@ def test_roots_swapped_between_check_and_hold_are_refused(sockdir: Path) -> None
     policy = load_policy(t.policy)
     os.rename(t.root, sockdir / "elsewhere")
     os.symlink(t.outside, t.root)
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(PolicyFileError) as info:
         Broker(sockdir / "b.sock", policy)
     assert info.value.line == 17 and "is a symlink" in info.value.reason
     assert not (sockdir / "b.sock").exists()

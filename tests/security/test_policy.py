@@ -185,10 +185,10 @@ def test_forged_datagram_cannot_pass_the_policy(sockdir: Path) -> None:
     """Only the kernel's word counts: nobody claiming uid 0 is stopped at sendmsg."""
     path = str(sockdir / "forge.sock")
     code = (
-        "import sys, afunix\n"
+        "import sys, afunix, afunix.lowlevel\n"
         "s = afunix.connect(sys.argv[1], 'dgram')\n"
-        "try:\n    afunix.send_credentials(s, b'ping', uid=0, gid=0)\n"
-        "except afunix.CredentialsRefused as e:\n    print(e.errno)\n"
+        "try:\n    afunix.lowlevel.send_credentials(s, b'ping', uid=0, gid=0)\n"
+        "except afunix.lowlevel.CredentialsRefused as e:\n    print(e.errno)\n"
     )
     seen: list[afunix.Datagram] = []
     lock = threading.Lock()

@@ -22,7 +22,7 @@ def test_errors_are_oserrors_with_errno() -> None:
     from afunix.broker.policy import PathRefused
 
     for cls in (
-        afunix.broker.PolicyError,
+        afunix.broker.PolicyFileError,
         afunix.broker.BrokerError,
         afunix.broker.AuditError,
         FlagError,
@@ -68,3 +68,46 @@ def test_sans_io_modules_do_no_socket_io() -> None:
                 continue
             for mod in mods:
                 assert mod.split(".")[-1] not in forbidden, (name, mod)
+
+
+def test_renamed_names_keep_working_for_one_release_and_warn() -> None:
+    """``Limits``, ``PolicyError`` and ``Decision`` collided with names of ``afunix``."""
+    import pytest
+
+    import afunix.broker.policy as policy
+
+    renamed = [
+        (afunix.broker, "Limits", policy.BrokerLimits),
+        (afunix.broker, "PolicyError", policy.PolicyFileError),
+        (policy, "Limits", policy.BrokerLimits),
+        (policy, "PolicyError", policy.PolicyFileError),
+        (policy, "Decision", policy.AccessDecision),
+    ]
+    for module, old, new in renamed:
+        with pytest.warns(DeprecationWarning, match=rf"{module.__name__}\.{old} is deprecated"):
+            assert getattr(module, old) is new
+        assert old not in module.__all__ and old not in vars(module)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        policy.Nope
+
+
+def test_a_bad_policy_file_is_an_afunix_policy_error() -> None:
+    """One ``except afunix.PolicyError`` catches a peer policy's and the broker's."""
+    import errno
+
+    import pytest
+
+    from afunix.broker import PolicyFileError, parse_policy
+
+    assert issubclass(PolicyFileError, afunix.PolicyError)
+    try:
+        parse_policy("version = 1\n[limits]\nburst = 0\n", "/etc/afunix/broker.toml")
+    except afunix.PolicyError as exc:
+        caught: afunix.PolicyError = exc
+    else:
+        pytest.fail("an invalid policy was accepted")
+    assert isinstance(caught, PolicyFileError)
+    assert caught.errno == errno.EINVAL and isinstance(caught, ValueError)
+    assert caught.filename == "/etc/afunix/broker.toml"
+    assert str(caught).startswith("invalid policy /etc/afunix/broker.toml, line 3: ")
+    assert str(caught).endswith("[EINVAL]")

@@ -12,9 +12,9 @@ import pytest
 
 from afunix.broker.flags import Wire
 from afunix.broker.policy import (
-    Limits,
+    BrokerLimits,
     PathRefused,
-    PolicyError,
+    PolicyFileError,
     _compile_glob,
     _glob_match,
     load_policy,
@@ -112,7 +112,7 @@ INVALID = [
 def test_invalid_policies_name_the_line_and_the_reason(
     tmp_path: Path, body: str, line: int, why: str
 ) -> None:
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(PolicyFileError) as info:
         parse_policy(policy(tmp_path, body), "p.toml")
     exc = info.value
     assert exc.line == line, exc
@@ -122,11 +122,11 @@ def test_invalid_policies_name_the_line_and_the_reason(
 
 
 def test_load_policy_errors(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="cannot read it"):
+    with pytest.raises(PolicyFileError, match="cannot read it"):
         load_policy(tmp_path / "missing.toml")
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b"version = 1\n# caf\xe9\n")
-    with pytest.raises(PolicyError, match="line 2: not valid UTF-8"):
+    with pytest.raises(PolicyFileError, match="line 2: not valid UTF-8"):
         load_policy(bad)
 
 
@@ -168,7 +168,7 @@ def test_valid_policy(tmp_path: Path) -> None:
     assert first.uids == {65534, 1000} and first.gids == {65534}
     assert second.name == "rule 2" and second.line == 17
     assert second.create_mode == 0o640 and second.create_excl and second.no_symlinks
-    assert p.limits == Limits(burst=5, idle_timeout=2.5)
+    assert p.limits == BrokerLimits(burst=5, idle_timeout=2.5)
 
 
 def test_an_empty_policy_denies_everything(tmp_path: Path) -> None:
@@ -322,3 +322,35 @@ def test_decide(tmp_path: Path, two_rules: object) -> None:
     assert "only with EXCL" in d.reason
     d = two_rules.decide(adm, (*logs, "a.log"), R | W)
     assert "does not grant write" in d.reason and "does not grant read" in d.reason
+
+
+def test_toml_lines_locates_tables_and_keys() -> None:
+    """The line locator behind every error's line number (``broker/_toml_lines.py``)."""
+    from afunix.broker._toml_lines import TomlLines
+
+    text = textwrap.dedent(
+        '''\
+        version = 1
+        [limits]
+        burst = 5
+        [[rule]]
+        name = """a name
+        root = "/not/a/key"
+        """
+        root = "/srv"
+        [[other]]
+        root = "/x"
+        [[rule]]
+        "allow" = ["read"]
+        '''
+    )
+    lines = TomlLines(text)
+    assert lines.of("", 0, "version") == 1
+    assert lines.of("limits", 0, "burst") == 3
+    assert lines.of("rule", 0) == 4
+    assert lines.of("rule", 0, "name") == 5
+    assert lines.of("rule", 0, "root") == 8  # not line 6, inside the multi-line string
+    assert lines.of("other", 0, "root") == 10
+    assert lines.of("rule", 1, "allow") == 12
+    assert lines.of("rule", 1, "paths") == 11  # a missing key: the table's header
+    assert lines.of("rule", 2) is None

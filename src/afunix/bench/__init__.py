@@ -10,23 +10,39 @@ Use it from the shell (``afunix bench --quick``) or from Python::
 
     from afunix.bench import Options, run_bench, to_json
     run = run_bench(Options.quick(cases=("rtt",)))
+
+What ``afunix bench`` itself uses is here too: the case and implementation
+tables (:data:`CASES`, :data:`IMPLS`), the renderers and :func:`plot`
+(matplotlib, imported when called).
 """
 
 from ._harness import Cell as Cell
 from ._harness import Options as Options
 from ._harness import Run as Run
 from ._harness import run_bench as run_bench
+from ._plot import plot as plot
+from ._report import render_markdown as render_markdown
 from ._report import render_plain as render_plain
+from ._report import render_rich as render_rich
+from ._report import run_from_json as run_from_json
 from ._report import targets as targets
 from ._report import to_json as to_json
 from ._report import uds_vs_tcp as uds_vs_tcp
+from ._spec import CASES as CASES
+from ._spec import IMPLS as IMPLS
 
 __all__ = [
+    "CASES",
+    "IMPLS",
     "Cell",
     "Options",
     "Run",
+    "plot",
+    "render_markdown",
     "render_plain",
+    "render_rich",
     "run_bench",
+    "run_from_json",
     "targets",
     "to_json",
     "uds_vs_tcp",

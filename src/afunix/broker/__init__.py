@@ -11,16 +11,25 @@ Modules: :mod:`~afunix.broker.policy` (TOML rules, default deny),
 (``openat2`` beneath a root, or its fallback), :mod:`~afunix.broker.protocol`
 (sans-IO frames), :mod:`~afunix.broker.audit` (JSON lines),
 :mod:`~afunix.broker.server` (the daemon) and :mod:`~afunix.broker.client`.
+
+``Limits`` and ``PolicyError`` were renamed :class:`BrokerLimits` and
+:class:`PolicyFileError` (a subclass of :class:`afunix.PolicyError`), so that no
+name means one thing in ``afunix`` and another here; the old names work for one
+release and warn (``DeprecationWarning``).
 """
+
+from __future__ import annotations
+
+import warnings as _warnings
 
 from .audit import AuditError as AuditError
 from .audit import AuditLog as AuditLog
 from .client import AsyncClient as AsyncClient
 from .client import BrokerError as BrokerError
 from .client import Client as Client
-from .policy import Limits as Limits
+from .policy import BrokerLimits as BrokerLimits
 from .policy import Policy as Policy
-from .policy import PolicyError as PolicyError
+from .policy import PolicyFileError as PolicyFileError
 from .policy import Rule as Rule
 from .policy import load_policy as load_policy
 from .policy import parse_policy as parse_policy
@@ -32,11 +41,26 @@ __all__ = [
     "AuditLog",
     "Broker",
     "BrokerError",
+    "BrokerLimits",
     "Client",
-    "Limits",
     "Policy",
-    "PolicyError",
+    "PolicyFileError",
     "Rule",
     "load_policy",
     "parse_policy",
 ]
+
+_RENAMED = {"Limits": "BrokerLimits", "PolicyError": "PolicyFileError"}
+
+
+def __getattr__(name: str) -> object:
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _warnings.warn(
+        f"afunix.broker.{name} is deprecated: it is now afunix.broker.{new} "
+        "(the old name is removed in the next minor release)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]

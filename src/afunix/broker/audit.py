@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .._errors import AfunixError
+from .. import AfunixError
 
 __all__ = [
     "MAX_ITEMS",

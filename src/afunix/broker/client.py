@@ -41,11 +41,9 @@ import threading
 import time
 from typing import IO, Any
 
-from .._address import AddressLike
-from .._errors import AfunixError, ProtocolError, strerror
-from .._fds import recv_fds
+from .. import AfunixError, ProtocolError, connect
 from .._protocol import CLOSED, NEED_DATA, FrameError, RawMessage
-from .._sockets import connect
+from ..lowlevel import AddressLike, recv_fds, strerror
 from . import flags as _flags
 from .protocol import KIND_ERROR, Connection, OpenRequest, Reply, decode_reply, encode_request
 

@@ -56,7 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .._errors import UnsupportedFeature
+from .. import UnsupportedFeature
 from . import flags as _flags
 
 __all__ = [

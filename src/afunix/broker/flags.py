@@ -41,10 +41,11 @@ import errno
 import os
 from typing import Final
 
-from .._errors import AfunixError
+from .. import AfunixError
 
 __all__ = [
     "KNOWN",
+    "MAX_MODE",
     "FlagError",
     "Wire",
     "check",

@@ -43,7 +43,13 @@ components, including none (so ``"**"`` also matches the root itself).
 
 Users and groups are resolved to ids when the policy is loaded; reload it
 (``SIGHUP``) after changing them. An invalid policy is refused with
-:class:`PolicyError`, which names the file, the line and the reason.
+:class:`PolicyFileError` (an :class:`afunix.PolicyError`), which names the file,
+the line and the reason.
+
+Renamed (the old names still work for one release, with a ``DeprecationWarning``):
+``Limits`` is :class:`BrokerLimits` (``afunix.Limits`` are a server's per-connection
+limits), ``PolicyError`` is :class:`PolicyFileError`, ``Decision`` is
+:class:`AccessDecision` (``afunix.policy.Decision`` is a peer policy's verdict).
 """
 
 from __future__ import annotations
@@ -57,20 +63,24 @@ import pwd
 import re
 import stat
 import tomllib
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from .._errors import AfunixError
+from .. import AfunixError
+from ..policy import PolicyError as _PeerPolicyError
 from . import flags as _flags
+from ._toml_lines import TomlLines
 
 __all__ = [
+    "MAX_PATH",
     "OPERATIONS",
-    "Decision",
-    "Limits",
+    "AccessDecision",
+    "BrokerLimits",
     "PathRefused",
     "Policy",
-    "PolicyError",
+    "PolicyFileError",
     "Rule",
     "Subject",
     "load_policy",
@@ -83,12 +93,17 @@ OPERATIONS: Final = ("read", "write", "append", "create", "list")
 MAX_PATH: Final = 4095
 
 
-class PolicyError(AfunixError, ValueError):
-    """The policy cannot be used. ``line`` is where (1-based), or ``None`` for the whole file."""
+class PolicyFileError(_PeerPolicyError):
+    """The policy file cannot be used (``EINVAL``). ``line`` is where (1-based), or ``None``
+    for the whole file; ``source`` (also ``filename``) is the file.
+
+    An :class:`afunix.PolicyError` (and so an ``OSError`` and a ``ValueError``):
+    ``except afunix.PolicyError`` catches a bad peer policy and a bad broker policy alike.
+    """
 
     def __init__(self, source: str, line: int | None, reason: str) -> None:
         where = f"{source}, line {line}" if line else source
-        super().__init__(errno.EINVAL, f"invalid policy {where}: {reason}", source)
+        super().__init__(f"invalid policy {where}: {reason}", source)
         self.source = source
         self.line = line
         self.reason = reason
@@ -117,7 +132,7 @@ class Subject(Protocol):
 
 # ------------------------------------------------------------------ limits
 @dataclass(frozen=True)
-class Limits:
+class BrokerLimits:
     """Resource limits of the daemon (the ``[limits]`` table).
 
     Per *peer* means per uid: a client cannot dodge a limit by opening more
@@ -269,7 +284,7 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Decision:
+class AccessDecision:
     """What the policy says about one request.
 
     ``rule`` is the granting rule (``None`` when denied), ``rel`` the path
@@ -291,10 +306,10 @@ class Policy:
     """A loaded, valid policy: rules in order, limits, and where it came from."""
 
     rules: tuple[Rule, ...]
-    limits: Limits = Limits()
+    limits: BrokerLimits = BrokerLimits()
     source: str = "<string>"
 
-    def decide(self, who: Subject, comps: tuple[str, ...], flags: int) -> Decision:
+    def decide(self, who: Subject, comps: tuple[str, ...], flags: int) -> AccessDecision:
         """Find the first rule that grants the (checked) wire *flags* on *comps* to *who*."""
         ops = _flags.operations(flags)
         shown = "/" + "/".join(comps)
@@ -318,12 +333,12 @@ class Policy:
             if "create" in ops and rule.create_excl and not flags & _flags.Wire.EXCL:
                 why_not.append(f"rule {rule.name!r} grants create only with EXCL (O_EXCL)")
                 continue
-            return Decision(rule, rel, 0, f"granted by rule {rule.name!r}")
+            return AccessDecision(rule, rel, 0, f"granted by rule {rule.name!r}")
         if why_not:
             reason = "; ".join(why_not)
         else:
             reason = f"no rule grants uid {who.uid} access to {shown} (default deny)"
-        return Decision(None, (), errno.EACCES, reason)
+        return AccessDecision(None, (), errno.EACCES, reason)
 
 
 # ------------------------------------------------------------ request paths
@@ -382,61 +397,22 @@ _RULE_KEYS: Final = {
     "create_owner",
     "no_symlinks",
 }
-_KEY_LINE = re.compile(r'\s*(?:"([^"]*)"|\'([^\']*)\'|([A-Za-z0-9_-]+))\s*=')
 _TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 
-class _Lines:
-    """Where each table and key is in the TOML text (tomllib does not say)."""
-
-    def __init__(self, text: str) -> None:
-        self.where: dict[tuple[str, int, str], int] = {}
-        table = ("", 0)
-        rules = -1
-        in_multiline: str | None = None
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if in_multiline is not None:
-                if in_multiline in line:
-                    in_multiline = None
-                continue
-            stripped = line.strip()
-            if stripped.startswith("[["):
-                name = stripped[2:].split("]]", 1)[0].strip()
-                if name == "rule":
-                    rules += 1
-                    table = ("rule", rules)
-                else:
-                    table = (name, 0)
-                self.where.setdefault((*table, ""), lineno)
-                continue
-            if stripped.startswith("["):
-                table = (stripped[1:].split("]", 1)[0].strip(), 0)
-                self.where.setdefault((*table, ""), lineno)
-                continue
-            m = _KEY_LINE.match(line)
-            if m:
-                key = m.group(1) or m.group(2) or m.group(3) or ""
-                self.where.setdefault((*table, key), lineno)
-                rest = line[m.end() :]
-                for quote in ('"""', "'''"):
-                    if rest.count(quote) % 2 == 1:
-                        in_multiline = quote
-
-    def of(self, table: str, index: int, key: str = "") -> int | None:
-        return self.where.get((table, index, key)) or self.where.get((table, index, ""))
-
-
 class _Builder:
-    def __init__(self, source: str, lines: _Lines) -> None:
+    """Validates the parsed TOML table by table; every error names its line."""
+
+    def __init__(self, source: str, lines: TomlLines) -> None:
         self.source = source
         self.lines = lines
         #: Where validation is (table, index, key): the line of an unexpected error.
         self.at: tuple[str, int, str] = ("", 0, "")
 
-    def fail(self, table: str, index: int, key: str, reason: str) -> PolicyError:
-        return PolicyError(self.source, self.lines.of(table, index, key), reason)
+    def fail(self, table: str, index: int, key: str, reason: str) -> PolicyFileError:
+        return PolicyFileError(self.source, self.lines.of(table, index, key), reason)
 
-    def limits(self, raw: Any) -> Limits:
+    def limits(self, raw: Any) -> BrokerLimits:
         if not isinstance(raw, Mapping):
             raise self.fail("", 0, "limits", "[limits] must be a table")
         values: dict[str, Any] = {}
@@ -458,123 +434,23 @@ class _Builder:
             if not low <= value <= high:
                 raise self.fail("limits", 0, key, f"{key} = {value} is outside {low}..{high}")
             values[key] = kind(value)
-        return Limits(**values)
+        return BrokerLimits(**values)
 
     def rule(self, raw: Any, i: int, names: set[str]) -> Rule:
-        def fail(key: str, reason: str) -> PolicyError:
-            return self.fail("rule", i, key, reason)
-
+        """The ``i``-th ``[[rule]]`` as a :class:`Rule`; *names* collects the names so far."""
         self.at = ("rule", i, "")
         if not isinstance(raw, Mapping):
             raise self.fail("", 0, "rule", "rule must be an array of tables: write [[rule]]")
-        for key in raw:
-            if key not in _RULE_KEYS:
-                raise fail(
-                    key,
-                    f"unknown key {_show(key)} in a rule (known: {', '.join(sorted(_RULE_KEYS))})",
-                )
-        name = raw.get("name", f"rule {i + 1}")
-        if not isinstance(name, str) or not name:
-            raise fail("name", "name must be a non-empty string")
-        if name in names:
-            raise fail("name", f"two rules are named {_show(name)}")
-        names.add(name)
-
-        root = raw.get("root")
-        if root is None:
-            raise fail("", "the rule has no root (the directory it grants access beneath)")
-        if not isinstance(root, str) or not root.startswith("/"):
-            raise fail("root", f"root must be an absolute path, not {_show(root)}")
-        if "\0" in root or ".." in root.split("/"):
-            raise fail("root", f"root {_show(root)} must not contain '..' or NUL")
-        problem = _root_problem(root)
-        if problem:
-            raise fail("root", problem)
-        forms = [tuple(c for c in root.split("/") if c not in ("", "."))]
-
-        def strings(key: str, default: list[str]) -> list[str]:
-            self.at = ("rule", i, key)
-            value = raw.get(key, default)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise fail(key, f"{key} must be a list of strings")
-            return value
-
-        def globs(key: str, default: list[str]) -> tuple[tuple[str, ...], ...]:
-            out = []
-            for pattern in strings(key, default):
-                try:
-                    out.append(_compile_glob(pattern))
-                except ValueError as exc:
-                    raise fail(key, str(exc)) from None
-            return tuple(out)
-
-        paths = globs("paths", ["**"])
+        rule = _RuleTable(self, raw, i)
+        name = rule.name(names)
+        root = rule.root()
+        paths = rule.globs("paths", ["**"])
         if not paths:
-            raise fail("paths", "paths is empty, so the rule grants nothing")
-        exclude = globs("exclude", [])
-
-        uids: set[int] = set()
-        gids: set[int] = set()
-        for key, into in (("uids", uids), ("gids", gids)):
-            value = raw.get(key, [])
-            if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 0xFFFFFFFF
-                for v in value
-            ):
-                raise fail(key, f"{key} must be a list of numeric ids")
-            into.update(value)
-        for user in strings("users", []):
-            try:
-                uids.add(pwd.getpwnam(user).pw_uid)
-            except (KeyError, ValueError):  # ValueError: a NUL byte in the name
-                raise fail("users", f"no such user {_show(user)}") from None
-        for group in strings("groups", []):
-            try:
-                gids.add(grp.getgrnam(group).gr_gid)
-            except (KeyError, ValueError):
-                raise fail("groups", f"no such group {_show(group)}") from None
-        anyone = raw.get("anyone", False)
-        if not isinstance(anyone, bool):
-            raise fail("anyone", "anyone must be true or false")
-        if not (anyone or uids or gids):
-            raise fail(
-                "",
-                "the rule names no subject: give uids, gids, users, groups or anyone = true "
-                "(nothing is granted to everyone implicitly)",
-            )
-
-        allow = strings("allow", [])
-        if not allow:
-            raise fail("allow", "allow is missing or empty: list read, write, append, create, list")
-        for op in allow:
-            if op not in OPERATIONS:
-                raise fail(
-                    "allow", f"unknown operation {_show(op)} (known: {', '.join(OPERATIONS)})"
-                )
-
-        create_mode = raw.get("create_mode", 0o600)
-        if (
-            not isinstance(create_mode, int)
-            or isinstance(create_mode, bool)
-            or not 0 <= create_mode <= 0o777
-        ):
-            raise fail(
-                "create_mode",
-                "create_mode must be a permission mode such as 0o640 (no set-id or sticky bits)",
-            )
-        booleans = {}
-        for key in ("create_excl", "no_symlinks"):
-            value = raw.get(key, False)
-            if not isinstance(value, bool):
-                raise fail(key, f"{key} must be true or false")
-            booleans[key] = value
-        owner = raw.get("create_owner", "broker")
-        if owner not in ("broker", "peer"):
-            raise fail("create_owner", 'create_owner must be "broker" or "peer"')
-        if "create" not in allow:
-            for key in ("create_mode", "create_excl", "create_owner"):
-                if key in raw:
-                    raise fail(key, f"{key} is set but the rule does not allow create")
+            raise rule.fail("paths", "paths is empty, so the rule grants nothing")
+        exclude = rule.globs("exclude", [])
+        uids, gids, anyone = rule.subjects()
+        allow = rule.allow()
+        create_mode, create_excl, create_owner, no_symlinks = rule.options(allow)
         return Rule(
             name=name,
             root=os.path.normpath(root),
@@ -586,12 +462,136 @@ class _Builder:
             gids=frozenset(gids),
             anyone=anyone,
             create_mode=create_mode,
-            create_excl=booleans["create_excl"],
-            create_owner=owner,
-            no_symlinks=booleans["no_symlinks"],
-            root_forms=tuple(forms),
+            create_excl=create_excl,
+            create_owner=create_owner,
+            no_symlinks=no_symlinks,
+            root_forms=(tuple(c for c in root.split("/") if c not in ("", ".")),),
             root_line=self.lines.of("rule", i, "root") or 0,
         )
+
+
+class _RuleTable:
+    """The checks of one ``[[rule]]`` table, one key (or a few related keys) per method."""
+
+    def __init__(self, build: _Builder, raw: Mapping[str, Any], i: int) -> None:
+        self.build, self.raw, self.i = build, raw, i
+
+    def fail(self, key: str, reason: str) -> PolicyFileError:
+        return self.build.fail("rule", self.i, key, reason)
+
+    def name(self, names: set[str]) -> str:
+        """Refuse unknown keys; the rule's name (unique; default ``rule N``)."""
+        for key in self.raw:
+            if key not in _RULE_KEYS:
+                known = ", ".join(sorted(_RULE_KEYS))
+                raise self.fail(key, f"unknown key {_show(key)} in a rule (known: {known})")
+        name = self.raw.get("name", f"rule {self.i + 1}")
+        if not isinstance(name, str) or not name:
+            raise self.fail("name", "name must be a non-empty string")
+        if name in names:
+            raise self.fail("name", f"two rules are named {_show(name)}")
+        names.add(name)
+        return name
+
+    def root(self) -> str:
+        """The rule's root: an absolute path, without ``..``, to an existing directory."""
+        root = self.raw.get("root")
+        if root is None:
+            raise self.fail("", "the rule has no root (the directory it grants access beneath)")
+        if not isinstance(root, str) or not root.startswith("/"):
+            raise self.fail("root", f"root must be an absolute path, not {_show(root)}")
+        if "\0" in root or ".." in root.split("/"):
+            raise self.fail("root", f"root {_show(root)} must not contain '..' or NUL")
+        problem = _root_problem(root)
+        if problem:
+            raise self.fail("root", problem)
+        return root
+
+    def strings(self, key: str, default: list[str]) -> list[str]:
+        self.build.at = ("rule", self.i, key)
+        value = self.raw.get(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"{key} must be a list of strings")
+        return value
+
+    def globs(self, key: str, default: list[str]) -> tuple[tuple[str, ...], ...]:
+        out = []
+        for pattern in self.strings(key, default):
+            try:
+                out.append(_compile_glob(pattern))
+            except ValueError as exc:
+                raise self.fail(key, str(exc)) from None
+        return tuple(out)
+
+    def subjects(self) -> tuple[set[int], set[int], bool]:
+        """``(uids, gids, anyone)``: numeric ids and names resolved now; at least one."""
+        uids: set[int] = set()
+        gids: set[int] = set()
+        for key, into in (("uids", uids), ("gids", gids)):
+            value = self.raw.get(key, [])
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 0xFFFFFFFF
+                for v in value
+            ):
+                raise self.fail(key, f"{key} must be a list of numeric ids")
+            into.update(value)
+        for key, what, into in (("users", "user", uids), ("groups", "group", gids)):
+            for name in self.strings(key, []):
+                try:
+                    into.add(
+                        pwd.getpwnam(name).pw_uid if into is uids else grp.getgrnam(name).gr_gid
+                    )
+                except (KeyError, ValueError):  # ValueError: a NUL byte in the name
+                    raise self.fail(key, f"no such {what} {_show(name)}") from None
+        anyone = self.raw.get("anyone", False)
+        if not isinstance(anyone, bool):
+            raise self.fail("anyone", "anyone must be true or false")
+        if not (anyone or uids or gids):
+            raise self.fail(
+                "",
+                "the rule names no subject: give uids, gids, users, groups or anyone = true "
+                "(nothing is granted to everyone implicitly)",
+            )
+        return uids, gids, anyone
+
+    def allow(self) -> list[str]:
+        allow = self.strings("allow", [])
+        if not allow:
+            raise self.fail(
+                "allow", "allow is missing or empty: list read, write, append, create, list"
+            )
+        for op in allow:
+            if op not in OPERATIONS:
+                known = ", ".join(OPERATIONS)
+                raise self.fail("allow", f"unknown operation {_show(op)} (known: {known})")
+        return allow
+
+    def options(self, allow: list[str]) -> tuple[int, bool, str, bool]:
+        """``(create_mode, create_excl, create_owner, no_symlinks)``; create_* need create."""
+        create_mode = self.raw.get("create_mode", 0o600)
+        if (
+            not isinstance(create_mode, int)
+            or isinstance(create_mode, bool)
+            or not 0 <= create_mode <= 0o777
+        ):
+            raise self.fail(
+                "create_mode",
+                "create_mode must be a permission mode such as 0o640 (no set-id or sticky bits)",
+            )
+        flags = {}
+        for key in ("create_excl", "no_symlinks"):
+            value = self.raw.get(key, False)
+            if not isinstance(value, bool):
+                raise self.fail(key, f"{key} must be true or false")
+            flags[key] = value
+        owner = self.raw.get("create_owner", "broker")
+        if owner not in ("broker", "peer"):
+            raise self.fail("create_owner", 'create_owner must be "broker" or "peer"')
+        if "create" not in allow:
+            for key in ("create_mode", "create_excl", "create_owner"):
+                if key in self.raw:
+                    raise self.fail(key, f"{key} is set but the rule does not allow create")
+        return create_mode, flags["create_excl"], owner, flags["no_symlinks"]
 
 
 def _root_problem(root: str) -> str | None:
@@ -648,9 +648,9 @@ def _failing_line(text: str, kind: type[BaseException]) -> int | None:
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
-    """Parse and validate policy *text*; raise :class:`PolicyError` with the line if invalid.
+    """Parse and validate policy *text*; raise :class:`PolicyFileError` with the line if invalid.
 
-    Whatever is wrong with *text*, the only exception is :class:`PolicyError`:
+    Whatever is wrong with *text*, the only exception is :class:`PolicyFileError`:
     a failure the TOML parser or the checks did not foresee (nesting deep
     enough to exhaust the recursion limit, an integer of thousands of digits,
     a NUL byte in a user name) says what it was and, where it can be found,
@@ -663,14 +663,14 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         m = _TOML_POS.search(message)
         line = int(m.group(1)) if m else None
         reason = message[: m.start()] if m else message
-        raise PolicyError(source, line, f"not valid TOML: {reason}") from None
+        raise PolicyFileError(source, line, f"not valid TOML: {reason}") from None
     except Exception as exc:  # RecursionError, ValueError (too many digits), ...
         where = _failing_line(text, type(exc))
-        raise PolicyError(source, where, f"not valid TOML: {_what(exc)}") from None
-    build = _Builder(source, _Lines(text))
+        raise PolicyFileError(source, where, f"not valid TOML: {_what(exc)}") from None
+    build = _Builder(source, TomlLines(text))
     try:
         return _validate(raw, source, build)
-    except PolicyError:
+    except PolicyFileError:
         raise
     except Exception as exc:
         raise build.fail(*build.at, f"cannot be used: {_what(exc)}") from None
@@ -687,7 +687,7 @@ def _validate(raw: dict[str, Any], source: str, build: _Builder) -> Policy:
         raise build.fail(
             "", 0, "version", f"policy version {_show(version)} is not supported (use 1)"
         )
-    limits = build.limits(raw["limits"]) if "limits" in raw else Limits()
+    limits = build.limits(raw["limits"]) if "limits" in raw else BrokerLimits()
     raw_rules = raw.get("rule", [])
     if not isinstance(raw_rules, list):
         raise build.fail("", 0, "rule", "rule must be an array of tables: write [[rule]]")
@@ -704,23 +704,45 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise PolicyError(source, None, f"cannot read it: {why}") from None
+        raise PolicyFileError(source, None, f"cannot read it: {why}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PolicyError(source, None, "cannot read it: not a regular file")
+            raise PolicyFileError(source, None, "cannot read it: not a regular file")
         with open(fd, "rb", closefd=False) as f:
             data = f.read((1 << 20) + 1)
     except OSError as exc:
-        if isinstance(exc, PolicyError):
+        if isinstance(exc, PolicyFileError):
             raise
-        raise PolicyError(source, None, f"cannot read it: {exc.strerror}") from None
+        raise PolicyFileError(source, None, f"cannot read it: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(data) > 1 << 20:
-        raise PolicyError(source, None, "file is larger than 1 MiB")
+        raise PolicyFileError(source, None, "file is larger than 1 MiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise PolicyError(source, line, "not valid UTF-8") from None
+        raise PolicyFileError(source, line, "not valid UTF-8") from None
     return parse_policy(text, source)
+
+
+#: Old names (renamed so that ``afunix`` and ``afunix.broker`` never share a name): they
+#: work for one release and warn.
+_RENAMED: Final = {
+    "Limits": "BrokerLimits",
+    "PolicyError": "PolicyFileError",
+    "Decision": "AccessDecision",
+}
+
+
+def __getattr__(name: str) -> object:
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{__name__}.{name} is deprecated: it is now {__name__}.{new} "
+        "(the old name is removed in the next minor release)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]

@@ -40,9 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .._cmsg import close_fds
-from .._errors import ProtocolError
+from .. import ProtocolError
 from .._protocol import HEADER, Event, RawMessage, StreamDecoder, encode_header
+from ..lowlevel import close_fds
 
 __all__ = [
     "BODY",

@@ -72,18 +72,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .._address import AddressLike
-from .._creds import PeerCredentials
-from .._errors import AfunixError
-from .._fds import recv_fds
+from .. import AfunixError, PeerCredentials
 from .._protocol import CLOSED, NEED_DATA, FrameError
-from ..lowlevel import close_fds, notify
+from ..lowlevel import AddressLike, close_fds, notify, recv_fds
 from ..server import Connection, Server
 from . import confine
 from . import flags as _flags
 from .appends import AppendLimit, AppendPipes
 from .audit import MAX_SHOWN, AuditError, AuditLog, errno_name, text
-from .policy import Limits, PathRefused, Policy, PolicyError, load_policy, split_path
+from .policy import (
+    BrokerLimits,
+    PathRefused,
+    Policy,
+    PolicyFileError,
+    load_policy,
+    split_path,
+)
 from .protocol import (
     KIND_ERROR,
     BadRequest,
@@ -172,11 +176,11 @@ class DescriptorBudget:
     #: the file), within an eighth of the descriptors left after the reserve.
     appends: int = 0
 
-    def per_peer(self, limits: Limits) -> int:
+    def per_peer(self, limits: BrokerLimits) -> int:
         """``connections_per_peer`` of *limits* (a reloaded policy too), within the budget."""
         return min(limits.connections_per_peer, self.per_uid)
 
-    def append_pipes(self, limits: Limits) -> tuple[int, int]:
+    def append_pipes(self, limits: BrokerLimits) -> tuple[int, int]:
         """``(append_pipes_per_peer, max_append_pipes)`` of *limits*, within the budget:
         one uid gets at most half of the append pipes there is room for."""
         total = min(limits.max_append_pipes, self.appends)
@@ -191,7 +195,7 @@ def _open_descriptors() -> int:
 
 
 def descriptor_budget(
-    limits: Limits, *, rules: int = 0, nofile: int | None = None, open_now: int | None = None
+    limits: BrokerLimits, *, rules: int = 0, nofile: int | None = None, open_now: int | None = None
 ) -> DescriptorBudget:
     """Fit *limits* to the descriptor limit.
 
@@ -244,7 +248,7 @@ class _PeerState:
     connections: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def take(self, limits: Limits) -> bool:
+    def take(self, limits: BrokerLimits) -> bool:
         with self.lock:
             now = time.monotonic()
             self.tokens = min(
@@ -415,10 +419,10 @@ class Broker:
         try:
             new = load_policy(self.policy_path)
             roots = _hold_roots(new)
-        except Exception as exc:  # PolicyError, or a bug: keep the old policy
-            if not isinstance(exc, PolicyError):
+        except Exception as exc:  # PolicyFileError, or a bug: keep the old policy
+            if not isinstance(exc, PolicyFileError):
                 why = f"unexpected {type(exc).__name__}: {exc}"
-                exc = PolicyError(self.policy_path, None, why)
+                exc = PolicyFileError(self.policy_path, None, why)
             log.error("reload refused, keeping the previous policy: %s", exc)
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
             return False, f"reload failed, old policy kept: {exc}"
@@ -497,7 +501,7 @@ class Broker:
         if self.audit.lost <= 1:  # once per run of lost lines, not once per line
             log.error("%s (lines are counted until it can be written again)", exc)
 
-    def _peer_state(self, uid: int, limits: Limits) -> _PeerState:
+    def _peer_state(self, uid: int, limits: BrokerLimits) -> _PeerState:
         with self._peers_lock:
             state = self._peers.get(uid)
             if state is None:
@@ -632,7 +636,7 @@ class Broker:
         finally:
             proto.close()
 
-    def _wait_drained(self, sock: socket.socket, limits: Limits) -> bool:
+    def _wait_drained(self, sock: socket.socket, limits: BrokerLimits) -> bool:
         deadline = time.monotonic() + limits.in_flight_timeout
         while time.monotonic() < deadline:
             if _unread_bytes(sock) == 0:
@@ -641,7 +645,7 @@ class Broker:
         return False
 
     def _next_frame(
-        self, sock: socket.socket, proto: ProtocolState, limits: Limits, peer: dict[str, Any]
+        self, sock: socket.socket, proto: ProtocolState, limits: BrokerLimits, peer: dict[str, Any]
     ) -> Any:
         """The next request frame, or ``None`` when the client is gone or timed out."""
         deadline: float | None = None
@@ -880,13 +884,13 @@ class _Installed:
 
 
 def _hold_roots(policy: Policy) -> confine.HeldRoots:
-    """Open every rule's root without following symlinks, or raise :class:`PolicyError`."""
+    """Open every rule's root without following symlinks, or raise :class:`PolicyFileError`."""
     try:
         return confine.HeldRoots.open(
             (rule.root, rule.root_line or rule.line) for rule in policy.rules
         )
     except confine.RootError as exc:
-        raise PolicyError(policy.source, exc.line, exc.reason) from None
+        raise PolicyFileError(policy.source, exc.line, exc.reason) from None
 
 
 def _notify_quietly(fields: dict[str, str | int]) -> None:

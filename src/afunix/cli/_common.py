@@ -42,8 +42,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._address import Address
-from .._errors import AfunixError, PeerError
+from .. import Address, AfunixError, PeerError
 
 EX_OK = 0
 EX_GENERIC = 1
@@ -173,8 +172,7 @@ def exit_status(exc: BaseException) -> int:
     65, then by errno; an errno outside the table is 1, and an exception that is
     not an ``OSError``, ``ValueError`` or ``TypeError`` is a bug (70).
     """
-    from ..broker.policy import PolicyError as BrokerPolicyError
-    from ..policy import PolicyError
+    from .. import PolicyError  # the broker's PolicyFileError is one too
 
     if isinstance(getattr(exc, _STATUS_ATTR, None), int):
         return int(getattr(exc, _STATUS_ATTR))
@@ -182,7 +180,7 @@ def exit_status(exc: BaseException) -> int:
         return EX_INTERRUPTED
     if isinstance(exc, (UsageError, BadArgument)):
         return EX_USAGE_ARGPARSE
-    if isinstance(exc, (PolicyError, BrokerPolicyError)):
+    if isinstance(exc, PolicyError):
         return EX_CONFIG
     if isinstance(exc, NoInput):
         return EX_NOINPUT

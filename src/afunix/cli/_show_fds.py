@@ -21,10 +21,8 @@ import sys
 import threading
 from typing import Any
 
-from .._address import Address
-from .._cmsg import ControlError, close_fds
-from .._fds import SCM_MAX_FD, describe_fd, recvmsg_items
-from .._sockets import listen
+from .. import Address, listen
+from ..lowlevel import SCM_MAX_FD, ControlError, close_fds, describe_fd, recv_fds
 from ..server import somaxconn
 from ._common import ServerOutput
 
@@ -41,7 +39,7 @@ def _peer(sock: socket.socket, raw: Any) -> str:
 def show_message(sock: socket.socket, peer: str | None, count: int, out: ServerOutput) -> bool:
     """One ``recvmsg``: print what came and close its descriptors. ``False`` at EOF."""
     try:
-        got = recvmsg_items(sock, _BUFSIZE, SCM_MAX_FD)
+        got = recv_fds(sock, _BUFSIZE, SCM_MAX_FD)
     except ControlError as exc:
         out.lines(f"message {count}: error: {exc}")
         return True

@@ -8,9 +8,17 @@ import os
 import sys
 from typing import Any
 
-from ..bench import Options, run_bench, to_json
-from ..bench._report import render_markdown, render_plain, render_rich, run_from_json
-from ..bench._spec import CASES, IMPLS
+from ..bench import (
+    CASES,
+    IMPLS,
+    Options,
+    render_markdown,
+    render_plain,
+    render_rich,
+    run_bench,
+    run_from_json,
+    to_json,
+)
 from ._common import count_arg, progress_console, seconds_arg, strict_json
 
 
@@ -137,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f.write("\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        from ..bench._plot import plot
+        from ..bench import plot
 
         plot(run, args.plot)
         print(f"wrote {args.plot} ({os.path.getsize(args.plot) // 1024} KiB)", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 import stat
 from typing import Any
 
-from .._sockets import listen
+from .. import listen
 from ._common import (
     SOCKET_TYPES,
     add_json_option,

@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Any
 
-from .._errors import AfunixError, strerror
-from .._sockets import Socket, connect
+from .. import AfunixError, Socket, connect
+from ..lowlevel import strerror
 from ._common import SOCKET_TYPES, add_json_option, address_arg, count_arg, emit_json, seconds_arg
 
 

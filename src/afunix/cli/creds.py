@@ -41,9 +41,8 @@ import socket
 import sys
 from typing import Any
 
-from .._creds import PeerCredentials, send_credentials
-from .._errors import AfunixError, PeerError
-from .._sockets import connect
+from .. import AfunixError, PeerCredentials, PeerError, connect
+from ..lowlevel import send_credentials
 from ..policy import PeerPolicy
 from ..server import AsyncConnection, Connection, Datagram, Handler
 from ._common import (

@@ -34,7 +34,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._address import Address
+from .. import Address
 from ._common import (
     add_json_option,
     address_arg,

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .._sockets import pair
+from .. import pair
 from ._common import count_arg
 
 

@@ -8,8 +8,8 @@ import socket
 import sys
 from typing import Any
 
-from .._fds import describe_fd, sendall_fds
-from .._sockets import connect
+from .. import connect
+from ..lowlevel import describe_fd, sendall_fds
 from ._common import NoInput, add_json_option, address_arg, emit_json
 
 #: The seed's PHP clients send one space as the payload the descriptors ride on.

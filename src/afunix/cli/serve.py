@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from .._sockets import socket_type
+from ..lowlevel import socket_type
 from ..server import Handler, Limits, Model, Server, echo_handler
 from ._common import (
     SOCKET_TYPES,

@@ -25,9 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._address import Address
-from .._errors import AddressError, AddressInUse, ListenQueueFull, NoReplyAddress, NothingListening
-from .._sockets import connect, listen
+from .. import (
+    Address,
+    AddressError,
+    AddressInUse,
+    ListenQueueFull,
+    NoReplyAddress,
+    NothingListening,
+    connect,
+    listen,
+)
 from ..server import Server, async_echo, datagram_echo, echo
 
 #: Modules that add sections after the foundation's (imported for their ``@section``s).

@@ -9,16 +9,15 @@ import struct
 import subprocess
 import sys
 
-from .._creds import (
+from .. import connect, listen, peer_credentials
+from ..lowlevel import (
     CredentialsRefused,
     credential_mechanisms,
+    credstructs,
     enable_credentials,
-    peer_credentials,
     recv_credentials,
     send_credentials,
 )
-from .._credstructs import CMSGCRED_SIZE, parse_cmsgcred
-from .._sockets import connect, listen
 from ..policy import PeerPolicy
 from ..server import Connection, Server
 from .tour import Tour, section
@@ -35,12 +34,12 @@ sys.stdin.read()
 """
 
 _FORGE = r"""
-import sys, afunix
+import sys, afunix, afunix.lowlevel
 s = afunix.connect(sys.argv[1], "dgram", bind=None)
 try:
-    afunix.send_credentials(s, b"forged", uid=0)
+    afunix.lowlevel.send_credentials(s, b"forged", uid=0)
     print("sent!?")
-except afunix.CredentialsRefused as exc:
+except afunix.lowlevel.CredentialsRefused as exc:
     print(exc)
 """
 
@@ -60,7 +59,7 @@ def _credentials(t: Tour) -> None:
     t.say("sender attaches an empty one and the kernel fills in the truth. Linux has no")
     t.say("cmsgcred, but afunix decodes its bytes all the same (they are tested in tables):")
     sample = struct.pack("=iIIIh2x16I", 4321, 1001, 1001, 20, 2, 20, 5, *[0] * 14)
-    dec = parse_cmsgcred(sample)
+    dec = credstructs.parse_cmsgcred(sample)
     t.show("struct cmsgcred", f"{len(sample)} bytes: 4 ids, a short, 16 groups")
     t.show(
         "decoded",
@@ -69,7 +68,9 @@ def _credentials(t: Tour) -> None:
     )
     t.check(
         "cmsgcred is 84 bytes; groups[0] is the effective gid",
-        len(sample) == CMSGCRED_SIZE == 84 and dec.gid == dec.groups[0] if dec.groups else False,
+        len(sample) == credstructs.CMSGCRED_SIZE == 84 and dec.gid == dec.groups[0]
+        if dec.groups
+        else False,
     )
 
     mech = credential_mechanisms()

@@ -6,11 +6,8 @@ import os
 import subprocess
 import sys
 
-from .._cmsg import ControlTruncated
-from .._fds import recv_fds, send_fds
-from .._sockets import pair
-from ..channel import Channel
-from ..opener import my_open
+from .. import Channel, ControlTruncated, pair
+from ..lowlevel import my_open, recv_fds, send_fds
 from .tour import Tour, section
 
 # The other process of the shared-offset demo. It opens the file, reads 4
