@@ -50,11 +50,11 @@ from .policy import PeerPolicy as PeerPolicy
 from .policy import PolicyError as PolicyError
 
 if _typing.TYPE_CHECKING:  # imported on first use (they load asyncio): see __getattr__
+    from ._limits import Limits as Limits
     from .aio import AsyncChannel as AsyncChannel
     from .server import AsyncConnection as AsyncConnection
     from .server import Connection as Connection
     from .server import Datagram as Datagram
-    from .server import Limits as Limits
     from .server import Server as Server
 
 __version__ = "0.1.0"
@@ -110,7 +110,7 @@ _LAZY: dict[str, str] = {
     "AsyncConnection": "afunix.server",
     "Connection": "afunix.server",
     "Datagram": "afunix.server",
-    "Limits": "afunix.server",
+    "Limits": "afunix._limits",
     "Server": "afunix.server",
 }
 
