@@ -231,40 +231,43 @@ def connect_ssh(
             "serve the socket under a path without ':'",
         )
     deadline = None if timeout is None else time.monotonic() + timeout
-    private = tempfile.mkdtemp(prefix="afx-ssh-")  # mode 0700
-    local = os.path.join(private, "s")
-    log = tempfile.TemporaryFile()
-    argv = [*ssh_command(ssh), *_ssh_args(addr, local, timeout, config, options)]
-    try:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                start_new_session=True,  # no terminal to prompt on; our Ctrl-C is ours
-            )
-        except OSError as exc:
-            raise RemoteError(
-                exc.errno or errno.ENOENT,
-                f"cannot connect to {addr}: cannot start {argv[0]!r} ({exc.strerror}); "
-                f"install the OpenSSH client or set ${SSH_ENV}",
-            ) from exc
-    except BaseException:
-        log.close()
-        shutil.rmtree(private, ignore_errors=True)
-        raise
+    argv = ssh_command(ssh)
     sock = cls(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.remote_address, sock.process, sock._log = addr, proc, log
+    sock.remote_address = addr
+    sock._linger = 0.0  # until connected: nothing of ours to pass on
+    private = ""
     try:
-        _open(sock, proc, log, local, addr, deadline)
+        private = tempfile.mkdtemp(prefix="afx-ssh-")  # mode 0700
+        local = os.path.join(private, "s")
+        argv += _ssh_args(addr, local, timeout, config, options)
+        sock._log = tempfile.TemporaryFile()  # noqa: SIM115 - the socket closes it
+        sock.process = _start(argv, sock._log, addr)
+        _open(sock, local, deadline)
     except BaseException:
-        sock._linger = 0.0  # nothing of ours to pass on
         sock.close()
         raise
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
+    del sock._linger  # the class's CLOSE_LINGER from now on
     return sock
+
+
+def _start(argv: list[str], log: IO[bytes], addr: Address) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,  # no terminal to prompt on; our Ctrl-C is ours
+        )
+    except OSError as exc:
+        raise RemoteError(
+            exc.errno or errno.ENOENT,
+            f"cannot connect to {addr}: cannot start {argv[0]!r} ({exc.strerror}); "
+            f"install the OpenSSH client or set ${SSH_ENV}",
+        ) from exc
 
 
 def _ssh_args(
@@ -290,15 +293,10 @@ def _ssh_args(
     return args
 
 
-def _open(
-    sock: SshSocket,
-    proc: subprocess.Popen[bytes],
-    log: IO[bytes],
-    local: str,
-    addr: Address,
-    deadline: float | None,
-) -> None:
+def _open(sock: SshSocket, local: str, deadline: float | None) -> None:
     """Connect to ssh's local end once it listens, then wait for the far side's answer."""
+    proc, log, addr = sock.process, sock._log, sock.remote_address
+    assert proc is not None and log is not None
     delay = 0.001
     while True:
         try:

@@ -128,9 +128,7 @@ def test_a_refused_key_is_permission_denied(sshd: Sshd, sockdir: Path, echo: Pat
     other = sockdir / "other_key"
     keygen(other, "not-authorized")
     config = sockdir / "ssh_config"
-    config.write_text(
-        sshd.client_config.read_text().replace(str(sshd.client_key), str(other))
-    )
+    config.write_text(sshd.client_config.read_text().replace(str(sshd.client_key), str(other)))
     with pytest.raises(RemoteError) as info:
         connect_ssh(sshd.url(echo), timeout=30, config=config)
     assert info.value.errno == errno.EACCES
