@@ -25,7 +25,7 @@ import pytest
 import afunix
 from afunix._remote import RemoteError, SshSocket, connect_ssh
 
-from ..conftest import open_fds, serving, wait_until
+from ..conftest import afunix_cmd, open_fds, serving, wait_until
 from ..remote_support import Sshd, free_port, keygen
 
 ROUNDS = 200
@@ -232,3 +232,28 @@ def test_connect_close_rounds_leave_nothing_behind(ssh_env: Sshd, echo: Path) ->
     assert _zombies() == []
     assert open_fds().keys() == before.keys()
     assert not [p for p in os.listdir("/tmp") if p.startswith("afx-ssh-")]
+
+
+def test_afunix_connect_command_over_ssh(ssh_env: Sshd, echo: Path) -> None:
+    result = subprocess.run(
+        afunix_cmd("connect", ssh_env.url(echo), "--timeout", "60"),
+        input=b"one\ntwo\n",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"one\ntwo\n"
+
+
+def test_afunix_connect_command_to_a_missing_far_socket_is_69(ssh_env: Sshd, sockdir: Path) -> None:
+    url = ssh_env.url(sockdir / "missing.sock")
+    result = subprocess.run(
+        afunix_cmd("connect", url, "--timeout", "60"),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 69  # ECONNREFUSED: unavailable
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("afunix: error: cannot connect to " + url)
