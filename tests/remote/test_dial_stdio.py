@@ -45,12 +45,15 @@ def echo(sockdir: Path) -> Iterator[Path]:
 
 
 def _one_client(listener: socket.socket, handle: object) -> threading.Thread:
+    """Serve one client on a thread; ``accept`` gives up after 60 s (a client that never came)."""
+    listener.settimeout(60)
+
     def run() -> None:
         conn, _ = listener.accept()
         with conn:
             handle(conn)  # type: ignore[operator]
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 

@@ -69,17 +69,16 @@ def test_echo_through_ssh_to_an_afunix_server(ssh_env: Sshd, echo: Path) -> None
     assert sock.process is None
 
 
-def _accept_one(listener: socket.socket, seen: list[afunix.PeerCredentials]) -> None:
+def _accept_one(
+    listener: socket.socket, seen: list[afunix.PeerCredentials], comms: list[bytes]
+) -> None:
     conn, _ = listener.accept()
     with conn:
         creds = afunix.peer_credentials(conn, pidfd=False)
         seen.append(creds)
         with open(f"/proc/{creds.pid}/comm", "rb") as f:
-            seen_comm.append(f.read().strip())
+            comms.append(f.read().strip())
         conn.sendall(conn.recv(16))
-
-
-seen_comm: list[bytes] = []
 
 
 @pytest.mark.parametrize(("user", "uid"), [("root", 0), ("nobody", 65534)])
@@ -88,12 +87,13 @@ def test_the_far_server_sees_the_ssh_login_user(
 ) -> None:
     path = sockdir / "creds.sock"
     seen: list[afunix.PeerCredentials] = []
-    seen_comm.clear()
+    comms: list[bytes] = []
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(path))
         os.chmod(path, 0o777)  # the nobody session must be able to connect
         listener.listen()
-        server = threading.Thread(target=_accept_one, args=(listener, seen))
+        listener.settimeout(60)  # a client that never comes cannot hang the thread
+        server = threading.Thread(target=_accept_one, args=(listener, seen, comms), daemon=True)
         server.start()
         try:
             with afunix.connect(ssh_env.url(path, user=user), timeout=30) as sock:
@@ -102,7 +102,7 @@ def test_the_far_server_sees_the_ssh_login_user(
         finally:
             server.join(30)
     assert [c.uid for c in seen] == [uid]  # SO_PEERCRED: the login user, not ours
-    assert seen_comm == [b"sshd"]  # the peer process is the far sshd session
+    assert comms == [b"sshd"]  # the peer process is the far sshd session
 
 
 def test_a_missing_far_socket_is_refused_at_connect(ssh_env: Sshd, sockdir: Path) -> None:

@@ -37,8 +37,9 @@ def _run(
     errors: list[BaseException] = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
+        listener.settimeout(60)  # a client that never comes cannot hang the thread
         server = threading.Thread(
-            target=_serve_once, args=(listener, ca.server_context(), seen, errors)
+            target=_serve_once, args=(listener, ca.server_context(), seen, errors), daemon=True
         )
         server.start()
         reply: bytes | OSError = b""
