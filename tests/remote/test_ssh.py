@@ -257,3 +257,39 @@ def test_afunix_connect_command_to_a_missing_far_socket_is_69(ssh_env: Sshd, soc
     assert result.returncode == 69  # ECONNREFUSED: unavailable
     [line] = result.stderr.decode().splitlines()
     assert line.startswith("afunix: error: cannot connect to " + url)
+
+
+def _example_client(address: str) -> list[bytes]:
+    """The same program for every address: three messages out, three replies in.
+
+    Bytes only, below the memfd threshold (32 MiB): descriptors and memfd payloads
+    over ``ssh://`` are for the channel integration (refused / sent inline).
+    """
+    with afunix.Channel.connect(address, timeout=60) as channel:
+        replies = []
+        for word in (b"one", b"two", b"x" * 200_000):
+            channel.send(word)
+            replies.append(channel.recv().data)
+        return replies
+
+
+@pytest.mark.parametrize("over_ssh", [False, True], ids=["path", "ssh"])
+def test_the_same_channel_program_runs_over_a_path_and_ssh(
+    ssh_env: Sshd, sockdir: Path, over_ssh: bool
+) -> None:
+    path = sockdir / "ch.sock"
+    listener = afunix.Channel.listen(path)
+
+    def serve() -> None:
+        with listener.accept() as channel:
+            for _ in range(3):
+                channel.send(b"re: " + channel.recv().data)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        address = ssh_env.url(path) if over_ssh else str(path)
+        assert _example_client(address) == [b"re: one", b"re: two", b"re: " + b"x" * 200_000]
+    finally:
+        server.join(60)
+        listener.close()
