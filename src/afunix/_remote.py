@@ -15,8 +15,9 @@ the path (``stdio_forward_host`` is taken from ``listen_host``, which is
 empty for a path) and opens no channel at all, so the client waits forever.
 afunix uses a local Unix-socket forward instead, one ``ssh`` per connection::
 
-    ssh -N -T -o ExitOnForwardFailure=yes -o ControlMaster=no -o ControlPath=none
-        -o LogLevel=DEBUG2 [-o ConnectTimeout=N] [-p PORT] [-l USER] [-F CONFIG]
+    ssh -N -T -o ExitOnForwardFailure=yes -o ClearAllForwardings=no
+        -o ControlMaster=no -o ControlPath=none -o LogLevel=DEBUG2
+        [-o ConnectTimeout=N] [-p PORT] [-l USER] [-F CONFIG]
         [OPTIONS] -L PRIVATE_DIR/s:/far/path -- HOST
 
 The local end lives in a fresh ``0700`` directory and is removed as soon as
@@ -88,7 +89,17 @@ _ERRNO_BY_TEXT: list[tuple[str, int]] = [
     ("Connection reset", errno.ECONNRESET),
 ]
 
-_FAR_HINT = "is the server running on the far host, and is the path right?"
+# sshd answers "connect failed: open failed" both for a missing socket and for a
+# forward it refuses (OpenSSH 9.2, checked): only its own log tells them apart.
+_FAR_HINT = (
+    "is the server running on the far host, and is the path right? (or sshd there "
+    "refuses the forward: AllowStreamLocalForwarding, restrictions of this key in "
+    "authorized_keys; sshd's log on the far host says which)"
+)
+_PROHIBITED_HINT = (
+    "sshd there forbids forwarding to Unix sockets (AllowStreamLocalForwarding in "
+    "sshd_config, or a restriction of this key in authorized_keys)"
+)
 _HINTS: dict[int, str] = {
     errno.ECONNREFUSED: "is sshd running on that host and port?",
     errno.EACCES: "check the key (ssh-add -l), the login name and the host key "
@@ -278,7 +289,14 @@ def _ssh_args(
     options: Sequence[str],
 ) -> list[str]:
     args = ["-N", "-T"]
-    for option in ("ExitOnForwardFailure=yes", "ControlMaster=no", "ControlPath=none"):
+    # The first value given wins in ssh: these override the user's config, which
+    # could otherwise clear our forward or hand it to a multiplexing master.
+    for option in (
+        "ExitOnForwardFailure=yes",
+        "ClearAllForwardings=no",
+        "ControlMaster=no",
+        "ControlPath=none",
+    ):
         args += ["-o", option]
     args += ["-o", "LogLevel=DEBUG2"]  # the channel's open confirm/failure (module doc)
     if timeout is not None:
@@ -346,7 +364,9 @@ def _failure(addr: Address, log: IO[bytes], proc: subprocess.Popen[bytes]) -> Re
     else:
         what = f"ssh exited with status {proc.poll()} and said nothing"
     err = next((num for key, num in _ERRNO_BY_TEXT if key in (said or what)), errno.EIO)
-    hint = _FAR_HINT if err == errno.ECONNREFUSED and failed is not None else _HINTS.get(err)
+    hint = _HINTS.get(err)
+    if failed is not None:
+        hint = _FAR_HINT if err == errno.ECONNREFUSED else _PROHIBITED_HINT
     exc = RemoteError(
         err, f"cannot connect to {addr} through ssh: {what}" + (f"; {hint}" if hint else "")
     )

@@ -135,6 +135,25 @@ def test_a_refused_key_is_permission_denied(sshd: Sshd, sockdir: Path, echo: Pat
     assert "Permission denied (publickey)" in str(info.value)
 
 
+def test_a_key_without_forwarding_is_refused_at_connect(
+    sshd: Sshd, sockdir: Path, echo: Path
+) -> None:
+    restricted = sockdir / "restricted_key"
+    keygen(restricted, "restricted")
+    pub = (sockdir / "restricted_key.pub").read_text()
+    with open(sshd.directory / "authorized_keys", "a") as keys:
+        keys.write(f"restrict {pub}")  # logs in, may forward nothing
+    config = sockdir / "ssh_config"
+    config.write_text(sshd.client_config.read_text().replace(str(sshd.client_key), str(restricted)))
+    with pytest.raises(RemoteError) as info:
+        connect_ssh(sshd.url(echo), timeout=30, config=config)
+    # sshd 9.2 gives the same reason as for a missing socket ("connect failed"), so
+    # the message names both causes; the echo server is there and listening.
+    assert info.value.errno == errno.ECONNREFUSED
+    text = str(info.value)
+    assert "open failed" in text and "authorized_keys" in text
+
+
 def test_an_unknown_host_key_is_refused(sshd: Sshd, sockdir: Path, echo: Path) -> None:
     empty = sockdir / "known_hosts"
     empty.write_text("")
