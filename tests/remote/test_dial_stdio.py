@@ -7,6 +7,7 @@ OpenSSH's ``ProxyCommand``, against the fixture's sshd).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -161,3 +162,49 @@ def test_help_has_an_example() -> None:
     result = subprocess.run(afunix_cmd("dial-stdio", "--help"), capture_output=True, timeout=60)
     assert result.returncode == 0
     assert b"ProxyCommand='afunix dial-stdio" in result.stdout
+
+
+def test_standard_output_closed_is_141_without_a_word(echo: Path) -> None:
+    proc = subprocess.Popen(
+        afunix_cmd("dial-stdio", str(echo)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(b"x" * 65536)
+        proc.stdin.flush()
+        assert proc.stdout.read(1) == b"x"
+        proc.stdout.close()  # like `| head -c 1`
+        with contextlib.suppress(BrokenPipeError):  # it may have exited already
+            proc.stdin.write(b"y" * (4 * MIB))  # the echo comes back to a closed pipe
+            proc.stdin.flush()
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        proc.wait(60)
+    assert proc.returncode == 141, err
+    assert err == b""
+
+
+def test_bash_completes_the_command_name(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "afunix"
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} -m afunix "$@"\n')
+    exe.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_ARC")}
+    env["PATH"] = f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}"
+    script = (
+        "source <(afunix completion bash) && "
+        'COMP_LINE="afunix dial" COMP_POINT=11 COMP_WORDS=(afunix dial) COMP_CWORD=1 && '
+        '_python_argcomplete afunix dial afunix && printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert [w.strip() for w in result.stdout.splitlines()] == ["dial-stdio"]
