@@ -13,7 +13,17 @@ written as                   means
 ``""``                       an unnamed socket (``sun_path[0] == 0``)
 ``tcp://host:port``          a TCP endpoint, so the same API reaches other hosts
 ``tcp://[::1]:port``         the same over IPv6
+``tls://host:port``          TCP with TLS (mutual certificates); ``[::1]`` as above
+``ssh://[user@]host[:port]/path``  a Unix socket on another host, reached through
+                             the user's OpenSSH client; *path* is absolute on
+                             the far host (see :mod:`afunix._remote`)
 ===========================  ===================================================
+
+An ``ssh://`` address names a *pathname* socket on the far host: OpenSSH
+forwards only those (``direct-streamlocal``; an ``@name`` after the host is
+refused, since sshd would take it for a relative file name). User and host
+are passed to ``ssh`` as they are, so a ``Host`` alias of ``~/.ssh/config``
+works; neither may start with ``-`` (it would read as an ``ssh`` option).
 
 Bytes are taken as the raw ``sun_path`` contents (a leading NUL means abstract),
 so pathnames that are not UTF-8 work; ``str`` input is encoded with
@@ -49,11 +59,19 @@ class AddressKind(enum.Enum):
     ABSTRACT = "abstract"
     UNNAMED = "unnamed"
     TCP = "tcp"
+    TLS = "tls"
+    SSH = "ssh"
+
+
+#: The kinds that name an ``AF_UNIX`` socket of this host.
+_LOCAL_KINDS = frozenset({AddressKind.PATH, AddressKind.ABSTRACT, AddressKind.UNNAMED})
+#: The kinds whose ``raw`` is an IP host name and that have a port.
+_INET_KINDS = frozenset({AddressKind.TCP, AddressKind.TLS})
 
 
 AddressLike: TypeAlias = "Address | str | bytes | os.PathLike[str] | os.PathLike[bytes]"
 
-_SCHEMES = ("unix:", "unix-abstract:", "tcp://")
+_SCHEMES = ("unix:", "unix-abstract:", "tcp://", "tls://", "ssh://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +79,22 @@ class Address:
     """A validated socket address. Build one with :meth:`parse`.
 
     Attributes:
-        kind: which of path / abstract / unnamed / tcp.
+        kind: which of path / abstract / unnamed / tcp / tls / ssh.
         raw: the ``sun_path`` bytes for a path (absolute, no NUL), the name
             for an abstract address (without the leading NUL), ``b""`` for
-            unnamed, and the host (encoded) for TCP.
-        port: the TCP port, else ``None``.
+            unnamed, the host (encoded) for TCP and TLS, and the far
+            socket's absolute path for SSH.
+        port: the TCP port (TCP, TLS; for SSH the sshd port if given), else ``None``.
+        user: the SSH login name if given (``ssh://user@host/...``), else ``None``.
+        ssh_host: the SSH host as written (a name, an IP, or a ``Host`` alias of
+            ``~/.ssh/config``); ``""`` for the other kinds.
     """
 
     kind: AddressKind
     raw: bytes
     port: int | None = None
+    user: str | None = None
+    ssh_host: str = ""
 
     # ------------------------------------------------------------------ parse
     @classmethod
@@ -132,12 +156,18 @@ class Address:
             return cls.path(os.fsencode(rest))
         if text.startswith("tcp://"):
             return cls._parse_tcp(text)
+        if text.startswith("tls://"):
+            tcp = cls._parse_tcp(text, "tls")
+            return cls(AddressKind.TLS, tcp.raw, tcp.port)
+        if text.startswith("ssh://"):
+            return cls._parse_ssh(text)
         if "://" in text:
             scheme = text.split("://", 1)[0]
             raise AddressError(
                 errno.EINVAL,
                 f"unknown address scheme {scheme!r} in {text!r}: use a path, @name, "
-                "unix:/path, unix-abstract:name or tcp://host:port",
+                "unix:/path, unix-abstract:name, tcp://host:port, tls://host:port "
+                "or ssh://[user@]host[:port]/path",
             )
         return cls.path(os.fsencode(text))
 
@@ -211,13 +241,113 @@ class Address:
         return cls(AddressKind.TCP, host.encode("idna" if not _is_ip(host) else "ascii"), port)
 
     @classmethod
-    def _parse_tcp(cls, text: str) -> Address:
-        rest = text[len("tcp://") :].rstrip("/")
+    def tls(cls, host: str, port: int) -> Address:
+        """A TLS endpoint (TCP underneath): ``tls://host:port``."""
+        tcp = cls.tcp(host, port)
+        return cls(AddressKind.TLS, tcp.raw, tcp.port)
+
+    @classmethod
+    def ssh(
+        cls,
+        host: str,
+        path: bytes | str | os.PathLike[str] | os.PathLike[bytes],
+        *,
+        user: str | None = None,
+        port: int | None = None,
+    ) -> Address:
+        """A pathname socket on another host, reached through ``ssh`` (``ssh://``).
+
+        *path* must be absolute: it is resolved on the far host, where this
+        process's working directory means nothing. *host* may be a ``Host``
+        alias of the user's ``~/.ssh/config``.
+        """
+        shown = f"ssh://{host}{os.fsdecode(os.fsencode(path))}"
+        _check_ssh_word("host", host, shown)
+        if user is not None:
+            _check_ssh_word("user", user, shown)
+        if port is not None and not 1 <= port <= 65535:
+            raise AddressError(
+                errno.EINVAL, f"SSH port {port} is out of range 1-65535 in {shown!r}"
+            )
+        raw = os.fsencode(path)
+        if raw[:1] == b"@" or raw[:2] == b"/@":
+            raise AddressError(
+                errno.EAFNOSUPPORT,
+                f"{shown!r} names an abstract socket: OpenSSH forwards only pathname "
+                "sockets (sshd would look for a file named like it); serve a path "
+                "on the far host, e.g. ssh://host/run/app.sock",
+            )
+        if not raw.startswith(b"/") or raw == b"/":
+            raise AddressError(
+                errno.EINVAL,
+                f"{shown!r} needs the far socket's absolute path: "
+                "ssh://[user@]host[:port]/path/to/socket",
+            )
+        if b"\0" in raw:
+            raise AddressError(errno.EINVAL, f"the far path in {shown!r} contains a NUL byte")
+        limit = PLATFORM.max_path_bytes
+        if len(raw) > limit:
+            raise AddressError(
+                errno.ENAMETOOLONG,
+                f"the far socket path is {len(raw)} bytes, longer than the {limit} that "
+                f"sun_path holds: {shown!r}",
+                shown,
+            )
+        return cls(AddressKind.SSH, raw, port, user, host)
+
+    @classmethod
+    def _parse_ssh(cls, text: str) -> Address:
+        rest = text[len("ssh://") :]
+        authority, slash, path = rest.partition("/")
+        if not slash:
+            raise AddressError(
+                errno.EINVAL,
+                f"malformed SSH address {text!r}: it needs the far socket's path, "
+                "ssh://[user@]host[:port]/path/to/socket",
+            )
+        user: str | None = None
+        if "@" in authority:
+            user, _, authority = authority.rpartition("@")
+            if not user:
+                raise AddressError(
+                    errno.EINVAL, f"empty user name in {text!r}: write ssh://user@host/path"
+                )
+        port_text = ""
+        if authority.startswith("["):
+            end = authority.find("]")
+            tail = authority[end + 1 :] if end >= 0 else ""
+            if end < 0 or (tail and not tail.startswith(":")):
+                raise AddressError(
+                    errno.EINVAL, f"malformed SSH address {text!r}: write ssh://[::1]:PORT/path"
+                )
+            host, sep, port_text = authority[1:end], tail[:1], tail[1:]
+            if not _is_ip(host):
+                raise AddressError(errno.EINVAL, f"malformed IPv6 host {host!r} in {text!r}")
+        else:
+            host, sep, port_text = authority.partition(":")
+        if sep and not port_text.isdigit():
+            raise AddressError(
+                errno.EINVAL,
+                f"malformed SSH address {text!r}: port {port_text!r} is not a number "
+                "(an IPv6 host goes in brackets: ssh://[::1]:22/path)",
+            )
+        if not host:
+            raise AddressError(
+                errno.EINVAL,
+                f"malformed SSH address {text!r}: no host; ssh://[user@]host[:port]/path",
+            )
+        port = int(port_text) if port_text else None
+        return cls.ssh(host, "/" + path, user=user, port=port)
+
+    @classmethod
+    def _parse_tcp(cls, text: str, scheme: str = "tcp") -> Address:
+        label = scheme.upper()
+        rest = text[len(scheme) + 3 :].rstrip("/")
         if rest.startswith("["):
             end = rest.find("]")
             if end < 0 or rest[end + 1 : end + 2] != ":":
                 raise AddressError(
-                    errno.EINVAL, f"malformed TCP address {text!r}: write tcp://[::1]:PORT"
+                    errno.EINVAL, f"malformed {label} address {text!r}: write {scheme}://[::1]:PORT"
                 )
             host, port_text = rest[1:end], rest[end + 2 :]
             try:
@@ -231,12 +361,13 @@ class Address:
             if not sep or not host or ":" in host:
                 raise AddressError(
                     errno.EINVAL,
-                    f"malformed TCP address {text!r}: write tcp://HOST:PORT "
-                    "(an IPv6 host goes in brackets: tcp://[::1]:PORT)",
+                    f"malformed {label} address {text!r}: write {scheme}://HOST:PORT "
+                    f"(an IPv6 host goes in brackets: {scheme}://[::1]:PORT)",
                 )
         if not port_text.isdigit():
             raise AddressError(
-                errno.EINVAL, f"malformed TCP address {text!r}: port {port_text!r} is not a number"
+                errno.EINVAL,
+                f"malformed {label} address {text!r}: port {port_text!r} is not a number",
             )
         return cls.tcp(host, int(port_text))
 
@@ -261,20 +392,34 @@ class Address:
     # -------------------------------------------------------------- accessors
     @property
     def is_unix(self) -> bool:
-        """True for path, abstract and unnamed addresses."""
-        return self.kind is not AddressKind.TCP
+        """True for path, abstract and unnamed addresses (a Unix socket of this host)."""
+        return self.kind in _LOCAL_KINDS
+
+    @property
+    def is_remote(self) -> bool:
+        """True for ``tcp://``, ``tls://`` and ``ssh://``: the peer may be on another host.
+
+        Over those, descriptors and kernel credentials do not travel.
+        """
+        return self.kind not in _LOCAL_KINDS
 
     @property
     def family(self) -> int:
-        """The socket family to create (``AF_UNIX``, ``AF_INET`` or ``AF_INET6``)."""
-        if self.kind is AddressKind.TCP:
+        """The socket family to create (``AF_UNIX``, ``AF_INET`` or ``AF_INET6``).
+
+        For ``ssh://`` it is ``AF_UNIX``: the local end is a socketpair to the
+        ``ssh`` process.
+        """
+        if self.kind in _INET_KINDS:
             return socket.AF_INET6 if ":" in self.host else socket.AF_INET
         return socket.AF_UNIX
 
     @property
     def host(self) -> str:
-        """The TCP host (``""`` for Unix addresses)."""
-        return self.raw.decode("ascii") if self.kind is AddressKind.TCP else ""
+        """The TCP/TLS host, the SSH host (as written), ``""`` for Unix addresses."""
+        if self.kind in _INET_KINDS:
+            return self.raw.decode("ascii")
+        return self.ssh_host
 
     @property
     def filesystem_path(self) -> bytes | None:
@@ -290,6 +435,12 @@ class Address:
             return b"\0" + self.raw
         if self.kind is AddressKind.UNNAMED:
             return b""
+        if self.kind is AddressKind.SSH:
+            raise AddressError(
+                errno.EAFNOSUPPORT,
+                f"{self} has no socket address of this host: it is reached through ssh; "
+                "use afunix.connect()",
+            )
         return (self.host, self.port)
 
     @property
@@ -308,6 +459,8 @@ class Address:
             return off + 1 + len(self.raw)
         if self.kind is AddressKind.UNNAMED:
             return off
+        if self.kind is AddressKind.SSH:
+            return off + len(self.raw) + 1  # what the far sshd connects with
         return 28 if self.family == socket.AF_INET6 else 16
 
     def __str__(self) -> str:
@@ -318,7 +471,11 @@ class Address:
         if self.kind is AddressKind.UNNAMED:
             return ""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        if self.kind is AddressKind.SSH:
+            user = f"{self.user}@" if self.user is not None else ""
+            port = f":{self.port}" if self.port is not None else ""
+            return f"ssh://{user}{host}{port}{os.fsdecode(self.raw)}"
+        return f"{self.kind.value}://{host}:{self.port}"
 
     def __repr__(self) -> str:
         if self.kind is AddressKind.UNNAMED:
@@ -349,6 +506,29 @@ def _is_absolute(value: object) -> bool:
     if isinstance(value, str):
         return value.startswith("/")
     return isinstance(value, bytes) and value.startswith(b"/")
+
+
+def _check_ssh_word(what: str, value: str, shown: str) -> None:
+    """Refuse an SSH user or host that ``ssh`` would misread.
+
+    A leading ``-`` would be taken for an option (``-oProxyCommand=...`` runs a
+    command); whitespace and control characters belong to no host or login
+    name, nor ``@`` and ``/`` to a host (a login name may hold an ``@``).
+    """
+    if not value:
+        raise AddressError(errno.EINVAL, f"empty SSH {what} in {shown!r}")
+    if value.startswith("-"):
+        raise AddressError(
+            errno.EINVAL,
+            f"SSH {what} {value!r} in {shown!r} starts with '-': ssh would read it as "
+            "an option; refused",
+        )
+    forbidden = "@/" if what == "host" else ""
+    bad = [c for c in value if c.isspace() or c in forbidden or not c.isprintable()]
+    if bad:
+        raise AddressError(
+            errno.EINVAL, f"SSH {what} {value!r} in {shown!r} contains {bad[0]!r}; refused"
+        )
 
 
 def _is_ip(host: str) -> bool:

@@ -42,9 +42,11 @@ from ._errors import (
     strerror,
 )
 from ._platform import PLATFORM
+from ._remote import SshSocket, connect_ssh
 
 __all__ = [
     "DatagramSocket",
+    "RemoteSocket",
     "Socket",
     "SocketTypeLike",
     "connect",
@@ -191,6 +193,36 @@ class DatagramSocket(Socket):
         return super().recvmsg(bufsize, ancbufsize, flags)
 
 
+class RemoteSocket(SshSocket, Socket):
+    """The :class:`Socket` that :func:`connect` returns for an ``ssh://`` address.
+
+    Its peer is the user's ``ssh`` process, which relays to the far socket
+    (see :class:`afunix._remote.SshSocket`): ``carries_fds`` and
+    ``carries_credentials`` are ``False``, ``peer_address`` is the ``ssh://``
+    address, and :meth:`close` also ends and reaps ``ssh``.
+    """
+
+
+def _refuse_remote(addr: Address, sock_type: int, listening: bool) -> None:
+    """Refuse what :func:`listen`/:func:`connect` cannot do with a ``tls://``/``ssh://`` address."""
+    if addr.kind is AddressKind.TLS:
+        raise UnsupportedFeature(
+            f"{addr}: tls:// needs an SSL context, which listen() and connect() do not take; "
+            "TLS comes with Channel and Server (ssl=); for now wrap a tcp:// socket with "
+            "ssl.SSLContext.wrap_socket"
+        )
+    if addr.kind is AddressKind.SSH and listening:
+        raise UnsupportedFeature(
+            f"cannot listen on {addr}: an ssh:// address is reached from this host, not "
+            "served; run the server on the far host at that path"
+        )
+    if addr.kind is AddressKind.SSH and sock_type != socket.SOCK_STREAM:
+        raise UnsupportedFeature(
+            f"{type_name(sock_type)} sockets are not available over ssh:// ({addr}): "
+            "OpenSSH forwards stream sockets only"
+        )
+
+
 def _new_socket(family: int, sock_type: int) -> Socket:
     cls = DatagramSocket if sock_type == socket.SOCK_DGRAM else Socket
     return cls(family, sock_type | socket.SOCK_CLOEXEC)
@@ -250,6 +282,7 @@ def listen(
     sock_type = socket_type(type)
     if addr.kind is AddressKind.TCP and sock_type == socket.SOCK_SEQPACKET:
         raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
+    _refuse_remote(addr, sock_type, listening=True)
     sock = _new_socket(addr.family, sock_type)
     try:
         if addr.kind is AddressKind.TCP:
@@ -456,7 +489,10 @@ def connect(
     """Connect to a server and return a connected :class:`Socket`.
 
     Args:
-        address: where the server is (a path, ``@name``, ``tcp://host:port``).
+        address: where the server is (a path, ``@name``, ``tcp://host:port``,
+            ``ssh://[user@]host[:port]/path``: a Unix socket on another host
+            through the user's ``ssh``, which ``$AFUNIX_SSH`` may name; see
+            :mod:`afunix._remote`).
         type: ``"stream"`` (default), ``"dgram"`` or ``"seqpacket"``.
         timeout: bound the connect itself. On Linux a full listen queue makes
             a blocking connect wait; with a timeout that wait ends in
@@ -486,6 +522,9 @@ def connect(
         raise AfunixError(errno.EDESTADDRREQ, "cannot connect to an unnamed address")
     if kind is AddressKind.TCP and sock_type == socket.SOCK_SEQPACKET:
         raise UnsupportedFeature(f"seqpacket is not available over TCP ({addr})")
+    if kind is AddressKind.SSH or kind is AddressKind.TLS:
+        _refuse_remote(addr, sock_type, listening=False)
+        return _connect_ssh_retrying(addr, timeout, retries, backoff)
     family = addr.family
     unix = kind is not AddressKind.TCP
     reply_to = bind if sock_type == socket.SOCK_DGRAM and unix else None
@@ -513,6 +552,21 @@ def connect(
             sock.close()
             raise
         return sock
+
+
+def _connect_ssh_retrying(
+    addr: Address, timeout: float | None, retries: int, backoff: float
+) -> Socket:
+    """``ssh://``: one ``ssh`` per attempt; a refused connect is retried like a local one."""
+    attempt = 0
+    while True:
+        try:
+            return connect_ssh(addr, timeout=timeout, cls=RemoteSocket)
+        except OSError as exc:
+            if exc.errno != errno.ECONNREFUSED or attempt >= retries:
+                raise
+        time.sleep(backoff * (2**attempt))
+        attempt += 1
 
 
 def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:

@@ -403,6 +403,7 @@ NUMERIC: list[tuple[list[str], str, list[str]]] = [
     (["connect", P], "--retries", AT_LEAST_0),
     (["connect", P], "--linger", NONNEGATIVE_SECONDS),
     (["connect", P], "--reply-timeout", POSITIVE_SECONDS),
+    (["dial-stdio", P], "--timeout", POSITIVE_SECONDS),
     (["creds", P], "--timeout", POSITIVE_SECONDS),
     (["creds", P], "--claim-pid", ["-1", "2147483648", "nan"]),
     (["creds", P], "--claim-uid", IDS),

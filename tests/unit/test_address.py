@@ -198,3 +198,83 @@ def test_family_and_sockaddr() -> None:
     assert Address.parse("tcp://127.0.0.1:5").filesystem_path is None
     assert repr(Address.unnamed()) == "Address(<unnamed>)"
     assert Address.unnamed().describe() == "<unnamed>"
+
+
+# ------------------------------------------------------------- tls:// and ssh://
+
+REMOTE_TABLE = [
+    # input, kind, raw, port, user, host
+    ("tls://127.0.0.1:8443", AddressKind.TLS, b"127.0.0.1", 8443, None, "127.0.0.1"),
+    ("tls://[::1]:443", AddressKind.TLS, b"::1", 443, None, "::1"),
+    ("tls://example.org:1", AddressKind.TLS, b"example.org", 1, None, "example.org"),
+    ("ssh://db1/run/app.sock", AddressKind.SSH, b"/run/app.sock", None, None, "db1"),
+    ("ssh://alice@db1/run/app.sock", AddressKind.SSH, b"/run/app.sock", None, "alice", "db1"),
+    ("ssh://root@127.0.0.1:2222/tmp/x.sock", AddressKind.SSH, b"/tmp/x.sock", 2222, "root",
+     "127.0.0.1"),
+    ("ssh://[::1]:22/tmp/x.sock", AddressKind.SSH, b"/tmp/x.sock", 22, None, "::1"),
+    ("ssh://bob@[fe80::1]/s", AddressKind.SSH, b"/s", None, "bob", "fe80::1"),
+    ("ssh://ad@corp@jump-host.lan/run/a b.sock", AddressKind.SSH, b"/run/a b.sock", None,
+     "ad@corp", "jump-host.lan"),
+    ("ssh://db1//run/app.sock", AddressKind.SSH, b"//run/app.sock", None, None, "db1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "kind", "raw", "port", "user", "host"), REMOTE_TABLE)
+def test_remote_table(
+    value: str, kind: AddressKind, raw: bytes, port: int | None, user: str | None, host: str
+) -> None:
+    addr = Address.parse(value)
+    assert (addr.kind, addr.raw, addr.port, addr.user, addr.host) == (kind, raw, port, user, host)
+    assert str(addr) == value  # written forms round-trip exactly
+    assert Address.parse(str(addr)) == addr
+    assert addr.is_remote and not addr.is_unix
+    assert addr.filesystem_path is None  # the far path is not a file of this host
+
+
+@pytest.mark.parametrize(
+    ("value", "err", "words"),
+    [
+        ("tls://host", errno.EINVAL, "malformed TLS address 'tls://host': write tls://HOST:PORT"),
+        ("tls://host:x", errno.EINVAL, "port 'x' is not a number"),
+        ("tls://[::1:80", errno.EINVAL, "tls://[::1]:PORT"),
+        ("ssh://db1", errno.EINVAL, "needs the far socket's path"),
+        ("ssh://db1/", errno.EINVAL, "needs the far socket's absolute path"),
+        ("ssh:///run/a.sock", errno.EINVAL, "no host"),
+        ("ssh://@db1/run/a.sock", errno.EINVAL, "empty user name"),
+        ("ssh://db1:/run/a.sock", errno.EINVAL, "port '' is not a number"),
+        ("ssh://db1:ssh/run/a.sock", errno.EINVAL, "port 'ssh' is not a number"),
+        ("ssh://db1:0/run/a.sock", errno.EINVAL, "out of range 1-65535"),
+        ("ssh://db1:65536/run/a.sock", errno.EINVAL, "out of range 1-65535"),
+        ("ssh://::1/run/a.sock", errno.EINVAL, "port ':1' is not a number"),
+        ("ssh://[::1/run/a.sock", errno.EINVAL, "ssh://[::1]:PORT/path"),
+        ("ssh://[db1]/run/a.sock", errno.EINVAL, "malformed IPv6 host 'db1'"),
+        ("ssh://[::1]x/run/a.sock", errno.EINVAL, "ssh://[::1]:PORT/path"),
+        ("ssh://db1/@app", errno.EAFNOSUPPORT, "OpenSSH forwards only pathname sockets"),
+        ("ssh://-oProxyCommand=sh/x", errno.EINVAL, "ssh would read it as an option"),
+        ("ssh://-l@db1/x", errno.EINVAL, "SSH user '-l'"),
+        ("ssh://db1/run/a\0b", errno.EINVAL, "NUL byte"),
+        ("ssh://db\x01/x", errno.EINVAL, "SSH host"),
+        ("ssh://db1/" + "p" * 108, errno.ENAMETOOLONG, "far socket path is 109 bytes"),
+        ("sftp://db1/x", errno.EINVAL, "ssh://[user@]host[:port]/path"),
+    ],
+)
+def test_bad_remote_addresses_are_clear_errors(value: str, err: int, words: str) -> None:
+    with pytest.raises(AddressError) as info:
+        Address.parse(value)
+    assert info.value.errno == err
+    assert words in str(info.value)
+
+
+def test_remote_kinds_family_and_sockaddr() -> None:
+    tls = Address.parse("tls://[::1]:5")
+    assert tls.family == socket.AF_INET6 and tls.sockaddr == ("::1", 5)
+    assert Address.tls("127.0.0.1", 5) == Address.parse("tls://127.0.0.1:5")
+    ssh = Address.parse("ssh://u@h:2/x.sock")
+    assert ssh == Address.ssh("h", "/x.sock", user="u", port=2)
+    assert ssh.family == socket.AF_UNIX  # the local end: a Unix socket to ssh
+    with pytest.raises(AddressError, match="reached through ssh") as info:
+        _ = ssh.sockaddr
+    assert info.value.errno == errno.EAFNOSUPPORT
+    with pytest.raises(AddressError, match="absolute path"):
+        Address.ssh("h", "relative.sock")
+    assert not Address.parse("/x").is_remote and Address.parse("tcp://h:1").is_remote

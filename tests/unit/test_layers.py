@@ -47,6 +47,7 @@ LAYERS: dict[str, list[str]] = {
     "io": [
         "_fds",
         "_sockets",
+        "_remote",
         "_bind",
         "_creds",
         "_activation",

@@ -376,9 +376,12 @@ def test_submodules_import_afunix_used_to_load_are_still_attributes() -> None:
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=30
     )
-    assert out.stdout.split() == ["afunix.server.handlers", "AsyncChannel", "my_open", "send_fds"], (
-        out.stderr
-    )
+    assert out.stdout.split() == [
+        "afunix.server.handlers",
+        "AsyncChannel",
+        "my_open",
+        "send_fds",
+    ], out.stderr
 
 
 def test_core_imports_only_the_standard_library() -> None:

@@ -27,6 +27,7 @@ COMMANDS = [
     "pair",
     "serve",
     "connect",
+    "dial-stdio",
     "creds",
     "load",
     "bench",
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Unix-domain socket IPC from the shell: bind, serve, connect, pass "
             "descriptors and check credentials (after Stevens' UNP, chapter 15)."
         ),
-        epilog="Addresses: /path, unix:/path, @abstract, unix-abstract:name, tcp://host:port. "
+        epilog="Addresses: /path, unix:/path, @abstract, unix-abstract:name, tcp://host:port, "
+        "ssh://[user@]host[:port]/path (a socket on another host, through ssh). "
         "Run 'afunix COMMAND --help' for a command's options; 'afunix tour' for a live tour. "
         f"{exit_status_epilog()} (details: docs/operations.md; openfile exits with the errno).",
     )
