@@ -43,7 +43,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: dict[str, list[str]] = {
     "base": ["_errors", "_credstructs"],
     "platform": ["_platform", "_platform.*", "_peer"],
-    "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol"],
+    "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol", "_message", "_machine"],
     "io": [
         "_fds",
         "_sockets",
