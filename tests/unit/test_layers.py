@@ -45,6 +45,7 @@ LAYERS: dict[str, list[str]] = {
     "platform": ["_platform", "_platform.*", "_peer"],
     "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol", "_message", "_machine"],
     "io": [
+        "_io",
         "_fds",
         "_sockets",
         "_bind",
