@@ -48,6 +48,7 @@ __all__ = [
     "Socket",
     "SocketTypeLike",
     "connect",
+    "connect_nowait",
     "listen",
     "pair",
     "socket_type",
@@ -513,6 +514,36 @@ def connect(
             sock.close()
             raise
         return sock
+
+
+def connect_nowait(address: AddressLike, type: SocketTypeLike = "stream") -> Socket | None:
+    """One non-blocking connect to a Unix stream or seqpacket *address*, or ``None``.
+
+    The first try of :meth:`afunix.AsyncChannel.connect`: a connected,
+    non-blocking socket when the server's queue had room; ``None`` when the
+    connect would wait (``EAGAIN``: a full queue), was refused (perhaps a server
+    between ``bind()`` and ``listen()``) or is not a Unix stream/seqpacket one:
+    then :func:`connect` decides, in a thread. Other errors are explained as
+    :func:`connect` explains them.
+    """
+    addr = Address.parse(address)
+    sock_type = socket_type(type)
+    if addr.kind in (AddressKind.TCP, AddressKind.UNNAMED) or sock_type == socket.SOCK_DGRAM:
+        return None
+    sock = _new_socket(addr.family, sock_type)
+    try:
+        sock.setblocking(False)
+        sock.connect(addr.sockaddr)
+    except (BlockingIOError, ConnectionRefusedError, InterruptedError):
+        sock.close()
+        return None
+    except OSError as exc:
+        sock.close()
+        raise _explain_connect_error(exc, addr, sock_type) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:
