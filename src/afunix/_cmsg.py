@@ -180,7 +180,7 @@ def fd_numbers(fds: Iterable[FdLike]) -> list[int]:
     ``sendmsg`` that carries them has returned (a file collected earlier closes
     its descriptor, and the number may name another file by then).
     """
-    if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
+    if (type(fds) is tuple or type(fds) is list) and len(fds) == 1:  # the common case
         (one,) = fds
         if type(one) is int and one >= 0:
             return [one]

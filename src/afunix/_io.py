@@ -15,8 +15,10 @@ built right here, else the bytes go to the protocol's decoder.
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ._cmsg import INT_SIZE, MSG_CMSG_CLOEXEC, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET
@@ -32,6 +34,8 @@ _CLOEXEC = MSG_CMSG_CLOEXEC
 _KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
 _unpack_word = WORD.unpack_from
 _TIMEVAL = struct.Struct("@ll")
+_family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
+_type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
 
 
 def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int]:
@@ -42,7 +46,7 @@ def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int]:
     as memfds. With *credentials*, ``SO_PASSCRED`` is set.
     """
     try:  # the C attributes: socket.socket's properties build an enum on every read
-        family, kind = socket.socket.family.__get__(sock), socket.socket.type.__get__(sock)
+        family, kind = _family_of(sock), _type_of(sock)
     except TypeError:  # not built on the C socket type: ask it the ordinary way
         family, kind = sock.family, int(sock.type)
     if family != socket.AF_UNIX:

@@ -106,6 +106,7 @@ _STREAM = int(_constants.SOCK_STREAM)
 _SEQPACKET = int(_constants.SOCK_SEQPACKET)
 _MSG_TRUNC = int(_constants.MSG_TRUNC)
 _MECHANISM = PLATFORM.backend.MESSAGE_MECHANISM or ""
+_MEMFD = available()  # read once: asked per channel, it cost two hasattr calls
 
 
 class State(enum.Enum):
@@ -166,8 +167,10 @@ class Write:
         #: ``EMSGSIZE`` makes it a memfd (:meth:`ChannelProtocol.write_failed`).
         self.inline_default = False
         self.payload: memoryview | None = None
-        self.sent = sent
-        self.total = sent + sum(len(b) for b in buffers)
+        self.sent = total = sent
+        for each in buffers:
+            total += len(each)
+        self.total = total
 
     def advance(self, n: int) -> bool:
         """*n* more bytes went; ``True`` when all did."""
@@ -217,7 +220,7 @@ class ChannelProtocol:
         self.stream = stream = kind == _STREAM
         self.max_size = max_size
         self.maxfds = maxfds
-        self.memfd_threshold = memfd_threshold if available() else None
+        self.memfd_threshold = memfd_threshold if _MEMFD else None
         self.accept_memfd = accept_memfd
         self.credentials = credentials
         self.max_fds_in_flight = max_fds_in_flight
@@ -572,15 +575,18 @@ class ChannelProtocol:
         self.idle = False
         self.holding = False
         self.held, self.held_size = [], 0  # frames held by more=True die with it
-        n = close_fds(self.held_fds)
-        self.held_fds = []
-        self._drop_queue()
+        n = 0
+        if self.held_fds:
+            n = close_fds(self.held_fds)
+            self.held_fds = []
+        if self._queue:
+            self._drop_queue()
         self._direct = None
-        ready, self._ready = self._ready, deque()
-        for msg in ready:
-            msg.close()
-        if self.decoder is not None:
-            self.decoder.close()
+        while self._ready:
+            self._ready.popleft().close()
+        decoder = self.decoder
+        if decoder is not None and not decoder.quiet():  # quiet: it holds nothing
+            decoder.close()
         return n
 
     # -- internals -------------------------------------------------------------

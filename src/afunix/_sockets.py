@@ -18,6 +18,7 @@ restarting) with exponential backoff.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import shutil
@@ -205,10 +206,12 @@ def pair(type: SocketTypeLike = "stream") -> tuple[Socket, Socket]:
     pass one to a child program with ``subprocess``'s ``pass_fds``.
     """
     sock_type = socket_type(type)
-    a, b = socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    # The C socketpair: socket.socketpair() would build two Python sockets only to
+    # detach them again (a channel pair is mostly object construction).
+    a, b = _socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
     try:
-        sa = Socket(fileno=a.detach())
-        sb = Socket(fileno=b.detach())
+        sa = Socket(socket.AF_UNIX, sock_type, 0, a.detach())
+        sb = Socket(socket.AF_UNIX, sock_type, 0, b.detach())
     finally:
         a.close()
         b.close()

@@ -264,7 +264,8 @@ class AsyncChannel:
         while True:
             try:
                 if write_some(sock, out):
-                    proto.write_done(out)
+                    if out.owned:
+                        proto.write_done(out)  # (the refs go with the Write, right after)
                     return
                 continue
             except BlockingIOError:

@@ -297,7 +297,8 @@ class Channel:
                     raise
                 out = again
                 continue
-            proto.write_done(out)
+            if out.owned:
+                proto.write_done(out)  # (the refs go with the Write, right after)
             if not proto.queued:
                 return
             nxt = proto.next_write()
