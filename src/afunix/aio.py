@@ -311,18 +311,20 @@ class AsyncChannel:
         if proto.holding:
             await self.flush()  # a reply may depend on what we hold
         waiter = self._waiter
-        if not waiter.receivers and not proto.idle:
-            # Nobody else is receiving: a message decoded already is ours.
+        if not waiter.receivers and (waiter.ready or not proto.idle):
+            # Nobody else is receiving: a message decoded already is ours, and when
+            # data came while nobody waited, one receive takes it without a loop turn.
+            read, waiter.ready = waiter.ready, False
             try:
-                event = proto.next_event()
+                event = waiter.attempt(read)
             except BaseException:
                 if proto.state is BROKEN:
                     self.close()
                 raise
-            if event is not NEED_DATA:
+            if event is not None:
                 if event is CLOSED:
                     raise EOFError("the peer closed the channel")
-                return event
+                return event  # type: ignore[no-any-return]
         if proto.state is not OPEN:
             raise _closed()
         fut = waiter.receive(asyncio.get_running_loop())

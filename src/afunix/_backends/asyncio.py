@@ -39,7 +39,7 @@ Attempt = Callable[[bool], Any]
 class Waiter:
     """Readiness of one socket for the tasks of one channel (see the module docstring)."""
 
-    __slots__ = ("attempt", "fd", "loop", "receivers", "writers")
+    __slots__ = ("attempt", "fd", "loop", "ready", "receivers", "writers")
 
     def __init__(self, fd: int, attempt: Attempt) -> None:
         self.fd = fd
@@ -50,6 +50,9 @@ class Waiter:
         self.receivers: deque[asyncio.Future[Any]] = deque()
         #: Futures of the tasks waiting to write (the writer is registered meanwhile).
         self.writers: list[asyncio.Future[None]] = []
+        #: The socket became readable while nobody waited (the reader unregistered):
+        #: the next receive may read at once instead of waiting for a loop turn.
+        self.ready = False
 
     # -- receiving ---------------------------------------------------------------
 
@@ -65,6 +68,7 @@ class Waiter:
             self.loop = loop
         fut: asyncio.Future[Any] = loop.create_future()
         receivers.append(fut)
+        self.ready = False
         return fut
 
     def readable(self) -> None:
@@ -93,6 +97,7 @@ class Waiter:
             served = True
         if not served:
             self.stop_reading()  # nobody waits: no read-ahead, no callback every turn
+            self.ready = True  # ... but the next receive knows there is data
 
     def forget(self, fut: asyncio.Future[Any]) -> None:
         """*fut*'s task stopped waiting (cancelled, timed out) before a result came."""
