@@ -44,6 +44,8 @@ from ._platform import PLATFORM, Backend
 
 __all__ = [
     "INT_SIZE",
+    "MSG_CMSG_CLOEXEC",
+    "MSG_CTRUNC",
     "NATIVE_LAYOUT",
     "SCM_CREDENTIALS",
     "SCM_MAX_FD",
@@ -79,6 +81,10 @@ __all__ = [
 SOL_SOCKET: int = _constants.SOL_SOCKET
 #: A plain int: ``&`` with the socket module's enum flag costs a microsecond per message.
 _MSG_CTRUNC: int = int(_constants.MSG_CTRUNC)
+#: The same, public: the channel core (``_protocol.machine``, ``_io``) tests it on every receive.
+MSG_CTRUNC: int = _MSG_CTRUNC
+#: Received descriptors are close-on-exec from the start (0 where it does not exist).
+MSG_CMSG_CLOEXEC: int = int(getattr(_constants, "MSG_CMSG_CLOEXEC", 0))
 SCM_RIGHTS: int = _constants.SCM_RIGHTS
 #: Linux only; ``-1`` (never matches a real type) elsewhere.
 SCM_CREDENTIALS: int = getattr(_constants, "SCM_CREDENTIALS", -1)
@@ -174,7 +180,7 @@ def fd_numbers(fds: Iterable[FdLike]) -> list[int]:
     ``sendmsg`` that carries them has returned (a file collected earlier closes
     its descriptor, and the number may name another file by then).
     """
-    if type(fds) is tuple and len(fds) == 1:  # the common case, without a comprehension
+    if (type(fds) is tuple or type(fds) is list) and len(fds) == 1:  # the common case
         (one,) = fds
         if type(one) is int and one >= 0:
             return [one]

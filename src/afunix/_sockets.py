@@ -18,6 +18,7 @@ restarting) with exponential backoff.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import shutil
@@ -50,6 +51,7 @@ __all__ = [
     "Socket",
     "SocketTypeLike",
     "connect",
+    "connect_nowait",
     "listen",
     "pair",
     "socket_type",
@@ -236,10 +238,12 @@ def pair(type: SocketTypeLike = "stream") -> tuple[Socket, Socket]:
     pass one to a child program with ``subprocess``'s ``pass_fds``.
     """
     sock_type = socket_type(type)
-    a, b = socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    # The C socketpair: socket.socketpair() would build two Python sockets only to
+    # detach them again (a channel pair is mostly object construction).
+    a, b = _socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
     try:
-        sa = Socket(fileno=a.detach())
-        sb = Socket(fileno=b.detach())
+        sa = Socket(socket.AF_UNIX, sock_type, 0, a.detach())
+        sb = Socket(socket.AF_UNIX, sock_type, 0, b.detach())
     finally:
         a.close()
         b.close()
@@ -567,6 +571,36 @@ def _connect_ssh_retrying(
                 raise
         time.sleep(backoff * (2**attempt))
         attempt += 1
+
+
+def connect_nowait(address: AddressLike, type: SocketTypeLike = "stream") -> Socket | None:
+    """One non-blocking connect to a Unix stream or seqpacket *address*, or ``None``.
+
+    The first try of :meth:`afunix.AsyncChannel.connect`: a connected,
+    non-blocking socket when the server's queue had room; ``None`` when the
+    connect would wait (``EAGAIN``: a full queue), was refused (perhaps a server
+    between ``bind()`` and ``listen()``) or is not a Unix stream/seqpacket one:
+    then :func:`connect` decides, in a thread. Other errors are explained as
+    :func:`connect` explains them.
+    """
+    addr = Address.parse(address)
+    sock_type = socket_type(type)
+    if addr.kind in (AddressKind.TCP, AddressKind.UNNAMED) or sock_type == socket.SOCK_DGRAM:
+        return None
+    sock = _new_socket(addr.family, sock_type)
+    try:
+        sock.setblocking(False)
+        sock.connect(addr.sockaddr)
+    except (BlockingIOError, ConnectionRefusedError, InterruptedError):
+        sock.close()
+        return None
+    except OSError as exc:
+        sock.close()
+        raise _explain_connect_error(exc, addr, sock_type) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:

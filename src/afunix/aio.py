@@ -12,8 +12,10 @@ event loop::
             print(msg.data, msg.fds)
 
 asyncio's own ``sock_recv``/``sock_sendall`` cannot carry descriptors, so
-the channel waits for readiness with ``add_reader``/``add_writer`` and makes
-the ``recvmsg``/``sendmsg`` calls itself.
+the channel waits for readiness with ``add_reader``/``add_writer``
+(:mod:`afunix._backends.asyncio`); its reader callback receives for the
+waiting tasks. Every decision is :class:`~afunix._protocol.machine.ChannelProtocol`'s,
+every system call :mod:`afunix._io`'s: this class locks, waits and closes.
 """
 
 from __future__ import annotations
@@ -21,149 +23,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from ._address import AddressLike
-from ._cmsg import SCM_MAX_FD, FdLike, close_fds, fd_numbers, rights
-from ._errors import AfunixError
-from ._fds import Outgoing
-from ._memfd import MEMFD_THRESHOLD, MemfdBuffer, available
-from ._platform import NOSIGNAL
-from ._protocol import DEFAULT_MAX_SIZE
-from ._sockets import SocketTypeLike, connect, listen, pair, type_name
-from .channel import _RECV_BUFSIZE, Message, _Core
+from ._backends.asyncio import Waiter
+from ._cmsg import SCM_MAX_FD, FdLike
+from ._errors import AfunixError, PeerTimeout
+from ._io import prepare, receive, try_frame, write_some
+from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
+from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
+from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, ChannelProtocol, Write, check_timeouts
+from ._protocol.message import Message
+from ._sockets import SocketTypeLike, connect, connect_nowait, listen, pair, type_name
 
 __all__ = ["AsyncChannel"]
 
 
-class _Readiness:
-    """What the event loop says about one channel's socket: readable, writable.
+def _attempt(sock: socket.socket, proto: ChannelProtocol) -> Any:
+    """The reader callback's receive: a result, or ``None`` to wait (holds no channel)."""
 
-    The reader is registered with the loop on the first wait and *stays*
-    registered: a channel being read waits again and again, and an
-    ``add_reader``/``remove_reader`` around every wait costs two
-    ``epoll_ctl`` calls plus asyncio's bookkeeping each time. Readiness is
-    level-triggered, so a registration that nobody waits on fires at every
-    turn of the loop while data sits unread: the first such callback
-    unregisters, and the next wait registers again. The writer is
-    registered only while a task waits on it (a socket is almost always
-    writable, so a lasting registration would fire at every turn).
+    def attempt(read: bool) -> Any:
+        if not proto.idle:
+            event = proto.next_event()
+            if event is not NEED_DATA:
+                return event
+        if not read:
+            return None
+        try:
+            event = receive(sock, proto)
+        except BlockingIOError:
+            return None
+        return None if event is NEED_DATA else event
 
-    This object never refers to its channel (the loop holds it while the
-    reader is registered), so a channel nobody closed can still be
-    collected, and its ``__del__`` unregisters. All waiters of one kind
-    belong to one loop; a channel used from one loop after another moves
-    its registration to the loop it is used from. The loop keeps one reader
-    per descriptor: anything else that waits on the channel's socket with
-    the loop (``loop.sock_recv(chan.socket)``, another ``add_reader``)
-    takes that place over, one more reason never to use the socket itself.
-    """
-
-    __slots__ = ("fd", "loop", "reader", "skip", "writers")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        #: The loop our reader is registered with, or ``None``.
-        self.loop: asyncio.AbstractEventLoop | None = None
-        #: The future of the task waiting to read, or ``None``.
-        self.reader: asyncio.Future[None] | None = None
-        #: Ignore the next reader callback (see :meth:`readable`).
-        self.skip = False
-        #: The futures of the tasks waiting to write (the writer is registered while
-        #: this is not empty).
-        self.writers: list[asyncio.Future[None]] = []
-
-    # -- reading ---------------------------------------------------------------
-
-    def wait_readable(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future done when the socket may be readable (the caller awaits it)."""
-        waiting = self.reader
-        if waiting is not None and not waiting.done():
-            # recv() holds a lock, so this is two loops (or threads) using one channel.
-            raise RuntimeError("another task is already waiting to read this channel")
-        if self.loop is not loop:
-            self.stop_reading()  # registered with an earlier loop (a closed one forgot it)
-            loop.add_reader(self.fd, self.readable)
-            self.loop = loop
-        fut = self.reader = loop.create_future()
-        return fut
-
-    def readable(self) -> None:
-        """The loop's reader callback: wake the task waiting to read, or stop watching."""
-        if self.skip:
-            # The loop polls once more before the task woken last time runs, and that
-            # poll still sees the data the task is about to read: this callback is
-            # old news. (Had we woken a task waiting anew, it would find nothing.)
-            # If more data is there, level-triggered readiness says so again next turn.
-            self.skip = False
-            return
-        fut = self.reader
-        if fut is None or fut.done():  # nobody waits (or the waiter was cancelled)
-            self.stop_reading()
-            return
-        self.reader = None
-        fut.set_result(None)
-        self.skip = True
-
-    def stop_reading(self) -> None:
-        """Unregister the reader, if it is registered."""
-        loop, self.loop, self.skip = self.loop, None, False
-        if loop is not None:
-            loop.remove_reader(self.fd)  # a closed loop returns False: it forgot it already
-
-    # -- writing ---------------------------------------------------------------
-
-    def wait_writable(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future done when the socket may be writable (the caller awaits it)."""
-        writers = self.writers
-        if writers and writers[0].get_loop() is not loop:
-            raise RuntimeError("tasks of another event loop are waiting to write this channel")
-        fut = loop.create_future()
-        if not writers:
-            loop.add_writer(self.fd, self.writable)
-        writers.append(fut)
-        return fut
-
-    def writable(self) -> None:
-        """The loop's writer callback: wake every task waiting to write; unregister."""
-        writers, self.writers = self.writers, []
-        if not writers:  # pragma: no cover - unregistered when the last waiter left
-            return
-        writers[0].get_loop().remove_writer(self.fd)
-        for fut in writers:
-            if not fut.done():
-                fut.set_result(None)
-
-    # -- ending a wait -----------------------------------------------------------
-
-    def forget(self, fut: asyncio.Future[None], writable: bool) -> None:
-        """*fut*'s task stops waiting (woken, cancelled or failed)."""
-        if not writable:
-            if self.reader is fut:
-                self.reader = None  # the reader stays registered for the next wait
-        elif fut in self.writers:
-            self.writers.remove(fut)
-            if not self.writers:
-                fut.get_loop().remove_writer(self.fd)
-
-    def close(self) -> None:
-        """The channel closes: unregister, fail every waiting task with ``EBADF``.
-
-        This runs before the socket closes: a selector that kept the
-        descriptor number would mistake the next socket given that number
-        for this one.
-        """
-        self.stop_reading()
-        writers, self.writers = self.writers, []
-        if writers:
-            writers[0].get_loop().remove_writer(self.fd)
-        reader, self.reader = self.reader, None
-        for fut in [reader, *writers] if reader is not None else writers:
-            if not fut.done() and not fut.get_loop().is_closed():
-                fut.set_exception(AfunixError(errno.EBADF, "the channel was closed"))
+    return attempt
 
 
 class AsyncChannel:
@@ -171,8 +66,9 @@ class AsyncChannel:
 
     The arguments are those of :class:`~afunix.Channel`. Concurrent
     :meth:`send` calls never interleave; concurrent :meth:`recv` calls are
-    served one after the other. :meth:`close` wakes any task waiting on the
-    channel with an ``EBADF`` error.
+    served in the order they came. :meth:`close` wakes any task waiting on
+    the channel with an ``EBADF`` error. A message taken for a task cancelled
+    before it ran goes to the next receiver, never lost.
     """
 
     def __init__(
@@ -182,27 +78,38 @@ class AsyncChannel:
         max_size: int = DEFAULT_MAX_SIZE,
         maxfds: int = SCM_MAX_FD,
         memfd_threshold: int | None = MEMFD_THRESHOLD,
-        recv_bufsize: int = _RECV_BUFSIZE,
+        recv_bufsize: int = RECV_BUFSIZE,
         credentials: bool = False,
         max_fds_in_flight: int | None = None,
+        accept_memfd: bool = True,
+        idle_timeout: float | None = None,
+        message_timeout: float | None = None,
+        send_timeout: float | None = None,
     ) -> None:
-        self._core = _Core(
-            sock,
+        check_timeouts(idle_timeout, message_timeout, send_timeout)
+        kind, room = prepare(sock, credentials=credentials)
+        self._proto = proto = ChannelProtocol(
+            kind,
             max_size=max_size,
             maxfds=maxfds,
             memfd_threshold=memfd_threshold,
-            recv_bufsize=recv_bufsize,
+            accept_memfd=accept_memfd,
             credentials=credentials,
             max_fds_in_flight=max_fds_in_flight,
+            recv_bufsize=recv_bufsize,
+            packet_bufsize=room,
         )
         sock.setblocking(False)
+        self._sock = sock
         self._fd = sock.fileno()
-        self._send_lock = asyncio.Lock()
-        self._recv_lock = asyncio.Lock()
-        #: Tasks in recv() past its fast path (holding or waiting for the lock).
-        self._receivers = 0
-        self._readiness = _Readiness(self._fd)
-        self._core.on_close = self._wake_waiters
+        self._waiter = Waiter(self._fd, _attempt(sock, proto))
+        self._send_lock: asyncio.Lock | None = None  # made at first contention
+        #: Tasks in the locked send path (writing, or waiting to).
+        self._senders = 0
+        self._idle_timeout = idle_timeout
+        self._message_timeout = message_timeout
+        self._send_timeout = send_timeout
+        self._timed = idle_timeout is not None or message_timeout is not None
 
     # -- opening ---------------------------------------------------------------
 
@@ -220,9 +127,15 @@ class AsyncChannel:
         timeout: float | None = None,
         **options: Any,
     ) -> AsyncChannel:
-        """Connect with :func:`afunix.connect` (in a worker thread: a full listen
-        queue makes a Unix connect wait) and wrap the socket."""
-        sock = await asyncio.to_thread(connect, address, type, timeout=timeout)
+        """Connect with :func:`afunix.connect` and wrap the socket.
+
+        One non-blocking connect first; only when it would wait (a full listen
+        queue makes a Unix connect wait in the kernel) or needs
+        :func:`afunix.connect`'s patience does it go to a worker thread.
+        """
+        sock = connect_nowait(address, type)
+        if sock is None:
+            sock = await asyncio.to_thread(connect, address, type, timeout=timeout)
         try:
             return cls(sock, **options)
         except BaseException:
@@ -254,41 +167,23 @@ class AsyncChannel:
             sock.close()
             raise
 
-    # -- readiness -------------------------------------------------------------
-
-    async def _wait(self, writable: bool) -> None:
-        """Until the socket may be writable (or readable), or ``EBADF`` when the channel closes.
-
-        The caller tries its non-blocking call first and waits only after
-        ``EAGAIN``; a wake-up may still be spurious (try again, wait again).
-        """
-        if self._core.closed:
-            raise AfunixError(errno.EBADF, "the channel is closed")
-        loop = asyncio.get_running_loop()
-        readiness = self._readiness
-        fut = readiness.wait_writable(loop) if writable else readiness.wait_readable(loop)
-        try:
-            await fut
-        finally:
-            readiness.forget(fut, writable)
-
     # -- using ---------------------------------------------------------------
 
     @property
     def socket(self) -> socket.socket:
         """The underlying socket (do not read or write it directly)."""
-        return self._core.sock
+        return self._sock
 
     @property
     def type(self) -> str:
-        return type_name(self._core.kind)
+        return type_name(self._proto.kind)
 
     @property
     def closed(self) -> bool:
-        return self._core.closed
+        return self._proto.state is not OPEN
 
     def fileno(self) -> int:
-        return self._core.sock.fileno()
+        return self._sock.fileno()
 
     async def send(
         self,
@@ -300,165 +195,189 @@ class AsyncChannel:
         more: bool = False,
     ) -> None:
         """Send one message; see :meth:`Channel.send` (and its *more*)."""
-        core = self._core
-        if fds:
-            # Read once, and referenced here until sent, across every await (see
-            # channel._kept): the files the caller passed stay open until they went.
-            if type(fds) is not tuple and type(fds) is not list:
-                fds = list(fds)
-            numbers = fd_numbers(fds)
-        else:
-            numbers = []
-        if memfd is None and address is None:
-            frame = core.plain_frame(data, len(numbers)) if len(numbers) <= SCM_MAX_FD else None
-            if frame is not None:
-                if more or core.held:
-                    if not core.room_for(len(numbers)):
-                        await self.flush()
-                    if core.hold(frame, numbers) or not more:
-                        await self.flush()
-                    return
-                async with self._send_lock:
-                    await self._write(frame, numbers)
-                return
-        if core.held:
-            await self.flush()  # keep the order: held messages first
-        size = memoryview(data).nbytes
-        use_memfd = core.use_memfd(size, memfd)
-        try:
-            await self._send(data, numbers, use_memfd, address)
-        except OSError as exc:
-            if exc.errno != errno.EMSGSIZE or memfd is not None or use_memfd or core.stream:
-                raise
-            if not available():  # pragma: no cover - not Linux
-                raise
-            await self._send(data, numbers, True, address)  # the same descriptors
-
-    async def _send(
-        self, data: bytes | bytearray | memoryview, fds: Iterable[FdLike], memfd: bool, address: Any
-    ) -> None:
-        out, mfd = self._core.outgoing(data, fds, memfd, address)
-        try:
-            await self._push(out)
-        finally:
-            if mfd is not None:
-                os.close(mfd)
+        proto = self._proto
+        if self._senders:  # someone is writing: in line behind them
+            await self._write(None, (data, fds, memfd, address, more))
+            return
+        out = proto.send(data, fds, memfd=memfd, address=address, more=more)
+        if isinstance(out, bytes):  # uncontended small message: one send, no lock
+            frame = out
+            try:
+                out = try_frame(self._sock, frame, proto)
+            except BlockingIOError:
+                out = proto.rest_of(frame, 0)
+        if out is not None:
+            await self._write(out)
 
     async def send_buffer(
         self, buf: MemfdBuffer, length: int, fds: Iterable[FdLike] = (), *, address: Any = None
     ) -> None:
         """Seal *buf* and send it as the payload; see :meth:`Channel.send_buffer`."""
-        if type(fds) is not tuple and type(fds) is not list:
-            fds = list(fds)  # read once, referenced until sent (see send)
-        out, mfd = self._core.outgoing_buffer(buf, length, fds, address)
-        try:
-            await self._push(out)
-        finally:
-            os.close(mfd)
-
-    async def _write(self, frame: bytes, fds: list[int] | None = None) -> None:
-        """Write whole frames, *fds* attached to the first byte (the send lock is held)."""
-        sock, sent = self._core.sock, 0
-        try:
-            while fds and not sent:
-                try:
-                    sent = sock.sendmsg([frame], [rights(fds)], NOSIGNAL)
-                except BlockingIOError:
-                    await self._wait(writable=True)
-            while sent < len(frame):
-                try:
-                    sent += sock.send(frame[sent:] if sent else frame, NOSIGNAL)
-                except BlockingIOError:
-                    await self._wait(writable=True)
-        except BaseException:
-            if sent:
-                self.close()  # half a message went out: the framing is lost
-            raise
+        if self._senders:
+            await self._write(None, (buf, length, fds, address))
+            return
+        await self._write(self._proto.send_buffer(buf, length, fds, address=address))
 
     async def flush(self) -> None:
         """Write the messages held by ``send(..., more=True)`` now."""
-        async with self._send_lock:
-            if self._core.held:
-                frames, fds = self._core.take_held()
-                try:
-                    await self._write(frames, fds)
-                finally:
-                    close_fds(fds)  # our duplicates: the kernel holds what is in flight
+        if self._senders:
+            await self._write(None, ())
+        else:
+            out = self._proto.flush()
+            if out is not None:
+                await self._write(out)
 
-    async def _push(self, out: Outgoing) -> None:
-        async with self._send_lock:
+    async def _write(self, out: Write | None, later: tuple[Any, ...] = ()) -> None:
+        """Write *out* (or, in line behind other senders, what *later* makes) and what
+        is queued behind it, under the send lock."""
+        lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = asyncio.Lock()
+        proto = self._proto
+        self._senders += 1
+        try:
+            async with lock:
+                if out is None:
+                    out = self._make(later)
+                while out is not None:
+                    await self._write_one(out)
+                    out = proto.next_write() if proto.queued else None
+        finally:
+            self._senders -= 1
+
+    def _make(self, later: tuple[Any, ...]) -> Write | None:
+        proto = self._proto
+        if not later:
+            return proto.flush()
+        if len(later) == 4:
+            buf, length, fds, address = later
+            return proto.send_buffer(buf, length, fds, address=address)
+        data, fds, memfd, address, more = later
+        out = proto.send(data, fds, memfd=memfd, address=address, more=more)
+        if isinstance(out, bytes):
+            return proto.rest_of(out, 0)
+        return out
+
+    async def _write_one(self, out: Write) -> None:
+        proto, sock = self._proto, self._sock
+        while True:
             try:
-                while True:
-                    try:
-                        if out.send_some(self._core.sock):
-                            return
-                    except BlockingIOError:
-                        await self._wait(writable=True)
-            except BaseException:
-                if out.sent and self._core.stream:
-                    self.close()  # half a message went out: the framing is lost
+                if write_some(sock, out):
+                    if out.owned:
+                        proto.write_done(out)  # (the refs go with the Write, right after)
+                    return
+                continue
+            except BlockingIOError:
+                pass  # wait outside the handler (no "during handling of" context)
+            except BaseException as exc:
+                again = proto.write_failed(out, exc)
+                if again is None:
+                    if proto.state is BROKEN:
+                        self.close()  # half a message went out: the framing is lost
+                    raise
+                out = again
+                continue
+            try:
+                await self._writable()
+            except BaseException as exc:
+                proto.write_failed(out, exc)
+                if proto.state is BROKEN:
+                    self.close()
                 raise
+
+    async def _writable(self) -> None:
+        if self._proto.state is not OPEN:
+            raise _closed()
+        waiter = self._waiter
+        fut = waiter.writable(asyncio.get_running_loop())
+        try:
+            if self._send_timeout is None:
+                await fut
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), self._send_timeout)
+                except TimeoutError:
+                    raise PeerTimeout(
+                        f"the peer did not read for send_timeout={self._send_timeout:g} s: "
+                        "no room in the socket to write to"
+                    ) from None
+        finally:
+            waiter.forget_writer(fut)
 
     async def recv(self) -> Message:
         """Receive one message. ``EOFError`` when the peer has closed."""
-        core = self._core
-        if core.held:
+        proto = self._proto
+        if proto.holding:
             await self.flush()  # a reply may depend on what we hold
-        decoder = core.decoder
-        if decoder is not None and not self._receivers:
-            # Nobody else is receiving or queued to: a message decoded already is
-            # ours without the lock (no await between looking and taking it).
-            item = decoder.next_fast()
-            if item is not None:
-                return Message(item) if isinstance(item, bytes) else core.fds_message(item)
-        self._receivers += 1
+        waiter = self._waiter
+        if not waiter.receivers and (waiter.ready or not proto.idle):
+            # Nobody else is receiving: a message decoded already is ours, and when
+            # data came while nobody waited, one receive takes it without a loop turn.
+            read, waiter.ready = waiter.ready, False
+            try:
+                event = waiter.attempt(read)
+            except BaseException:
+                if proto.state is BROKEN:
+                    self.close()
+                raise
+            if event is not None:
+                if event is CLOSED:
+                    raise EOFError("the peer closed the channel")
+                return event  # type: ignore[no-any-return]
+        if proto.state is not OPEN:
+            raise _closed()
+        fut = waiter.receive(asyncio.get_running_loop())
         try:
-            return await self._recv_locked()
-        finally:
-            self._receivers -= 1
-
-    async def _recv_locked(self) -> Message:
-        core = self._core
-        decoder = core.decoder
-        async with self._recv_lock:
-            while True:
-                if decoder is not None:
-                    item = decoder.next_fast()  # fast path: no memfd, no credentials
-                    if item is not None:
-                        return Message(item) if isinstance(item, bytes) else core.fds_message(item)
-                    started = core.direct_start()  # a large payload: into its own buffer
-                    if started is not None:
-                        return await self._recv_direct(*started)
-                    msg = core.next_message()
-                    if msg is not None:
-                        return msg
-                while True:  # the decoder needs bytes: read (no await while there are some)
-                    try:
-                        msg = core.receive_once()
-                        break
-                    except BlockingIOError:
-                        pass  # wait outside the handler: EBADF or a cancellation is no
-                        # "during handling of BlockingIOError" (and the traceback is freed)
-                    # Nothing new for the decoder while we wait: read straight after.
-                    await self._wait(writable=False)
-                if msg is not None:
-                    return msg
-
-    async def _recv_direct(self, view: memoryview, got: int) -> Message:
-        """The rest of a large plain payload, read straight into *view*."""
-        core, head = self._core, got
-        try:
-            while got < len(view):
-                try:
-                    got += core.direct_read(view, got)
-                    continue
-                except BlockingIOError:
-                    pass  # wait outside the handler (see recv())
-                await self._wait(writable=False)
-        except BaseException:
-            self.close()  # half a payload read (or a bad one): the stream is out of step
+            event = await (fut if not self._timed else self._timed_wait(fut))
+        except asyncio.CancelledError:
+            self._rescue(fut)
             raise
-        return core.direct_done(view, head)
+        except BaseException:
+            if proto.state is BROKEN:
+                self.close()
+            raise
+        if event is CLOSED:
+            raise EOFError("the peer closed the channel")
+        return event  # type: ignore[no-any-return]
+
+    def _rescue(self, fut: asyncio.Future[Any]) -> None:
+        """A receiver was cancelled: a message already taken for it goes to the next one."""
+        self._waiter.forget(fut)
+        if not fut.done():
+            fut.cancel()
+        if not fut.cancelled() and fut.exception() is None:
+            result = fut.result()
+            if isinstance(result, Message) and not self._waiter.give_back(result):
+                self._proto.push_back(result)
+
+    async def _timed_wait(self, fut: asyncio.Future[Any]) -> Any:
+        """*fut* within the idle timeout, and once a message began, the message timeout."""
+        proto = self._proto
+        deadline: float | None = None
+        while True:
+            if proto.receiving and self._message_timeout is not None:
+                if deadline is None:
+                    deadline = time.monotonic() + self._message_timeout
+                limit: float | None = max(deadline - time.monotonic(), 0.0)
+            else:
+                limit = self._idle_timeout if not proto.receiving else None
+                if limit is None:
+                    limit = self._message_timeout  # look again when a message may have begun
+            done, _ = await asyncio.wait([fut], timeout=limit)
+            if done:
+                return fut.result()
+            if deadline is not None:
+                self._rescue(fut)
+                raise PeerTimeout(
+                    f"the peer began a message and did not finish it within "
+                    f"message_timeout={self._message_timeout:g} s; close the channel"
+                )
+            if not proto.receiving and self._idle_timeout is not None:
+                self._rescue(fut)
+                raise PeerTimeout(
+                    f"no message from the peer within idle_timeout={self._idle_timeout:g} s "
+                    "(the channel is still open: receive again or close it)"
+                )
 
     def __aiter__(self) -> AsyncChannel:
         return self
@@ -475,36 +394,34 @@ class AsyncChannel:
         Messages still held by ``send(..., more=True)`` get one non-blocking
         try; :meth:`aclose` (and ``async with``) flushes them properly first.
         """
-        core = self._core
-        if core.held and not core.closed:
-            frames, fds = core.take_held()
-            with contextlib.suppress(OSError):
-                if fds:
-                    core.sock.sendmsg([frames], [rights(fds)], NOSIGNAL)
-                else:
-                    core.sock.send(frames, NOSIGNAL)
-            close_fds(fds)
-        core.close()
-
-    def _wake_waiters(self) -> None:
-        """Called by the core before the socket closes (see :meth:`_Readiness.close`)."""
-        self._readiness.close()
+        proto = self._proto
+        if proto.state is OPEN and proto.holding:
+            out = proto.flush()
+            if out is not None:
+                with contextlib.suppress(OSError):
+                    write_some(self._sock, out)
+                proto.write_done(out)
+        try:
+            self._waiter.close()  # before the socket closes: see Waiter.close
+        finally:
+            proto.close()
+            self._sock.close()
 
     def __del__(self) -> None:
         # A channel nobody closed is being collected (its socket closes next, with a
         # ResourceWarning): take its reader off the loop, whose selector would
         # otherwise keep the descriptor number for a socket that is gone.
-        readiness = getattr(self, "_readiness", None)  # None: __init__ failed early
-        if readiness is not None and readiness.loop is not None:
+        waiter = getattr(self, "_waiter", None)  # None: __init__ failed early
+        if waiter is not None and waiter.loop is not None:
             try:  # no module globals here: they may be gone at interpreter exit
-                readiness.stop_reading()
+                waiter.stop_reading()
             except (RuntimeError, OSError):  # pragma: no cover - a loop of another thread
                 pass
 
     async def aclose(self) -> None:
         """Flush held messages, then close."""
         try:
-            if self._core.held and not self._core.closed:
+            if self._proto.holding and self._proto.state is OPEN:
                 await self.flush()
         finally:
             self.close()
@@ -524,3 +441,7 @@ class AsyncChannel:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
         return f"<afunix.AsyncChannel {self.type} {state}>"
+
+
+def _closed() -> OSError:
+    return AfunixError(errno.EBADF, "the channel is closed")

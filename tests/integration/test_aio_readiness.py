@@ -205,7 +205,7 @@ def test_receivers_are_served_in_the_order_they_came() -> None:
             await a.send(b"x", more=True)
             await a.send(b"y")
             assert bytes((await b.recv()).data) == b"x"
-            assert b._receivers == 0
+            assert not b._waiter.receivers
             assert bytes((await b.recv()).data) == b"y"
 
     run(body())

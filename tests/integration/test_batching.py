@@ -184,11 +184,11 @@ def test_close_drops_held_duplicates() -> None:
         b.close()
         for _ in range(10):
             a.send(b"", [fd], more=True)
-        assert len(a._core.held_fds) == 10
+        assert len(a._proto.held_fds) == 10
     finally:
         a.close()
         os.close(fd)
-    assert a._core.held_fds == []
+    assert a._proto.held_fds == []
 
 
 def test_a_closed_descriptor_is_refused_before_anything_is_held() -> None:
@@ -198,7 +198,7 @@ def test_a_closed_descriptor_is_refused_before_anything_is_held() -> None:
         with pytest.raises(OSError) as info:
             a.send(b"", [fd], more=True)
         assert info.value.errno == errno.EBADF  # from the duplicate
-        assert not a._core.held
+        assert not a._proto.held
         a.send(b"still fine")
         assert b.recv().data == b"still fine"
 
@@ -238,14 +238,14 @@ def test_a_forgotten_message_closes_its_descriptors_and_says_so() -> None:
         a.send(b"one", [fd, fd])
         msg = b.recv()
         received = list(msg.fds)
-        assert b._core.in_flight == 2
+        assert b._proto.in_flight == 2
         with pytest.warns(ResourceWarning, match="2 descriptor"):
             del msg
             gc.collect()
         for got in received:
             with pytest.raises(OSError):
                 os.fstat(got)
-        assert b._core.in_flight == 0
+        assert b._proto.in_flight == 0
         a.send(b"two", [fd, fd])  # room again
         with b.recv() as again:
             assert len(again.fds) == 2
