@@ -12,9 +12,11 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -30,6 +32,7 @@ from afunix.server import AsyncConnection, AsyncServer, Datagram, async_echo
 from ..conftest import NOBODY, open_fds
 
 LIMIT = 30.0  # seconds any one program may take
+DOCS = Path(__file__).parents[2] / "docs" / "servers.md"
 
 
 async def _echo(path: Path, data: bytes = b"ping") -> bytes:
@@ -507,3 +510,23 @@ def test_a_server_never_served_is_closed_by_aclose_or_close(sockdir: Path) -> No
     asyncio.run(one.aclose())
     two.close()
     assert not first.exists() and not second.exists()
+
+
+# ------------------------------------------------------ docs/servers.md runs
+def _examples() -> list[tuple[str, str]]:
+    """Each ```python block of docs/servers.md and the ```text block after it (its output)."""
+    return re.findall(
+        r"```python\n(.*?)```\n\nIt prints:\n\n```text\n(.*?)```", DOCS.read_text(), re.S
+    )
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["asyncio", "anyio"])
+def test_the_examples_in_docs_servers_md_run_and_print_what_the_page_says(index: int) -> None:
+    examples = _examples()
+    assert len(examples) == 2, "docs/servers.md: two examples, each followed by its output"
+    code, output = examples[index]
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=LIMIT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == output

@@ -31,7 +31,7 @@ def test_core_imports_only_the_standard_library() -> None:
 
     code = (
         "import sys, afunix, afunix.server\n"
-        "bad = [m for m in ('rich', 'matplotlib', 'zmq', 'uvloop') if m in sys.modules]\n"
+        "bad = [m for m in ('rich', 'matplotlib', 'zmq', 'uvloop', 'anyio', 'trio') if m in sys.modules]\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)

@@ -41,10 +41,16 @@ The models:
 let connections in flight finish for up to ``shutdown_timeout`` seconds,
 then close the rest and remove the socket file.
 
+A program that already runs an asyncio loop (or anyio on asyncio) embeds an
+:class:`AsyncServer` instead: same options, awaited in that loop, no signal
+handlers of its own unless asked (``docs/servers.md``).
+``Server(model="asyncio")`` runs an :class:`AsyncServer` in an ``asyncio.Runner``.
+
 The package, one module per job (see ``docs/architecture.md``): ``_listener``
 (where the listening socket comes from, READY notices, hand-over, stopping),
 ``_admission`` (per-uid cap, ``policy``, ``verify``, refusals), ``_connection``
-(what a handler gets), ``_threads`` and ``_async`` (the runners) and
+(what a handler gets), ``_threads`` and ``_async`` (the runners), ``_parts``
+(what both server classes share), ``_aserver`` (:class:`AsyncServer`) and
 :mod:`afunix.server.handlers` (echo handlers). :class:`Server` ties them together.
 """
 
