@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from .._address import AddressLike
 from .._limits import DEFAULT_LIMITS, Limits
@@ -31,9 +31,10 @@ __all__ = ["AsyncServer", "TaskStatus", "serve_parts"]
 
 
 class TaskStatus(Protocol):
-    """What trio's and anyio's ``task_status`` offer: ``started()`` once ready."""
+    """What this server needs of trio's and anyio's ``task_status``: ``started()``,
+    called once accepting (their ``TaskStatus[None]`` fits)."""
 
-    def started(self, value: Any = None) -> None: ...
+    def started(self) -> None: ...
 
 
 class AsyncServer(ServerParts):
