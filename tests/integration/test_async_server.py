@@ -221,6 +221,40 @@ def test_shutdown_drains_connected_clients_then_removes_the_path(
     assert not path.exists()
 
 
+RACE_ROUNDS = 1000
+
+
+def test_shutdown_from_a_thread_racing_the_start_of_serving(sockdir: Path) -> None:
+    """1,000 rounds: shutdown() from a thread started as serve_forever begins lands
+    before, while or after the loop arms its wake-up; every round ends (never a
+    server deaf to its stop request) and removes the file."""
+    path = sockdir / "race.sock"
+    ended = 0
+
+    async def main() -> None:
+        nonlocal ended
+        for i in range(RACE_ROUNDS):
+            server = AsyncServer(path, async_echo)
+            serving = asyncio.create_task(server.serve_forever())
+            stopper = threading.Thread(target=server.shutdown)
+            stopper.start()
+            for _ in range(i % 4):  # let serve_forever get a little further each round
+                await asyncio.sleep(0)
+            async with asyncio.timeout(10):
+                await serving
+            stopper.join()
+            assert not path.exists(), f"round {i}"
+            ended += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython can: a wide race
+    try:
+        _run(main)
+    finally:
+        sys.setswitchinterval(interval)
+    assert ended == RACE_ROUNDS
+
+
 def test_shutdown_before_serving_ends_serving_at_once(sockdir: Path) -> None:
     path = sockdir / "early.sock"
 
