@@ -53,6 +53,7 @@ if _typing.TYPE_CHECKING:  # imported on first use (they load asyncio): see __ge
     from ._limits import Limits as Limits
     from .aio import AsyncChannel as AsyncChannel
     from .server import AsyncConnection as AsyncConnection
+    from .server import AsyncServer as AsyncServer
     from .server import Connection as Connection
     from .server import Datagram as Datagram
     from .server import Server as Server
@@ -72,6 +73,7 @@ __all__ = [
     "AfunixError",
     "AsyncChannel",
     "AsyncConnection",
+    "AsyncServer",
     "Channel",
     "Connection",
     "ControlTruncated",
@@ -108,6 +110,7 @@ __all__ = [
 _LAZY: dict[str, str] = {
     "AsyncChannel": "afunix.aio",
     "AsyncConnection": "afunix.server",
+    "AsyncServer": "afunix.server",
     "Connection": "afunix.server",
     "Datagram": "afunix.server",
     "Limits": "afunix._limits",

@@ -41,10 +41,16 @@ The models:
 let connections in flight finish for up to ``shutdown_timeout`` seconds,
 then close the rest and remove the socket file.
 
+A program that already runs an asyncio loop (or anyio on asyncio) embeds an
+:class:`AsyncServer` instead: same options, awaited in that loop, no signal
+handlers of its own unless asked (``docs/servers.md``).
+``Server(model="asyncio")`` runs an :class:`AsyncServer` in an ``asyncio.Runner``.
+
 The package, one module per job (see ``docs/architecture.md``): ``_listener``
 (where the listening socket comes from, READY notices, hand-over, stopping),
 ``_admission`` (per-uid cap, ``policy``, ``verify``, refusals), ``_connection``
-(what a handler gets), ``_threads`` and ``_async`` (the runners) and
+(what a handler gets), ``_threads`` and ``_async`` (the runners), ``_parts``
+(what both server classes share), ``_aserver`` (:class:`AsyncServer`) and
 :mod:`afunix.server.handlers` (echo handlers). :class:`Server` ties them together.
 """
 
@@ -52,23 +58,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import inspect
 import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar, cast, overload
+from typing import Literal, TypeVar, cast
 
-from .._address import Address, AddressLike
+from .._address import AddressLike
 from .._errors import AfunixError
 from .._limits import DEFAULT_LIMITS as DEFAULT_LIMITS
 from .._limits import Limits as Limits
-from .._sockets import SocketTypeLike, socket_type
+from .._sockets import SocketTypeLike
 from ..policy import PeerPolicy
 from ._admission import REFUSAL_LOG_INTERVAL as REFUSAL_LOG_INTERVAL
 from ._admission import Admission
 from ._admission import Verifier as Verifier
-from ._async import AsyncRunner
+from ._aserver import AsyncServer as AsyncServer
+from ._aserver import serve_parts
 from ._connection import AsyncConnection as AsyncConnection
 from ._connection import Connection as Connection
 from ._connection import Datagram as Datagram
@@ -76,8 +82,8 @@ from ._connection import Handler as Handler
 from ._connection import Model as Model
 from ._connection import describe_peer as describe_peer
 from ._connection import log_handler_failure as log_handler_failure
-from ._listener import ListeningSocket
 from ._listener import somaxconn as somaxconn
+from ._parts import ServerParts, check_options, open_listener
 from ._threads import THREAD_MAX_CLIENTS as THREAD_MAX_CLIENTS
 from ._threads import ForkRunner, ThreadRunner
 from .handlers import async_datagram_echo as async_datagram_echo
@@ -88,6 +94,7 @@ from .handlers import echo_handler as echo_handler
 
 __all__ = [
     "AsyncConnection",
+    "AsyncServer",
     "Connection",
     "Datagram",
     "Handler",
@@ -97,78 +104,10 @@ __all__ = [
 
 log = logging.getLogger("afunix.server")
 
-T = TypeVar("T")
-Runner = TypeVar("Runner", ThreadRunner, ForkRunner, AsyncRunner)
+Runner = TypeVar("Runner", ThreadRunner, ForkRunner)
 
 
-class _Part(Generic[T]):
-    """An attribute of :class:`Server` that one of its parts keeps: read and written there."""
-
-    def __init__(self, part: str, doc: str) -> None:
-        self.part = part
-        self.__doc__ = doc
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> _Part[T]: ...
-    @overload
-    def __get__(self, obj: object, owner: type | None = None) -> T: ...
-    def __get__(self, obj: object, owner: type | None = None) -> T | _Part[T]:
-        if obj is None:
-            return self
-        return cast(T, getattr(getattr(obj, self.part), self.name))
-
-    def __set__(self, obj: object, value: T) -> None:
-        setattr(getattr(obj, self.part), self.name, value)
-
-
-def _is_async(handler: Handler) -> bool:
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004
-    )
-
-
-def _checked(
-    handler: Handler,
-    model: Model,
-    type: SocketTypeLike,
-    *,
-    max_clients: int | None,
-    max_clients_per_uid: int | None,
-    backlog: int | None,
-    event_loop: str,
-) -> tuple[int, int | None]:
-    """Check :class:`Server`'s options before any socket exists; the socket type and
-    ``max_clients`` (``model="thread"``: :data:`THREAD_MAX_CLIENTS` unless given)."""
-    if model not in ("asyncio", "thread", "fork"):
-        raise ValueError(f"unknown model {model!r}: use 'asyncio', 'thread' or 'fork'")
-    is_async = _is_async(handler)
-    if model == "asyncio" and not is_async:
-        raise TypeError(
-            "model='asyncio' needs an 'async def' handler; for a plain function pass "
-            "model='thread' or model='fork'"
-        )
-    if model != "asyncio" and is_async:
-        raise TypeError(f"model={model!r} needs a plain function, not an 'async def' handler")
-    if max_clients is not None and max_clients < 1:
-        raise ValueError("max_clients must be at least 1")
-    if max_clients is None and model == "thread":
-        max_clients = THREAD_MAX_CLIENTS
-    if max_clients_per_uid is not None and max_clients_per_uid < 1:
-        raise ValueError("max_clients_per_uid must be at least 1")
-    if backlog is not None and backlog < 0:
-        raise ValueError(f"backlog must be 0 or more, not {backlog}")
-    sock_type = socket_type(type)
-    if max_clients_per_uid is not None and sock_type == socket.SOCK_DGRAM:
-        raise ValueError("max_clients_per_uid counts connections: a datagram server has none")
-    if event_loop not in ("asyncio", "uvloop"):
-        raise ValueError(f"unknown event loop {event_loop!r}: use 'asyncio' or 'uvloop'")
-    return sock_type, max_clients
-
-
-class Server:
+class Server(ServerParts):
     """A Unix-domain (or TCP) server. See the module docs for handler shapes.
 
     The socket is bound when the server is constructed, so errors such as
@@ -229,42 +168,6 @@ class Server:
       accepted, sending nothing, is dropped without a handler.
     """
 
-    policy: _Part[PeerPolicy | None] = _Part("_admission", "Who may connect (``policy=``).")
-    verify: _Part[Verifier | None] = _Part(
-        "_admission", "The ``verify(sock, peer)`` hook, after it."
-    )
-    max_clients: _Part[int | None] = _Part("_admission", "Clients served at once.")
-    max_clients_per_uid: _Part[int | None] = _Part(
-        "_admission",
-        "Connections one uid may hold at once (see :attr:`uid_limit`); ``None``: no cap.",
-    )
-    refuse_with: _Part[bytes] = _Part(
-        "_admission",
-        "Sent, best effort and without waiting, to a client refused by the per-uid cap.",
-    )
-    uid_limit: _Part[int | None] = _Part("_admission", Admission.uid_limit.__doc__ or "")
-    served: _Part[int] = _Part(
-        "_admission", "Connections served so far (accepted, handed to a handler)."
-    )
-    rejected: _Part[int] = _Part(
-        "_admission", "Connections (and datagrams) refused by ``policy`` or ``verify``."
-    )
-    hung_up: _Part[int] = _Part(
-        "_admission",
-        "Clients dropped at accept because they had already hung up, sending nothing "
-        "(with a per-uid cap only; they would hold a slot for nothing).",
-    )
-    refused: _Part[dict[str, int]] = _Part(
-        "_admission",
-        "Clients turned away before any handler ran, by reason: ``uid-limit`` "
-        "(:attr:`uid_limit`), ``no-thread`` (a thread could not be started), "
-        "``no-process`` (``fork()`` failed). Each is logged in aggregate.",
-    )
-    fdstore: _Part[bool] = _Part("_listener", "Park the listener with systemd (``FDSTORE=1``).")
-    handed_over_to: _Part[int | None] = _Part(
-        "_listener", "The successor's pid after a :meth:`hand_over`."
-    )
-
     def __init__(
         self,
         address: AddressLike,
@@ -290,7 +193,7 @@ class Server:
         on_ready: Callable[[Server], None] | None = None,
         event_loop: Literal["asyncio", "uvloop"] = "asyncio",
     ) -> None:
-        sock_type, max_clients = _checked(
+        sock_type, max_clients = check_options(
             handler,
             model,
             type,
@@ -314,42 +217,25 @@ class Server:
             refuse_with=refuse_with,
             fork=model == "fork",
         )
-        self._listener = listener = self._listen(
+        self._listener = listener = open_listener(
             address,
-            sock,
-            inherit,
-            fdstore,
+            sock_type,
+            self._admission,
+            sock=sock,
+            inherit=inherit,
+            fdstore=fdstore,
             backlog=backlog,
             mode=mode,
             owner=owner,
             group=group,
             parent_mode=parent_mode,
         )
-        self.sock: socket.socket = listener.sock
-        self.address: Address = listener.address
-        #: How the listening socket was obtained: "given", "handoff", "activation", "bound".
+        listener.on_ready = self._announced
+        self.sock = listener.sock
+        self.address = listener.address
         self.origin = listener.origin
         self._thread: threading.Thread | None = None
         self._closed = False
-
-    def _listen(
-        self,
-        address: AddressLike,
-        sock: socket.socket | None,
-        inherit: bool,
-        fdstore: bool,
-        **bind: Any,
-    ) -> ListeningSocket:
-        """The listener (:meth:`ListeningSocket.acquire`); closed if admission cannot work."""
-        listener = ListeningSocket.acquire(address, self.type, sock=sock, inherit=inherit, **bind)
-        listener.fdstore = fdstore
-        listener.on_ready = self._announced
-        try:
-            self._admission.prepare(listener.sock, listener.address, self.type)
-        except BaseException:
-            listener.close()
-            raise
-        return listener
 
     def _announced(self) -> None:
         if self.on_ready is not None:
@@ -377,8 +263,16 @@ class Server:
             handle_signals = threading.current_thread() is threading.main_thread()
         try:
             if self.model == "asyncio":
+                server = serve_parts(
+                    self._listener,
+                    self._admission,
+                    self.handler,
+                    self.limits,
+                    shutdown_timeout=self.shutdown_timeout,
+                    handle_signals=handle_signals,
+                )
                 with asyncio.Runner(loop_factory=self._loop_factory()) as runner:
-                    runner.run(self._runner(AsyncRunner).serve(handle_signals))
+                    runner.run(server.serve_forever())
             elif self.model == "fork":
                 self._runner(ForkRunner).run(handle_signals)
             else:
@@ -421,10 +315,6 @@ class Server:
         self._thread.start()
         self._listener.ready.wait(10)
         return self
-
-    def shutdown(self) -> None:
-        """Ask the server to stop (thread- and signal-safe); returns at once."""
-        self._listener.request_stop()
 
     def stop(self, timeout: float | None = None) -> None:
         """:meth:`shutdown`, then wait for a :meth:`start`-ed server to finish."""

@@ -1,21 +1,23 @@
-"""The asyncio runner: one event loop, a task per connection (or datagram).
+"""The asyncio runner: a task per connection (or datagram), in the running event loop.
 
-``Server(model="asyncio")`` runs :meth:`AsyncRunner.serve` in an
-``asyncio.Runner`` of its own. The loop waits for a client or a stop request,
-whichever comes first (a client accepted while stopping is still served),
-admits it and starts a task; ``max_clients`` is a semaphore taken before each
-accept. Out of descriptors or memory, it pauses 0.1 s. On stop it closes the
-listener, lets tasks finish for ``shutdown_timeout`` and cancels the rest.
+:class:`~afunix.server.AsyncServer` runs :meth:`AsyncRunner.serve` in the
+caller's loop (``Server(model="asyncio")`` in an ``asyncio.Runner`` of its
+own). The loop waits for a client or a stop request, whichever comes first (a
+client accepted while stopping is still served), admits it and starts a task;
+``max_clients`` is a semaphore taken before each accept. Out of descriptors or
+memory, it pauses 0.1 s. On stop it closes the listener, lets tasks finish for
+``shutdown_timeout`` and cancels the rest. Cancelled itself, it closes the
+listener and cancels every connection's task at once, and waits (up to a
+second) for them to close their sockets before the cancellation goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._address import Address
@@ -56,10 +58,20 @@ class AsyncRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit: asyncio.Semaphore | None = None
         self._pinger: asyncio.TimerHandle | None = None
+        self._getter: asyncio.Future[_Next] | None = None  # the accept under way
 
-    async def serve(self, handle_signals: bool) -> None:
+    @property
+    def tasks(self) -> frozenset[asyncio.Task[None]]:
+        """The tasks of the connections (and datagrams) being served now."""
+        return frozenset(self._tasks)
+
+    async def serve(self, handle_signals: bool, started: Callable[[], None] | None = None) -> None:
         """Serve until the listener's stop request (or ``SIGTERM``/``SIGINT`` when
-        *handle_signals*); then stop accepting and drain."""
+        *handle_signals*); then stop accepting and drain.
+
+        *started* is called once accepting (after the READY notices). Cancelled,
+        or failing, it stops accepting and ends every connection now.
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -78,10 +90,16 @@ class AsyncRunner:
             loop.add_signal_handler(signal.SIGUSR2, self.listener.hand_over_in_background)
         try:
             self.listener.announce()
+            if started is not None:
+                started()
             if period is not None:
                 self._ping(loop, period)
             await self._accept_loop(stop)
             await self._drain()
+        except BaseException:  # cancelled (or failed): no drain, every connection ends now
+            self.listener.stop_accepting()
+            await self._end_now()
+            raise
         finally:
             if self._pinger is not None:
                 self._pinger.cancel()
@@ -140,16 +158,17 @@ class AsyncRunner:
             getter: Awaitable[_Next] = self._next_datagram()
         else:
             getter = asyncio.get_running_loop().sock_accept(self.listener.sock)
-        fut = asyncio.ensure_future(getter)
+        fut = self._getter = asyncio.ensure_future(getter)
         done, _ = await asyncio.wait({fut, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if fut in done:
-            return fut, False
-        fut.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await fut
-        if fut.cancelled() or fut.exception() is not None:
-            return None
-        return fut, True  # accept() completed while we were stopping: serve that client too
+        if fut not in done:
+            fut.cancel()
+            await asyncio.wait({fut})  # (raises only if this task is cancelled)
+            if fut.cancelled() or fut.exception() is not None:
+                self._getter = None
+                return None
+        self._getter = None  # the caller takes its result at once
+        # accept() may have completed while we were stopping: that client is served too
+        return fut, fut not in done
 
     def _start(self, first: Any, raw: Any) -> asyncio.Task[None] | None:
         """A task for an admitted client; ``None`` if it was refused (and closed)."""
@@ -182,6 +201,31 @@ class AsyncRunner:
         if pending:
             log.warning("cancelled %d connections still open at shutdown", len(pending))
             await asyncio.wait(pending, timeout=1.0)
+
+    async def _end_now(self) -> None:
+        """Cancel every connection's task and wait, up to a second, for them to close.
+
+        This task may itself be cancelled again meanwhile (anyio's cancel scopes
+        cancel it at every ``await`` until it ends): the wait goes on regardless,
+        so that no connection's socket outlives :meth:`serve`.
+        """
+        pending: set[asyncio.Future[Any]] = set(self._tasks)
+        getter, self._getter = self._getter, None  # an accept (or datagram) under way
+        if getter is not None:
+            pending.add(getter)
+        for task in pending:
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while pending and (left := deadline - loop.time()) > 0:
+            try:
+                _, pending = await asyncio.wait(pending, timeout=left)
+            except asyncio.CancelledError:
+                pending = {task for task in pending if not task.done()}
+        if getter is not None:
+            _close_unserved(getter)
+        if pending:
+            log.warning("%d connection task(s) ignored cancellation at shutdown", len(pending))
 
     async def _connection(
         self, conn: socket.socket, peer: Address, creds: PeerCredentials | None, uid: int | None
@@ -238,3 +282,11 @@ class AsyncRunner:
 def _set_done(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _close_unserved(getter: asyncio.Future[_Next]) -> None:
+    """Close a client accepted just before a cancellation, which no task will serve."""
+    if getter.done() and not getter.cancelled() and getter.exception() is None:
+        first, _raw = getter.result()
+        if isinstance(first, socket.socket):
+            first.close()
