@@ -28,6 +28,7 @@ from afunix._memfd import MEMFD_THRESHOLD, MemfdBuffer
 BIG = 40 << 20
 assert BIG > MEMFD_THRESHOLD  # a local channel would send it as a memfd
 BATCH = 500
+ROUNDS = 1000
 
 
 def big_payload() -> bytes:
@@ -136,6 +137,37 @@ def test_descriptors_are_refused_and_the_channel_goes_on(
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_refusals_mixed_into_batches_never_leave_a_byte(
+    tcp_pair: tuple[Channel, Channel],
+) -> None:
+    """1,000 rounds of a held message, a refused one and a sent one: the receiver
+    gets exactly the held and the sent ones, in order."""
+    client, server = tcp_pair
+
+    got: list[bytes] = []
+
+    def receive() -> None:
+        for _ in range(2 * ROUNDS):
+            with server.recv() as msg:
+                got.append(bytes(msg.data) + b"+fds" * bool(msg.fds))
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    refused = 0
+    try:
+        for i in range(ROUNDS):
+            client.send(b"held %d" % i, more=True)
+            try:
+                client.send(b"refused %d" % i, fds=[0], more=i % 2 == 0)
+            except UnsupportedFeature:
+                refused += 1
+            client.send(b"sent %d" % i)
+    finally:
+        receiver.join(30)
+    assert not receiver.is_alive() and refused == ROUNDS
+    assert got == [b"%s %d" % (kind, i) for i in range(ROUNDS) for kind in (b"held", b"sent")]
 
 
 def test_credentials_are_refused_on_both_ends() -> None:
