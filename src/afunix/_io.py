@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from ._address import Address
 from ._cmsg import INT_SIZE, MSG_CMSG_CLOEXEC, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET
 from ._errors import UnsupportedFeature
 from ._platform import NOSIGNAL
@@ -38,37 +39,68 @@ _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
 
 
-def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int]:
-    """Check *sock* is an ``AF_UNIX`` socket a channel can use; ``(type, packet room)``.
+def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int, str | None]:
+    """Check *sock* is a socket a channel can use: ``(type, packet room, transport)``.
 
-    The packet room (seqpacket and datagram) is the larger socket buffer: a
-    packet cannot be bigger than its sender's send buffer, bigger payloads go
-    as memfds. With *credentials*, ``SO_PASSCRED`` is set.
+    ``AF_UNIX`` of any type, or TCP (``AF_INET``/``AF_INET6`` stream). The
+    packet room (seqpacket and datagram) is the larger socket buffer: a packet
+    cannot be bigger than its sender's send buffer, bigger payloads go as
+    memfds. *transport* is ``None`` when the socket carries descriptors, else
+    its name for error messages (TCP, or a socket whose ``carries_fds``
+    attribute is ``False``, such as an ``ssh://`` one): the channel then refuses
+    descriptors, memfds and credentials. With *credentials* on a Unix socket,
+    ``SO_PASSCRED`` is set. Called once per channel: the send and receive
+    paths never ask again.
     """
     try:  # the C attributes: socket.socket's properties build an enum on every read
         family, kind = _family_of(sock), _type_of(sock)
     except TypeError:  # not built on the C socket type: ask it the ordinary way
         family, kind = sock.family, int(sock.type)
     if family != socket.AF_UNIX:
-        raise UnsupportedFeature(
-            "descriptor passing needs an AF_UNIX socket; this one is "
-            f"{socket.AddressFamily(family).name}"
-        )
+        return kind, 0, _prepare_tcp(sock, family, kind)
     if kind not in _KINDS:
         raise UnsupportedFeature(f"unsupported socket type {kind}")
+    if getattr(sock, "carries_fds", True) is False:
+        where = getattr(sock, "remote_address", None)
+        return kind, 0, str(where) if where else "this socket (its carries_fds is False)"
     if credentials:
         passcred = getattr(socket, "SO_PASSCRED", None)
         if passcred is None:  # pragma: no cover - not Linux
             raise UnsupportedFeature("per-message credentials (SO_PASSCRED) need Linux")
         sock.setsockopt(socket.SOL_SOCKET, passcred, 1)
     if kind == socket.SOCK_STREAM:
-        return kind, 0
+        return kind, 0, None
     room = max(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
         PACKET_MIN,
     )
-    return kind, room
+    return kind, room, None
+
+
+def _prepare_tcp(sock: socket.socket, family: int, kind: int) -> str:
+    """Check a TCP socket, set ``TCP_NODELAY``; its name, e.g. ``TCP (tcp://10.0.0.2:7000)``."""
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
+        raise UnsupportedFeature(
+            "a channel needs an AF_UNIX socket, or a TCP one (AF_INET/AF_INET6 stream); "
+            f"this one is {_name(socket.AddressFamily, family)} {_name(socket.SocketKind, kind)}"
+        )
+    # Channel traffic is small messages, often request and response: with Nagle's
+    # algorithm a small frame waits until the peer acknowledged the previous one,
+    # and the peer's delayed ACK makes that up to 40 ms (Linux) per round trip.
+    # Batching is explicit instead: send(..., more=True) writes many frames at once.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        return f"TCP ({Address.from_sockaddr(family, sock.getpeername())})"
+    except OSError:  # not connected (yet): every use will say so
+        return "TCP"
+
+
+def _name(enum: Any, value: int) -> str:
+    try:
+        return str(enum(value).name)
+    except ValueError:
+        return str(value)
 
 
 def set_timeout(sock: socket.socket, option: int, seconds: float | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -54,6 +55,7 @@ __all__ = [
     "connect_nowait",
     "listen",
     "pair",
+    "refuse_exposed",
     "socket_type",
     "type_name",
 ]
@@ -306,6 +308,52 @@ def listen(
         sock.close()
         raise
     return sock
+
+
+def refuse_exposed(
+    address: AddressLike, *, allow_remote: bool, sock: socket.socket | None = None
+) -> Address:
+    """Refuse a ``tcp://`` address other hosts can reach, unless *allow_remote*.
+
+    Plain TCP authenticates nobody: whoever reaches the port may connect and
+    send. Loopback (``127.0.0.0/8``, ``::1``, a name such as ``localhost``
+    that resolves to those only) is allowed. Without *sock* the name is
+    resolved now, before anything is bound; with *sock* (bound by then) its
+    own address is checked, so a name that resolved differently at ``bind``
+    cannot slip through. Other addresses pass. Returns the parsed address.
+    """
+    addr = Address.parse(address)
+    if addr.kind is not AddressKind.TCP or allow_remote:
+        return addr
+    if sock is not None:
+        hosts = [str(sock.getsockname()[0])]
+    else:
+        try:
+            infos = socket.getaddrinfo(addr.host, addr.port, addr.family, socket.SOCK_STREAM)
+        except socket.gaierror:
+            return addr  # listen() reports the name it cannot resolve
+        hosts = [str(info[4][0]) for info in infos]
+    exposed = sorted({host for host in hosts if not _is_loopback(host)})
+    if exposed:
+        raise AfunixError(
+            errno.EACCES,
+            f"refusing to listen on {addr}: {', '.join(exposed)} is not a loopback address, "
+            "and plain TCP has no authentication (anyone who can reach the port could "
+            "connect); listen on 127.0.0.1, ::1 or localhost, reach this host through "
+            "ssh:// instead, or pass allow_remote=True if every host that can reach it "
+            "is trusted",
+        )
+    return addr
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])  # fe80::1%eth0: no scope
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _explain_connect_error(exc: OSError, addr: Address, sock_type: int) -> OSError:
@@ -585,8 +633,8 @@ def connect_nowait(address: AddressLike, type: SocketTypeLike = "stream") -> Soc
     """
     addr = Address.parse(address)
     sock_type = socket_type(type)
-    if addr.kind in (AddressKind.TCP, AddressKind.UNNAMED) or sock_type == socket.SOCK_DGRAM:
-        return None
+    if not addr.is_unix or addr.kind is AddressKind.UNNAMED or sock_type == socket.SOCK_DGRAM:
+        return None  # tcp://, ssh:// (a process to start), tls://: connect() decides
     sock = _new_socket(addr.family, sock_type)
     try:
         sock.setblocking(False)

@@ -62,9 +62,10 @@ def _attempt(sock: socket.socket, proto: ChannelProtocol) -> Any:
 
 
 class AsyncChannel:
-    """Messages with descriptors over one Unix-domain socket, for asyncio.
+    """Messages with descriptors over one Unix-domain socket (or TCP), for asyncio.
 
-    The arguments are those of :class:`~afunix.Channel`. Concurrent
+    The arguments are those of :class:`~afunix.Channel` (and so are the rules
+    over ``tcp://`` and ``ssh://``: no descriptors, memfds or credentials). Concurrent
     :meth:`send` calls never interleave; concurrent :meth:`recv` calls are
     served in the order they came. :meth:`close` wakes any task waiting on
     the channel with an ``EBADF`` error. A message taken for a task cancelled
@@ -87,7 +88,7 @@ class AsyncChannel:
         send_timeout: float | None = None,
     ) -> None:
         check_timeouts(idle_timeout, message_timeout, send_timeout)
-        kind, room = prepare(sock, credentials=credentials)
+        kind, room, transport = prepare(sock, credentials=credentials)
         self._proto = proto = ChannelProtocol(
             kind,
             max_size=max_size,
@@ -98,6 +99,8 @@ class AsyncChannel:
             max_fds_in_flight=max_fds_in_flight,
             recv_bufsize=recv_bufsize,
             packet_bufsize=room,
+            carries_fds=transport is None,
+            transport=transport or "",
         )
         sock.setblocking(False)
         self._sock = sock
@@ -115,7 +118,7 @@ class AsyncChannel:
 
     @classmethod
     def from_socket(cls, sock: socket.socket, **options: Any) -> AsyncChannel:
-        """Wrap *sock* (made non-blocking), checking it is ``AF_UNIX``; the channel owns it."""
+        """Wrap *sock* (made non-blocking; ``AF_UNIX`` or connected TCP); the channel owns it."""
         return cls(sock, **options)
 
     @classmethod
@@ -131,7 +134,8 @@ class AsyncChannel:
 
         One non-blocking connect first; only when it would wait (a full listen
         queue makes a Unix connect wait in the kernel) or needs
-        :func:`afunix.connect`'s patience does it go to a worker thread.
+        :func:`afunix.connect`'s patience does it go to a worker thread, as
+        ``tcp://`` and ``ssh://`` (an ``ssh`` login) always do.
         """
         sock = connect_nowait(address, type)
         if sock is None:

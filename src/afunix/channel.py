@@ -50,7 +50,15 @@ from ._platform import PLATFORM
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, ChannelProtocol, Write, check_timeouts
 from ._protocol.message import Message
-from ._sockets import SocketTypeLike, connect, listen, pair, socket_type, type_name
+from ._sockets import (
+    SocketTypeLike,
+    connect,
+    listen,
+    pair,
+    refuse_exposed,
+    socket_type,
+    type_name,
+)
 
 __all__ = ["Channel", "Listener", "Message"]
 
@@ -58,12 +66,18 @@ _RCVTIMEO, _SNDTIMEO = socket.SO_RCVTIMEO, socket.SO_SNDTIMEO
 
 
 class Channel:
-    """Messages with descriptors over one Unix-domain socket (blocking).
+    """Messages with descriptors over one Unix-domain socket (blocking), or over TCP.
 
     Args:
         sock: a connected stream/seqpacket socket, or a datagram socket
             (connected, or bound and used with ``address=``). The channel
-            takes ownership and closes it.
+            takes ownership and closes it. A connected TCP socket
+            (``tcp://``), or one whose ``carries_fds`` attribute is ``False``
+            (``ssh://``), carries messages and batches only: descriptors,
+            ``memfd=True`` and :meth:`send_buffer` raise
+            :class:`~afunix.UnsupportedFeature` before anything is sent (the
+            channel stays usable), ``credentials=True`` is refused, and large
+            payloads go inline (the receiver sees the same :attr:`Message.data`).
         max_size: largest payload accepted, inline or memfd (default 64 MiB);
             a larger frame from the peer is a protocol error.
         maxfds: most descriptors accepted with one message (0-253). On a
@@ -113,7 +127,7 @@ class Channel:
         message_timeout: float | None = None,
         send_timeout: float | None = None,
     ) -> None:
-        kind, room = prepare(sock, credentials=credentials)
+        kind, room, transport = prepare(sock, credentials=credentials)
         self._proto = ChannelProtocol(
             kind,
             max_size=max_size,
@@ -124,6 +138,8 @@ class Channel:
             max_fds_in_flight=max_fds_in_flight,
             recv_bufsize=recv_bufsize,
             packet_bufsize=room,
+            carries_fds=transport is None,
+            transport=transport or "",
         )
         self._sock = sock
         self._send_lock = threading.Lock()
@@ -142,7 +158,7 @@ class Channel:
 
     @classmethod
     def from_socket(cls, sock: socket.socket, **options: Any) -> Channel:
-        """Wrap *sock*, checking it is an ``AF_UNIX`` socket; the channel owns it after."""
+        """Wrap *sock* (``AF_UNIX``, or connected TCP); the channel owns it after."""
         if sock.gettimeout() == 0.0:
             sock.setblocking(True)
         return cls(sock, **options)
@@ -191,10 +207,17 @@ class Channel:
         cls,
         address: AddressLike,
         type: Literal["stream", "seqpacket"] = "stream",
+        *,
+        allow_remote: bool = False,
         **options: Any,
     ) -> Listener:
-        """A :class:`Listener` on *address*; ``accept()`` returns channels."""
-        return Listener(address, type, **options)
+        """A :class:`Listener` on *address*; ``accept()`` returns channels.
+
+        A ``tcp://`` address other hosts can reach (anything but loopback:
+        ``127.0.0.0/8``, ``::1``, ``localhost``) is refused unless
+        *allow_remote* is ``True``: plain TCP authenticates nobody.
+        """
+        return Listener(address, type, allow_remote=allow_remote, **options)
 
     # -- using ---------------------------------------------------------------
 
@@ -400,7 +423,13 @@ _ACCEPT_INHERITS_NONBLOCK = PLATFORM.name != "linux"
 
 
 class Listener:
-    """A listening stream or seqpacket socket whose :meth:`accept` returns :class:`Channel` s."""
+    """A listening stream or seqpacket socket whose :meth:`accept` returns :class:`Channel` s.
+
+    On a ``tcp://`` address the channels carry messages and batches, not
+    descriptors or credentials. An address other hosts can reach is refused
+    (``EACCES``) unless ``allow_remote=True``: plain TCP has no authentication,
+    so loopback (``127.0.0.0/8``, ``::1``, ``localhost``) is the default.
+    """
 
     def __init__(
         self,
@@ -409,12 +438,19 @@ class Listener:
         *,
         backlog: int = 128,
         mode: int | None = None,
+        allow_remote: bool = False,
         **options: Any,
     ) -> None:
         self._kind = socket_type(type)
         if self._kind == socket.SOCK_DGRAM:
             raise ValueError("a datagram socket does not listen: use Channel.bind(address)")
-        self.sock = listen(address, type, backlog=backlog, mode=mode)
+        addr = refuse_exposed(address, allow_remote=allow_remote)
+        self.sock = listen(addr, type, backlog=backlog, mode=mode)
+        try:  # bound now: check the address the name gave
+            refuse_exposed(addr, allow_remote=allow_remote, sock=self.sock)
+        except BaseException:
+            self.sock.close()
+            raise
         self._family = _socket.socket.family.__get__(self.sock)
         self._options = options
 

@@ -596,10 +596,10 @@ def test_too_many_descriptors() -> None:
             assert len(msg.fds) == 253
 
 
-def test_channel_needs_an_af_unix_socket() -> None:
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with tcp, pytest.raises(UnsupportedFeature, match="AF_UNIX"):
-        Channel.from_socket(tcp)
+def test_channel_needs_an_af_unix_or_tcp_socket() -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp, pytest.raises(UnsupportedFeature, match=r"AF_UNIX socket, or a TCP one.*SOCK_DGRAM"):
+        Channel.from_socket(udp)
     with pytest.raises(ValueError, match="maxfds"):
         Channel.pair(maxfds=300)
 

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from afunix import ProtocolError
+from afunix import ProtocolError, UnsupportedFeature
 from afunix._cmsg import MSG_CTRUNC, SCM_MAX_FD, SCM_RIGHTS, SOL_SOCKET, ControlTruncated
-from afunix._memfd import seal_bytes
+from afunix._memfd import MemfdBuffer, seal_bytes
 from afunix._protocol import CLOSED, FLAG_MEMFD, HEADER, MAGIC, NEED_DATA
 from afunix._protocol.machine import HOLD_MAX, ChannelProtocol, State, Write
 from afunix._protocol.message import Message
@@ -423,3 +423,103 @@ def test_close_closes_what_the_protocol_holds(pipe: tuple[int, int]) -> None:
     with pytest.raises(OSError) as info:
         proto.send(b"x")
     assert info.value.errno == errno.EBADF
+
+
+# ------------------------------------------- a transport without descriptors
+
+TCP = "TCP (tcp://127.0.0.1:7000)"
+
+
+def no_fds(**options: object) -> ChannelProtocol:
+    """A stream over a transport that carries no descriptors (TCP, ssh://)."""
+    return ChannelProtocol(STREAM, carries_fds=False, transport=TCP, **options)  # type: ignore[arg-type]
+
+
+def test_without_descriptors_no_control_space_and_no_memfd_threshold() -> None:
+    proto = no_fds()
+    assert proto.control_space == 0  # recvmsg asks for no control data at all
+    assert proto.memfd_threshold is None and proto.maxfds == 0
+    local = ChannelProtocol(STREAM)
+    assert local.carries_fds and local.control_space > 0 and local.memfd_threshold is not None
+
+
+def test_credentials_are_refused_at_construction() -> None:
+    with pytest.raises(UnsupportedFeature, match=r"credentials=True\) over TCP \(tcp://") as info:
+        no_fds(credentials=True)
+    assert info.value.errno == errno.EOPNOTSUPP
+
+
+def _buffer(proto: ChannelProtocol, r: int) -> object:
+    buf = MemfdBuffer(16)
+    buf.view[:3] = b"buf"
+    try:
+        return proto.send_buffer(buf, 3, [r] if r >= 0 else ())
+    finally:
+        assert not buf.closed  # refused before sealing: still the caller's
+        buf.close()
+
+
+# (what the call sends, what the refusal names)
+REFUSED = [
+    (lambda p, r: p.send(b"x", [r]), "1 descriptor"),
+    (lambda p, r: p.send(b"x", iter([r, r])), "2 descriptor"),
+    (lambda p, r: p.send(b"x", (Holder(r),), more=True), "1 descriptor"),
+    (lambda p, r: p.send(b"L" * 100_000, [r]), "1 descriptor"),
+    (lambda p, r: p.send(b"x", memfd=True), r"memfd=True"),
+    (lambda p, r: p.send(b"x", [r], memfd=True), "1 descriptor"),
+    (lambda p, r: _buffer(p, -1), r"send_buffer"),
+    (lambda p, r: _buffer(p, r), r"send_buffer"),
+]
+
+
+@pytest.mark.parametrize(("call", "named"), REFUSED)
+def test_descriptors_and_memfds_are_refused_before_anything_is_queued(
+    pipe: tuple[int, int], call: object, named: str
+) -> None:
+    r, _ = pipe
+    proto = no_fds()
+    assert proto.send(b"held", more=True) is None  # a batch begun before the refusal
+    with pytest.raises(UnsupportedFeature, match=named) as info:
+        call(proto, r)  # type: ignore[operator]
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert "over TCP (tcp://127.0.0.1:7000)" in str(info.value)
+    assert "nothing was sent and the channel is still usable" in str(info.value)
+    assert proto.state is State.OPEN and not proto.queued
+    assert proto.held == [frame(b"held")] and proto.held_fds == []  # the batch, untouched
+    assert is_open(r)
+    out = proto.send(b"next")  # the channel goes on: the batch, then the next message
+    assert isinstance(out, Write) and payload(out) == frame(b"held") + frame(b"next")
+    assert not proto.holding and not proto.queued
+
+
+@pytest.mark.parametrize(
+    ("size", "memfd"), [(999, None), (1000, None), (300_000, None), (5000, False)]
+)
+def test_payloads_of_any_size_go_inline(size: int, memfd: bool | None) -> None:
+    proto = ChannelProtocol(STREAM, memfd_threshold=1000, carries_fds=False, transport=TCP)
+    data = b"m" * size
+    out = proto.send(data, memfd=memfd)
+    got = out if isinstance(out, bytes) else payload(out)  # type: ignore[arg-type]
+    assert got == frame(data)  # no FLAG_MEMFD, no descriptor: the bytes themselves
+    if isinstance(out, Write):
+        assert not out.fds and not out.ancdata and not out.owned
+    receiver = ChannelProtocol(STREAM, memfd_threshold=1000, carries_fds=False, transport=TCP)
+    chunk = len(receiver.recv_into())
+    for start in range(0, len(got), chunk):  # as a socket would hand it over
+        piece = got[start : start + chunk]
+        into = receiver.recv_into()
+        into[: len(piece)] = piece
+        receiver.received(len(piece), [], 0, None)
+        if start + chunk < len(got):
+            assert receiver.next_event() is NEED_DATA
+    msg = receiver.next_event()
+    assert isinstance(msg, Message) and msg.data == data and not msg.fds
+    msg.close()
+
+
+def test_a_header_announcing_descriptors_breaks_a_stream_without_them() -> None:
+    proto = no_fds()
+    feed(proto, frame(b"x", 1))  # the peer claims a descriptor nothing can carry
+    with pytest.raises(ProtocolError):
+        proto.next_event()
+    assert proto.state is State.BROKEN

@@ -26,6 +26,12 @@ report it with :meth:`~ChannelProtocol.received`, take :class:`Message` s from
 :meth:`~ChannelProtocol.next_event` until it says
 :data:`~afunix._protocol.NEED_DATA` (read again) or
 :data:`~afunix._protocol.CLOSED` (the peer closed between messages).
+
+Over a transport that carries no descriptors (``carries_fds=False``: TCP, an
+``ssh://`` stream) descriptors, ``memfd=True`` and ``send_buffer`` are refused
+with :class:`~afunix.UnsupportedFeature` before anything is held or queued (the
+channel stays usable), ``credentials=True`` at construction; payloads of any
+size go inline, and no control data is asked for on receive.
 """
 
 from __future__ import annotations
@@ -219,9 +225,26 @@ class ChannelProtocol:
         max_fds_in_flight: int | None = None,
         recv_bufsize: int = RECV_BUFSIZE,
         packet_bufsize: int = PACKET_MIN,
+        carries_fds: bool = True,
+        transport: str = "this transport",
     ) -> None:
         if not 0 <= maxfds <= SCM_MAX_FD:
             raise ValueError(f"maxfds must be 0..{SCM_MAX_FD}, not {maxfds}")
+        #: ``False`` over TCP and ``ssh://``: no descriptors, memfds or credentials
+        #: (refused before anything is queued); large payloads go inline.
+        self.carries_fds = carries_fds
+        #: The transport as error messages name it, e.g. ``TCP (tcp://10.0.0.2:7000)``.
+        self.transport = transport
+        if not carries_fds:
+            if credentials:
+                raise UnsupportedFeature(
+                    f"cannot receive per-message credentials (credentials=True) over "
+                    f"{transport}: credentials are the kernel's word about a process of "
+                    "this host, and no network transport carries them; use "
+                    "credentials=False (over ssh:// the far server sees the SSH login "
+                    "user as its peer; on one host use a Unix socket)"
+                )
+            maxfds, memfd_threshold = 0, None  # a header announcing descriptors is an error
         self.kind = kind
         self.state = OPEN
         self.stream = stream = kind == _STREAM
@@ -234,7 +257,7 @@ class ChannelProtocol:
         self.recv_bufsize = recv_bufsize
         # On a stream one sendmsg may carry the descriptors of several messages
         # (more=True): always room for the kernel's most; maxfds is checked per header.
-        self.room = room = SCM_MAX_FD if stream else maxfds
+        self.room = room = SCM_MAX_FD if stream and carries_fds else maxfds
         self.control_space = control_space(room, credentials)
         self.packet_bufsize = HEADER.size + min(max_size, max(packet_bufsize, PACKET_MIN))
         self.plain_limit = -1  # largest payload sent as one plain frame (-1: none)
@@ -286,6 +309,8 @@ class ChannelProtocol:
         if fds:
             # Read once; the objects stay referenced by the Write until it went.
             refs = fds if type(fds) is tuple or type(fds) is list else list(fds)
+            if refs and not self.carries_fds:
+                raise self._refuse(f"{len(refs)} descriptor(s)")
             numbers = fd_numbers(refs)
         if (
             memfd is None
@@ -311,6 +336,11 @@ class ChannelProtocol:
         """Seal a filled memfd buffer (consumed) and send it as the payload."""
         if self.state is not OPEN:
             raise self._unusable()
+        if not self.carries_fds:  # the buffer stays the caller's, unsealed
+            raise self._refuse(
+                "a memfd payload (send_buffer)",
+                "Send bytes(buf.view[:length]) with send() instead (the buffer is still yours)",
+            )
         refs = fds if type(fds) is tuple or type(fds) is list else list(fds)
         numbers = fd_numbers(refs)
         self._check_size(length, len(numbers) + 1)
@@ -415,6 +445,10 @@ class ChannelProtocol:
         size = len(view)
         if memfd is None:
             use = self.memfd_threshold is not None and size >= self.memfd_threshold
+        elif memfd and not self.carries_fds:
+            raise self._refuse(
+                "a memfd payload (memfd=True)", "Leave memfd unset: large payloads go inline here"
+            )
         elif memfd and not available():  # pragma: no cover - not Linux
             raise UnsupportedFeature("memfd payloads need Linux memfd_create")
         else:
@@ -604,6 +638,19 @@ class ChannelProtocol:
                 errno.EPIPE, "the channel's byte stream broke (a message was cut short); close it"
             )
         return AfunixError(errno.EBADF, "the channel is closed")
+
+    def _refuse(self, what: str, instead: str = "") -> UnsupportedFeature:
+        """Refuse to send *what* here; nothing was queued, the channel stays usable."""
+        return UnsupportedFeature(
+            f"cannot send {what} over {self.transport}: descriptors and memfds are kernel "
+            "objects of one host, and no network transport carries them; nothing was sent "
+            "and the channel is still usable. "
+            + (
+                instead
+                or "Send the data they give access to as bytes instead, or use a Unix "
+                "socket between processes of one host"
+            )
+        )
 
     def _control(
         self, ancdata: list[Triple], msg_flags: int
