@@ -170,11 +170,11 @@ def _completion_commands() -> list[str] | None:
 
     line = os.environ.get("COMP_LINE", "")
     try:
-        point = int(os.environ.get("COMP_POINT", len(line)))
-        words = shlex.split(line[:point])
+        before = line[: int(os.environ.get("COMP_POINT", len(line)))]  # as argcomplete cuts it
+        words = shlex.split(before)
     except ValueError:
         return None
-    done = words[1:] if line[:point].endswith((" ", "\t")) else words[1:-1]
+    done = words[1:] if before.endswith((" ", "\t")) else words[1:-1]
     return command_named(done)
 
 
