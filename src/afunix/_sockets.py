@@ -14,6 +14,12 @@ connect bounded by ``SO_SNDTIMEO``, so it is woken in turn with the other
 waiting clients) until the deadline and then raises :class:`ListenQueueFull`;
 with ``retries=`` it retries transient failures (full queue, server
 restarting) with exponential backoff.
+
+Cheap to import: what only some calls need is imported by them, not here:
+``tempfile`` and ``shutil`` (which load ``random``, ``bz2``, ``lzma``) by a
+datagram client's private reply directory, and the ``ssh://`` transport
+(:mod:`afunix._remote`: ``subprocess``, ``shlex``) by the first ``ssh://``
+connect, which also defines :class:`RemoteSocket` then.
 """
 
 from __future__ import annotations
@@ -22,13 +28,11 @@ import _socket
 import errno
 import ipaddress
 import os
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 import time
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from ._address import Address, AddressKind, AddressLike
 from ._bind import BoundPath, bind_address, describe_file, probe_socket_file, socket_is_bound
@@ -44,7 +48,9 @@ from ._errors import (
     strerror,
 )
 from ._platform import PLATFORM
-from ._remote import SshSocket, connect_ssh
+
+if TYPE_CHECKING:
+    from ._remote import SshSocket
 
 __all__ = [
     "DatagramSocket",
@@ -140,6 +146,8 @@ class Socket(socket.socket):
             bound.release()
         private, self._private_dir = self._private_dir, None
         if private is not None:
+            import shutil  # here, not at the top: it loads bz2 and lzma
+
             shutil.rmtree(private, ignore_errors=True)
 
     def detach(self) -> int:
@@ -197,14 +205,46 @@ class DatagramSocket(Socket):
         return super().recvmsg(bufsize, ancbufsize, flags)
 
 
-class RemoteSocket(SshSocket, Socket):
-    """The :class:`Socket` that :func:`connect` returns for an ``ssh://`` address.
+_REMOTE_SOCKET_DOC = """The :class:`Socket` that :func:`connect` returns for an ``ssh://`` address.
 
-    Its peer is the user's ``ssh`` process, which relays to the far socket
-    (see :class:`afunix._remote.SshSocket`): ``carries_fds`` and
-    ``carries_credentials`` are ``False``, ``peer_address`` is the ``ssh://``
-    address, and :meth:`close` also ends and reaps ``ssh``.
+Its peer is the user's ``ssh`` process, which relays to the far socket
+(see :class:`afunix._remote.SshSocket`): ``carries_fds`` and
+``carries_credentials`` are ``False``, ``peer_address`` is the ``ssh://``
+address, and :meth:`close` also ends and reaps ``ssh``.
+"""
+
+if TYPE_CHECKING:
+
+    class RemoteSocket(SshSocket, Socket):
+        """Defined for real by :func:`_remote_socket_class` on first use (doc there)."""
+
+
+def _remote_socket_class() -> type[RemoteSocket]:
+    """``RemoteSocket(SshSocket, Socket)``, defined on the first ``ssh://`` connect.
+
+    Its base :class:`afunix._remote.SshSocket` comes with ``subprocess`` and
+    ``shlex``, which a program that never dials ``ssh://`` need not import.
+    ``afunix._sockets.RemoteSocket`` (module ``__getattr__``) defines it too;
+    two threads defining it at once keep one class (``setdefault``).
     """
+    known = globals().get("RemoteSocket")
+    if known is None:
+        from ._remote import SshSocket
+
+        made = type(
+            "RemoteSocket",
+            (SshSocket, Socket),
+            {"__doc__": _REMOTE_SOCKET_DOC, "__module__": __name__},
+        )
+        known = globals().setdefault("RemoteSocket", made)
+    return cast("type[RemoteSocket]", known)
+
+
+def __getattr__(name: str) -> object:
+    """``RemoteSocket``: defined on first use (see :func:`_remote_socket_class`)."""
+    if name == "RemoteSocket":
+        return _remote_socket_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _refuse_remote(addr: Address, sock_type: int, listening: bool) -> None:
@@ -613,7 +653,9 @@ def _connect_ssh_retrying(
     attempt = 0
     while True:
         try:
-            return connect_ssh(addr, timeout=timeout, cls=RemoteSocket)
+            from ._remote import connect_ssh  # here: it imports subprocess and shlex
+
+            return connect_ssh(addr, timeout=timeout, cls=_remote_socket_class())
         except OSError as exc:
             if exc.errno != errno.ECONNREFUSED or attempt >= retries:
                 raise
@@ -661,6 +703,8 @@ def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:
     if bind == "auto":
         # A fresh directory with an unguessable name: searchable (so a server of
         # another user can reply) but not listable; removed on close.
+        import tempfile  # here, not at the top: it loads random, shutil, bz2, lzma
+
         private = tempfile.mkdtemp(prefix="afx-", dir=tempfile.gettempdir()).encode()
         os.chmod(private, 0o711)
         sock._private_dir = private

@@ -2,6 +2,11 @@
 
 For command authors (every module in :data:`afunix.cli.COMMANDS`):
 
+* **Listing.** A new command module joins :data:`afunix.cli.COMMANDS` with
+  its name and the one-line help its ``register`` gives: ``afunix --help``
+  lists the table without importing the module (tests/unit/test_lazy_imports.py
+  fails when the two differ). Import what only running the command needs
+  (asyncio, the broker, rich) inside the module, not in this one.
 * **Exit status.** Return 0 on success; raise an exception for a failure and
   :func:`run` turns it into one ``afunix: error: ...`` line on standard error
   and the status :func:`exit_status` picks (the table in :data:`EXIT_STATUSES`,
