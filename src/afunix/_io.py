@@ -29,7 +29,15 @@ from ._protocol import Event
 from ._protocol.machine import PACKET_MIN, PLAIN_WORD, WORD, ChannelProtocol, Write
 from ._protocol.message import Message
 
-__all__ = ["prepare", "read_once", "receive", "set_timeout", "try_frame", "write_some"]
+__all__ = [
+    "prepare",
+    "protocol_for",
+    "read_once",
+    "receive",
+    "set_timeout",
+    "try_frame",
+    "write_some",
+]
 
 _CLOEXEC = MSG_CMSG_CLOEXEC
 _KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
@@ -76,6 +84,39 @@ def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int, str | 
         PACKET_MIN,
     )
     return kind, room, None
+
+
+def protocol_for(
+    sock: socket.socket,
+    *,
+    max_size: int,
+    maxfds: int,
+    memfd_threshold: int | None,
+    accept_memfd: bool,
+    credentials: bool,
+    max_fds_in_flight: int | None,
+    recv_bufsize: int,
+) -> ChannelProtocol:
+    """:func:`prepare` *sock*, then the :class:`ChannelProtocol` for what it is and carries.
+
+    The one place both shells (``Channel``, ``AsyncChannel``) build their protocol,
+    so what a transport may carry (descriptors over TCP or ``ssh://``: refused) is
+    decided the same way for both.
+    """
+    kind, room, transport = prepare(sock, credentials=credentials)
+    return ChannelProtocol(
+        kind,
+        max_size=max_size,
+        maxfds=maxfds,
+        memfd_threshold=memfd_threshold,
+        accept_memfd=accept_memfd,
+        credentials=credentials,
+        max_fds_in_flight=max_fds_in_flight,
+        recv_bufsize=recv_bufsize,
+        packet_bufsize=room,
+        carries_fds=transport is None,
+        transport=transport or "",
+    )
 
 
 def _prepare_tcp(sock: socket.socket, family: int, kind: int) -> str:

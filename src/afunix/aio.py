@@ -32,7 +32,7 @@ from ._address import AddressLike
 from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._errors import AfunixError, PeerTimeout
-from ._io import prepare, receive, try_frame, write_some
+from ._io import protocol_for, receive, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, ChannelProtocol, Write, check_timeouts
@@ -88,9 +88,8 @@ class AsyncChannel:
         send_timeout: float | None = None,
     ) -> None:
         check_timeouts(idle_timeout, message_timeout, send_timeout)
-        kind, room, transport = prepare(sock, credentials=credentials)
-        self._proto = proto = ChannelProtocol(
-            kind,
+        self._proto = proto = protocol_for(
+            sock,
             max_size=max_size,
             maxfds=maxfds,
             memfd_threshold=memfd_threshold,
@@ -98,9 +97,6 @@ class AsyncChannel:
             credentials=credentials,
             max_fds_in_flight=max_fds_in_flight,
             recv_bufsize=recv_bufsize,
-            packet_bufsize=room,
-            carries_fds=transport is None,
-            transport=transport or "",
         )
         sock.setblocking(False)
         self._sock = sock

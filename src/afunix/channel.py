@@ -44,11 +44,11 @@ from typing import Any, Literal
 from ._address import AddressLike
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._errors import PeerTimeout
-from ._io import prepare, receive, set_timeout, try_frame, write_some
+from ._io import protocol_for, receive, set_timeout, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._platform import PLATFORM
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
-from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, ChannelProtocol, Write, check_timeouts
+from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, Write, check_timeouts
 from ._protocol.message import Message
 from ._sockets import (
     SocketTypeLike,
@@ -127,9 +127,8 @@ class Channel:
         message_timeout: float | None = None,
         send_timeout: float | None = None,
     ) -> None:
-        kind, room, transport = prepare(sock, credentials=credentials)
-        self._proto = ChannelProtocol(
-            kind,
+        self._proto = protocol_for(
+            sock,
             max_size=max_size,
             maxfds=maxfds,
             memfd_threshold=memfd_threshold,
@@ -137,9 +136,6 @@ class Channel:
             credentials=credentials,
             max_fds_in_flight=max_fds_in_flight,
             recv_bufsize=recv_bufsize,
-            packet_bufsize=room,
-            carries_fds=transport is None,
-            transport=transport or "",
         )
         self._sock = sock
         self._send_lock = threading.Lock()
