@@ -25,6 +25,31 @@ C_DIR = HERE / "c"
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
 
 
+def is_open(fd: int) -> bool:
+    """Whether descriptor number *fd* is open in this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def newfd() -> Iterator[Callable[[], int]]:
+    """Make descriptors (``/dev/null``) for byte-table tests; those still open are closed."""
+    made: list[int] = []
+
+    def make() -> int:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        made.append(fd)
+        return fd
+
+    yield make
+    for fd in made:
+        if is_open(fd):
+            os.close(fd)
+
+
 def open_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):

@@ -27,19 +27,13 @@ from afunix._protocol import CLOSED, FLAG_MEMFD, HEADER, MAGIC, NEED_DATA
 from afunix._protocol.machine import HOLD_MAX, ChannelProtocol, State, Write
 from afunix._protocol.message import Message
 
+from ..conftest import is_open
+
 STREAM, DGRAM, SEQPACKET = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET
 
 
 def frame(data: bytes, nfds: int = 0, flags: int = 0, length: int | None = None) -> bytes:
     return HEADER.pack(MAGIC, flags, nfds, len(data) if length is None else length) + data
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ each with the descriptors the kernel delivered with it. Descriptors are real
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -30,6 +29,8 @@ from afunix._protocol import (
 )
 
 # ------------------------------------------------------------- header table
+from ..conftest import is_open
+
 HEADER_TABLE = [
     # (length, nfds, flags) <-> the 8 header bytes
     ((0, 0, 0), b"\xaf\x00\x00\x00\x00\x00\x00\x00"),
@@ -88,29 +89,6 @@ def test_decode_header_refuses(raw: bytes, match: str, err: int) -> None:
 
 
 # ----------------------------------------------------------- helpers
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture
-def newfd() -> Iterator[Callable[[], int]]:
-    made: list[int] = []
-
-    def make() -> int:
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        if is_open(fd):
-            os.close(fd)
-
-
 def frame(payload: bytes, nfds: int = 0, flags: int = 0) -> bytes:
     length = payload if not flags & FLAG_MEMFD else b""
     return encode_header(len(payload), nfds, flags) + length

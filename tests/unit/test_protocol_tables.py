@@ -15,7 +15,7 @@ import errno
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -32,28 +32,7 @@ from afunix._protocol import (
 )
 from afunix._protocol.framing import WORDS, header_problem
 
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture
-def newfd() -> Iterator[Callable[[], int]]:
-    made: list[int] = []
-
-    def make() -> int:
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        if is_open(fd):
-            os.close(fd)
+from ..conftest import is_open
 
 
 def raw(magic: int = 0xAF, flags: int = 0, nfds: int = 0, length: int = 0) -> bytes:
