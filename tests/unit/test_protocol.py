@@ -28,9 +28,9 @@ from afunix._protocol import (
     encode_header,
 )
 
-# ------------------------------------------------------------- header table
 from ..conftest import is_open
 
+# ------------------------------------------------------------- header table
 HEADER_TABLE = [
     # (length, nfds, flags) <-> the 8 header bytes
     ((0, 0, 0), b"\xaf\x00\x00\x00\x00\x00\x00\x00"),
