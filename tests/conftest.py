@@ -50,6 +50,19 @@ def newfd() -> Iterator[Callable[[], int]]:
             os.close(fd)
 
 
+@pytest.fixture
+def afunix_on_path(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH has an ``afunix`` running this checkout."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "afunix"
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} -m afunix "$@"\n')
+    exe.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_ARC")}
+    env["PATH"] = f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
 def open_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):

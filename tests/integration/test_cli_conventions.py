@@ -529,19 +529,6 @@ def test_the_json_docs_name_every_schema() -> None:
 # ------------------------------------------------------------------ completion
 
 
-@pytest.fixture
-def afunix_on_path(tmp_path: Path) -> dict[str, str]:
-    """An environment whose PATH has an ``afunix`` running this checkout."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    exe = bindir / "afunix"
-    exe.write_text(f'#!/bin/sh\nexec {sys.executable} -m afunix "$@"\n')
-    exe.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("_ARC")}
-    env["PATH"] = f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}"
-    return env
-
-
 def _bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env, check=False

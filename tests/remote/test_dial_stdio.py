@@ -190,14 +190,8 @@ def test_standard_output_closed_is_141_without_a_word(echo: Path) -> None:
     assert err == b""
 
 
-def test_bash_completes_the_command_name(tmp_path: Path) -> None:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    exe = bindir / "afunix"
-    exe.write_text(f'#!/bin/sh\nexec {sys.executable} -m afunix "$@"\n')
-    exe.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("_ARC")}
-    env["PATH"] = f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}"
+def test_bash_completes_the_command_name(afunix_on_path: dict[str, str]) -> None:
+    env = afunix_on_path
     script = (
         "source <(afunix completion bash) && "
         'COMP_LINE="afunix dial" COMP_POINT=11 COMP_WORDS=(afunix dial) COMP_CWORD=1 && '
