@@ -1,4 +1,4 @@
-"""The asyncio face of :mod:`afunix.channel`: :class:`AsyncChannel`.
+"""The asynchronous face of :mod:`afunix.channel`: :class:`AsyncChannel` (asyncio, trio).
 
 Same messages, same framing, same rules as :class:`~afunix.Channel` (they
 share their state machine), on a non-blocking socket driven by the running
@@ -12,9 +12,11 @@ event loop::
             print(msg.data, msg.fds)
 
 asyncio's own ``sock_recv``/``sock_sendall`` cannot carry descriptors, so
-the channel waits for readiness with ``add_reader``/``add_writer``
+under asyncio the channel waits for readiness with ``add_reader``/``add_writer``
 (:mod:`afunix._backends.asyncio`); its reader callback receives for the
-waiting tasks. Every decision is :class:`~afunix._protocol.machine.ChannelProtocol`'s,
+waiting tasks. Under trio (and anyio on trio) receiving tasks take turns
+under a fair lock, each waiting with ``wait_readable`` (:mod:`afunix._backends.trio`).
+Every decision is :class:`~afunix._protocol.machine.ChannelProtocol`'s,
 every system call :mod:`afunix._io`'s: this class locks, waits and closes.
 """
 
@@ -23,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import socket
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from ._address import AddressLike
+from ._backends import in_trio, new_lock, notify_closing, to_thread, wait_writable
 from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._errors import AfunixError, PeerTimeout
@@ -102,7 +106,9 @@ class AsyncChannel:
         self._sock = sock
         self._fd = sock.fileno()
         self._waiter = Waiter(self._fd, _attempt(sock, proto))
-        self._send_lock: asyncio.Lock | None = None  # made at first contention
+        self._send_lock: Any = None  # made at first contention (asyncio's or trio's)
+        self._recv_lock: Any = None  # trio only: receiving tasks take turns
+        self._trio = False  # used under trio: warn trio's waiters before closing
         #: Tasks in the locked send path (writing, or waiting to).
         self._senders = 0
         self._idle_timeout = idle_timeout
@@ -135,7 +141,7 @@ class AsyncChannel:
         """
         sock = connect_nowait(address, type)
         if sock is None:
-            sock = await asyncio.to_thread(connect, address, type, timeout=timeout)
+            sock = await to_thread(functools.partial(connect, address, type, timeout=timeout))
         try:
             return cls(sock, **options)
         except BaseException:
@@ -232,7 +238,7 @@ class AsyncChannel:
         is queued behind it, under the send lock."""
         lock = self._send_lock
         if lock is None:
-            lock = self._send_lock = asyncio.Lock()
+            lock = self._send_lock = new_lock()
         proto = self._proto
         self._senders += 1
         try:
@@ -288,6 +294,12 @@ class AsyncChannel:
     async def _writable(self) -> None:
         if self._proto.state is not OPEN:
             raise _closed()
+        loop = asyncio._get_running_loop()
+        if loop is None and in_trio():
+            self._trio = True
+            if not await wait_writable(self._fd, self._send_timeout):
+                raise _send_timed_out(self._send_timeout)
+            return
         waiter = self._waiter
         fut = waiter.writable(asyncio.get_running_loop())
         try:
@@ -297,10 +309,7 @@ class AsyncChannel:
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), self._send_timeout)
                 except TimeoutError:
-                    raise PeerTimeout(
-                        f"the peer did not read for send_timeout={self._send_timeout:g} s: "
-                        "no room in the socket to write to"
-                    ) from None
+                    raise _send_timed_out(self._send_timeout) from None
         finally:
             waiter.forget_writer(fut)
 
@@ -326,6 +335,9 @@ class AsyncChannel:
                 return event  # type: ignore[no-any-return]
         if proto.state is not OPEN:
             raise _closed()
+        loop = asyncio._get_running_loop()
+        if loop is None and in_trio():
+            return await self._recv_trio()
         fut = waiter.receive(asyncio.get_running_loop())
         try:
             event = await (fut if not self._timed else self._timed_wait(fut))
@@ -368,16 +380,60 @@ class AsyncChannel:
                 return fut.result()
             if deadline is not None:
                 self._rescue(fut)
-                raise PeerTimeout(
-                    f"the peer began a message and did not finish it within "
-                    f"message_timeout={self._message_timeout:g} s; close the channel"
-                )
+                raise _message_timed_out(self._message_timeout)
             if not proto.receiving and self._idle_timeout is not None:
                 self._rescue(fut)
-                raise PeerTimeout(
-                    f"no message from the peer within idle_timeout={self._idle_timeout:g} s "
-                    "(the channel is still open: receive again or close it)"
-                )
+                raise _idle_timed_out(self._idle_timeout)
+
+    async def _recv_trio(self) -> Message:
+        """:meth:`recv` under trio: receivers take turns under a fair lock, each
+        receiving and waiting for readability until a message (or the end) comes.
+
+        The idle timeout counts from the call, waiting for the turn included;
+        the message timeout from the moment a message has begun.
+        """
+        from ._backends import trio as trio_rt
+
+        self._trio = True
+        proto = self._proto
+        idle = self._idle_timeout
+        start = time.monotonic()
+        lock = self._recv_lock
+        if lock is None:
+            lock = self._recv_lock = new_lock()
+        if not await trio_rt.acquire(lock, idle):
+            raise _idle_timed_out(idle)
+        try:
+            deadline: float | None = None  # of the message under way
+            while True:
+                if proto.state is not OPEN:
+                    raise _closed()
+                try:
+                    event = self._waiter.attempt(True)
+                except BaseException:
+                    if proto.state is BROKEN:
+                        self.close()
+                    raise
+                if event is not None:
+                    break
+                now = time.monotonic()
+                if proto.receiving and self._message_timeout is not None:
+                    if deadline is None:
+                        deadline = now + self._message_timeout
+                    limit: float | None = max(deadline - now, 0.0)
+                elif not proto.receiving and idle is not None:
+                    limit = max(start + idle - now, 0.0)
+                else:
+                    limit = None
+                if not await trio_rt.wait_ready(self._fd, False, limit):  # (no read meanwhile)
+                    if proto.receiving:
+                        raise _message_timed_out(self._message_timeout)
+                    raise _idle_timed_out(idle)
+        finally:
+            lock.release()
+        if event is CLOSED:
+            raise EOFError("the peer closed the channel")
+        return event  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncChannel:
         return self
@@ -403,6 +459,8 @@ class AsyncChannel:
                 proto.write_done(out)
         try:
             self._waiter.close()  # before the socket closes: see Waiter.close
+            if self._trio:
+                notify_closing(self._fd)  # trio's waiters wake with EBADF
         finally:
             proto.close()
             self._sock.close()
@@ -445,3 +503,23 @@ class AsyncChannel:
 
 def _closed() -> OSError:
     return AfunixError(errno.EBADF, "the channel is closed")
+
+
+def _send_timed_out(timeout: float | None) -> PeerTimeout:
+    return PeerTimeout(
+        f"the peer did not read for send_timeout={timeout:g} s: no room in the socket to write to"
+    )
+
+
+def _message_timed_out(timeout: float | None) -> PeerTimeout:
+    return PeerTimeout(
+        f"the peer began a message and did not finish it within "
+        f"message_timeout={timeout:g} s; close the channel"
+    )
+
+
+def _idle_timed_out(timeout: float | None) -> PeerTimeout:
+    return PeerTimeout(
+        f"no message from the peer within idle_timeout={timeout:g} s "
+        "(the channel is still open: receive again or close it)"
+    )

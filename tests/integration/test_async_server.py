@@ -576,10 +576,10 @@ def _examples() -> list[tuple[str, str]]:
     )
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["asyncio", "anyio"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["asyncio", "anyio", "trio"])
 def test_the_examples_in_docs_servers_md_run_and_print_what_the_page_says(index: int) -> None:
     examples = _examples()
-    assert len(examples) == 2, "docs/servers.md: two examples, each followed by its output"
+    assert len(examples) == 3, "docs/servers.md: three examples, each followed by its output"
     code, output = examples[index]
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=LIMIT

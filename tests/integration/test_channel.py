@@ -1,7 +1,8 @@
 """``Channel`` and ``AsyncChannel``: messages with descriptors, same semantics everywhere.
 
 Every behaviour runs over stream, seqpacket and datagram socketpairs, with
-the blocking and the asyncio channel (the ``api`` fixture), plus named
+the blocking channel and the asynchronous one under asyncio and under trio
+(the ``api`` fixture), plus named
 sockets through ``connect``/``listen``/``bind``. The seed's rules of 15.7
 each have a test:
 
@@ -25,10 +26,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import afunix
@@ -118,16 +120,52 @@ class AsyncAPI:
         return got
 
 
+class TrioAPI(AsyncAPI):
+    """The same AsyncChannel, run by trio (through anyio's task groups)."""
+
+    name = "trio"
+
+    async def both(
+        self, send: Callable[[], Awaitable[Any]], recv: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        got: list[Any] = []
+
+        async def receive() -> None:
+            got.append(await recv())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            tg.start_soon(receive)
+        return got[0]
+
+
 API = SyncAPI | AsyncAPI
 
+#: The runtime :func:`run` uses: the ``api`` fixture sets it for its test.
+RUNTIME = ["asyncio"]
 
-@pytest.fixture(params=[SyncAPI(), AsyncAPI()], ids=["sync", "asyncio"])
-def api(request: pytest.FixtureRequest) -> API:
-    return request.param  # type: ignore[no-any-return]
+
+@pytest.fixture(params=[SyncAPI(), AsyncAPI(), TrioAPI()], ids=["sync", "asyncio", "trio"])
+def api(request: pytest.FixtureRequest) -> Iterator[API]:
+    RUNTIME[0] = "trio" if request.param.name == "trio" else "asyncio"
+    yield request.param
+    RUNTIME[0] = "asyncio"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The event loop that runs the test's :func:`run` (and anyio's task groups in it)."""
+    RUNTIME[0] = request.param
+    yield request.param
+    RUNTIME[0] = "asyncio"
+
+
+async def _await(coro: Coroutine[Any, Any, None]) -> None:
+    await coro
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(coro)
+    anyio.run(_await, coro, backend=RUNTIME[0])
 
 
 @pytest.fixture
@@ -202,7 +240,7 @@ def test_iteration(kind: str) -> None:
         assert got == [b"0", b"1", b"2"]
 
 
-def test_async_iteration() -> None:
+def test_async_iteration(runtime: str) -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair("stream")
         async with b:
@@ -659,7 +697,7 @@ def test_accepted_channels_are_blocking_sockets_of_the_listeners_type(
             socket.setdefaulttimeout(old)
 
 
-def test_async_connect_and_bind(sockdir: Path) -> None:
+def test_async_connect_and_bind(sockdir: Path, runtime: str) -> None:
     async def body() -> None:
         with Channel.bind(sockdir / "dg.sock") as server:
             client = await AsyncChannel.connect(sockdir / "dg.sock", "dgram")
@@ -708,36 +746,96 @@ def test_concurrent_senders_never_interleave() -> None:
     assert sorted(got) == payloads
 
 
-def test_async_concurrent_senders_never_interleave() -> None:
+def test_async_concurrent_senders_never_interleave(runtime: str) -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair("stream", memfd_threshold=None)
         payloads = [bytes([i]) * 300_000 for i in range(4)]
+        out: list[bytes] = []
         async with a, b:
 
-            async def receive() -> list[bytes]:
-                out = []
+            async def receive() -> None:
                 for _ in payloads:
                     with await b.recv() as msg:
                         out.append(bytes(msg.data))
-                return out
 
-            results = await asyncio.gather(*(a.send(p) for p in payloads), receive())
-            assert sorted(results[-1]) == payloads
+            async with anyio.create_task_group() as tg:
+                for p in payloads:
+                    tg.start_soon(a.send, p)
+                tg.start_soon(receive)
+            assert sorted(out) == payloads
 
     run(body())
 
 
-def test_async_close_wakes_a_waiting_receiver() -> None:
+def test_async_concurrent_receivers_are_served_in_order(runtime: str) -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair("stream")
-        with_a = a
-        task = asyncio.ensure_future(b.recv())
-        await asyncio.sleep(0.05)
-        b.close()
-        with pytest.raises(OSError) as info:
-            await task
-        assert info.value.errno == errno.EBADF
-        with_a.close()
+        got: list[tuple[int, bytes]] = []
+        async with a, b:
+
+            async def receive(i: int) -> None:
+                with await b.recv() as msg:
+                    got.append((i, msg.data))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(receive, i)
+                    await anyio.wait_all_tasks_blocked()  # receiver i waits before i + 1
+                for i in range(5):
+                    await a.send(b"m%d" % i)
+        assert got == [(i, b"m%d" % i) for i in range(5)]
+
+    run(body())
+
+
+def test_async_close_wakes_a_waiting_receiver(runtime: str) -> None:
+    async def body() -> None:
+        a, b = AsyncChannel.pair("stream")
+        errors: list[int | None] = []
+
+        async def receive() -> None:
+            with pytest.raises(OSError) as info:
+                await b.recv()
+            errors.append(info.value.errno)
+
+        with a:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive)
+                tg.start_soon(receive)  # one waits for the socket, one for its turn
+                await anyio.wait_all_tasks_blocked()
+                b.close()
+        assert errors == [errno.EBADF, errno.EBADF]
+
+    run(body())
+
+
+def test_async_cancelled_receiver_loses_no_message(runtime: str) -> None:
+    """A receiver cancelled as its message arrives either got it or left it for the
+    next receive: 300 rounds, every message received exactly once."""
+
+    async def body() -> None:
+        a, b = AsyncChannel.pair("stream")
+        taken = 0
+        async with a, b:
+            for round_ in range(300):
+                got: list[Message] = []
+
+                async def receive(got: list[Message] = got) -> None:
+                    got.append(await b.recv())
+
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(receive)
+                        await anyio.wait_all_tasks_blocked()
+                        await a.send(b"r%d" % round_)
+                        scope.cancel()
+                if got:
+                    taken += 1
+                else:
+                    with anyio.fail_after(5):
+                        got.append(await b.recv())
+                assert [m.data for m in got] == [b"r%d" % round_]
+                got[0].close()
 
     run(body())
 

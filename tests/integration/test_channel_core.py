@@ -6,6 +6,8 @@
   timeouts (no ``SO_RCVTIMEO``/``SO_SNDTIMEO``, no ``settimeout``).
 * ``AsyncChannel.connect`` makes one non-blocking connect and uses a worker
   thread only when the server's queue is full (``EAGAIN``).
+* The asynchronous parts run under asyncio and under trio (the ``runtime``
+  fixture, through anyio).
 * The asyncio reader callback receives for waiting tasks: messages that come
   while nobody waits are not lost, and a message taken for a task cancelled
   before it ran goes to the next ``recv``.
@@ -23,8 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+import afunix.aio
 from afunix import AsyncChannel, Channel, PeerTimeout
 from afunix._protocol import HEADER, MAGIC
 
@@ -109,7 +113,12 @@ def test_a_timeout_must_be_positive(bad: float) -> None:
         Channel(a, idle_timeout=bad)
 
 
-def test_async_timeouts() -> None:
+@pytest.fixture(params=["asyncio", "trio"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+def test_async_timeouts(runtime: str) -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair(idle_timeout=0.2)
         with a, b:
@@ -117,6 +126,8 @@ def test_async_timeouts() -> None:
                 await b.recv()
             assert "idle_timeout" in str(info.value)
             assert not b._waiter.receivers  # the timed-out wait left nothing behind
+            if b._recv_lock is not None:
+                assert not b._recv_lock.locked()  # (trio: the turn was given back)
             await a.send(b"still open")
             assert (await b.recv()).data == b"still open"
         raw, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,26 +143,49 @@ def test_async_timeouts() -> None:
                     await a.send(b"y" * 1000)
             assert "send_timeout" in str(info.value)
 
-    asyncio.run(body())
+    anyio.run(body, backend=runtime)
+
+
+def test_async_idle_timeout_counts_the_wait_for_a_turn(runtime: str) -> None:
+    """Two receivers with an idle timeout and a silent peer: both time out on time,
+    the second although the first held the turn meanwhile."""
+
+    async def body() -> None:
+        a, b = AsyncChannel.pair(idle_timeout=0.3)
+        errors: list[str] = []
+
+        async def receive() -> None:
+            with pytest.raises(PeerTimeout) as info:
+                await b.recv()
+            errors.append(str(info.value))
+
+        with a, b, anyio.fail_after(0.3 * 2 + 10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive)
+                tg.start_soon(receive)
+        assert len(errors) == 2 and all("idle_timeout" in e for e in errors)
+
+    anyio.run(body, backend=runtime)
 
 
 # ------------------------------------------------------------ async connect
 
 
 def counting_to_thread(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., Any]]:
+    """Count the channel's trips to a worker thread (under either runtime)."""
     calls: list[Callable[..., Any]] = []
-    real = asyncio.to_thread
+    real = afunix.aio.to_thread
 
-    async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def to_thread(func: Callable[..., Any], /, *args: Any) -> Any:
         calls.append(func)
-        return await real(func, *args, **kwargs)
+        return await real(func, *args)
 
-    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    monkeypatch.setattr(afunix.aio, "to_thread", to_thread)
     return calls
 
 
 def test_async_connect_without_a_thread_when_the_queue_has_room(
-    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
 ) -> None:
     calls = counting_to_thread(monkeypatch)
     path = sockdir / "s"
@@ -164,12 +198,12 @@ def test_async_connect_without_a_thread_when_the_queue_has_room(
                     await client.send(b"ping")
                     assert server.recv().data == b"ping"
 
-    asyncio.run(body())
+    anyio.run(body, backend=runtime)
     assert calls == []  # 20 connects, no worker thread
 
 
 def test_async_connect_waits_in_a_thread_when_the_queue_is_full(
-    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
 ) -> None:
     calls = counting_to_thread(monkeypatch)
     path = sockdir / "s"
@@ -179,18 +213,21 @@ def test_async_connect_waits_in_a_thread_when_the_queue_is_full(
             first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             first.connect(str(path))  # fills the queue of one (Linux: backlog 0 is 1)
             accepted: list[Channel] = []
+            clients: list[AsyncChannel] = []
+
+            async def connect() -> None:
+                clients.append(await AsyncChannel.connect(path, timeout=20))
+
             try:
-                task = asyncio.ensure_future(AsyncChannel.connect(path, timeout=20))
-                for _ in range(500):  # until the connect waits in its worker thread
-                    await asyncio.sleep(0.01)
-                    if calls:
-                        break
-                assert calls, "the connect did not go to a thread"
-                assert not task.done()
-                accepted.append(listener.accept())  # room: the waiting connect goes in
-                accepted.append(await asyncio.to_thread(listener.accept))
-                client = await task
-                with client:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(connect)
+                    with anyio.fail_after(10):
+                        while not calls:  # until the connect waits in its worker thread
+                            await anyio.sleep(0.01)
+                    assert not clients
+                    accepted.append(listener.accept())  # room: the waiting connect goes in
+                    accepted.append(await anyio.to_thread.run_sync(listener.accept))
+                with clients[0] as client:
                     await client.send(b"through")
                     assert accepted[1].recv().data == b"through"
             finally:
@@ -198,17 +235,17 @@ def test_async_connect_waits_in_a_thread_when_the_queue_is_full(
                 for chan in accepted:
                     chan.close()
 
-    asyncio.run(body())
-    assert len(calls) == 2  # the connect's own, and the test's accept
+    anyio.run(body, backend=runtime)
+    assert len(calls) == 1  # the connect's own
 
 
-def test_async_connect_reports_a_missing_socket(sockdir: Path) -> None:
+def test_async_connect_reports_a_missing_socket(sockdir: Path, runtime: str) -> None:
     async def body() -> None:
         with pytest.raises(OSError) as info:
             await AsyncChannel.connect(sockdir / "nobody-here")
         assert info.value.errno == errno.ENOENT and "no such socket" in str(info.value)
 
-    asyncio.run(body())
+    anyio.run(body, backend=runtime)
 
 
 # ---------------------------------------------------------- reader callback

@@ -25,11 +25,20 @@ import contextlib
 import errno
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .._errors import AfunixError
 
-__all__ = ["Waiter"]
+__all__ = [
+    "Waiter",
+    "current_task",
+    "new_event",
+    "new_lock",
+    "new_semaphore",
+    "sleep",
+    "to_thread",
+    "wait_ready",
+]
 
 #: ``attempt(read)``: the next result, or ``None`` to wait for readiness; it may
 #: make one receive call only when *read* is true.
@@ -167,3 +176,45 @@ class Waiter:
         for fut in [*receivers, *writers]:
             if not fut.done() and not fut.get_loop().is_closed():
                 fut.set_exception(AfunixError(errno.EBADF, "the channel was closed"))
+
+
+# -- the primitives of afunix._backends, for asyncio -----------------------------------
+
+T = TypeVar("T")
+
+current_task = asyncio.current_task
+new_lock = asyncio.Lock
+new_event = asyncio.Event
+new_semaphore = asyncio.Semaphore
+sleep = asyncio.sleep
+
+
+async def to_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread (``asyncio.to_thread``)."""
+    return await asyncio.to_thread(fn, *args)
+
+
+async def wait_ready(fd: int, write: bool, timeout: float | None) -> bool:
+    """Wait until *fd* is readable (writable if *write*); ``False`` after *timeout*."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    if write:
+        loop.add_writer(fd, _set_done, fut)
+    else:
+        loop.add_reader(fd, _set_done, fut)
+    try:
+        if timeout is None:
+            await fut
+            return True
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+        return bool(done)
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,4 +1,4 @@
-"""``AsyncServer``: an afunix server that runs in the caller's asyncio event loop.
+"""``AsyncServer``: an afunix server that runs in the caller's event loop (asyncio or trio).
 
 :class:`~afunix.Server` owns its loop (``serve_forever()`` blocks); an
 :class:`AsyncServer` is awaited in a loop that is already running, next to
@@ -8,16 +8,19 @@ model; without ``event_loop``: the loop is yours) and the same parts:
 admission (``policy``, ``verify``, per-uid cap, refusals) and the listener
 (hand-over, socket activation, READY/STOPPING/WATCHDOG notices).
 ``Server(model="asyncio")`` is this class run in an ``asyncio.Runner``.
+Under asyncio it serves with :class:`~afunix.server._async.AsyncRunner`,
+under trio with :class:`~afunix.server._trio.TrioRunner` (imported only
+then: trio is no dependency).
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from .._address import AddressLike
+from .._backends import current_task, in_trio, new_event
 from .._limits import DEFAULT_LIMITS, Limits
 from .._sockets import SocketTypeLike
 from ..policy import PeerPolicy
@@ -38,7 +41,7 @@ class TaskStatus(Protocol):
 
 
 class AsyncServer(ServerParts):
-    """A server awaited in your own event loop (asyncio; anyio on asyncio).
+    """A server awaited in your own event loop: asyncio or trio, and anyio on either.
 
     Bound (or inherited) when constructed, like :class:`~afunix.Server`, so
     :class:`~afunix.AddressInUse` and friends surface at once; constructing
@@ -47,9 +50,9 @@ class AsyncServer(ServerParts):
         async with AsyncServer("/run/app.sock", handle, policy=policy) as server:
             await server.serve_forever()
 
-        # anyio (asyncio backend): returns once accepting
-        async with anyio.create_task_group() as tg:
-            await tg.start(server.serve_forever)
+        # trio, or anyio on either: returns once accepting
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
 
     :meth:`serve_forever` runs until :meth:`shutdown` (thread- and
     signal-safe), a successor takes over (:meth:`hand_over`), or the task is
@@ -68,8 +71,9 @@ class AsyncServer(ServerParts):
 
     No signal handler is installed unless ``handle_signals=True`` (then
     ``SIGTERM``/``SIGINT`` stop it and ``SIGUSR2`` hands it over, through
-    ``loop.add_signal_handler``, in the main thread only; they are removed
-    when it stops). Call :meth:`shutdown` from handlers of your own instead.
+    ``loop.add_signal_handler``, or trio's ``open_signal_receiver``, in the
+    main thread only; they are removed when it stops). Call :meth:`shutdown`
+    from handlers of your own instead.
 
     The other options are :class:`~afunix.Server`'s (see there): ``type``,
     ``backlog``, ``mode``, ``owner``, ``group``, ``parent_mode``,
@@ -168,8 +172,8 @@ class AsyncServer(ServerParts):
         self.sock = listener.sock
         self.address = listener.address
         self.origin = listener.origin
-        self._runner: AsyncRunner | None = None
-        self._finished: asyncio.Event | None = None  # set when serve_forever ends
+        self._runner: Any = None  # AsyncRunner or TrioRunner, while serving
+        self._finished: Any = None  # the runtime's Event, set when serve_forever ends
         self._closed = False
 
     def _announced(self) -> None:
@@ -189,8 +193,14 @@ class AsyncServer(ServerParts):
                 f"{self.address.describe()}: serve_forever() runs once per AsyncServer; "
                 "create a new server to serve again"
             )
-        self._finished = asyncio.Event()
-        self._runner = runner = AsyncRunner(
+        if in_trio():
+            from ._trio import TrioRunner
+
+            runner_class: Any = TrioRunner
+        else:
+            runner_class = AsyncRunner
+        self._finished = new_event()
+        self._runner = runner = runner_class(
             self._listener,
             self._admission,
             self.handler,
@@ -210,7 +220,8 @@ class AsyncServer(ServerParts):
 
         As :meth:`afunix.Server.hand_over`; it blocks until the successor is
         ready (up to *timeout*), so from the event loop call it in a thread:
-        ``await asyncio.to_thread(server.hand_over)``. Returns the successor's pid.
+        ``await asyncio.to_thread(server.hand_over)`` (trio:
+        ``await trio.to_thread.run_sync(server.hand_over)``). Returns the successor's pid.
         """
         return self._listener.hand_over(argv, timeout)
 
@@ -224,7 +235,7 @@ class AsyncServer(ServerParts):
         self.shutdown()
         runner, finished = self._runner, self._finished
         if runner is not None and finished is not None:
-            if asyncio.current_task() in runner.tasks:
+            if current_task() in runner.tasks:
                 return
             await finished.wait()
         self._close()

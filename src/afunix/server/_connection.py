@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from .._address import Address
+from .._backends import in_trio, notify_closing, wait_readable, wait_writable
 from .._creds import PeerCredentials, peer_credentials
 from .._errors import PeerError, PeerTimeout
 from .._limits import DEFAULT_LIMITS, Limits
@@ -164,9 +166,11 @@ class Connection(_Peer):
 
 
 class AsyncConnection(_Peer):
-    """One client connection, for ``asyncio`` handlers (stream or seqpacket).
+    """One client connection, for ``async def`` handlers (stream or seqpacket),
+    under asyncio or trio (and anyio on either).
 
-    :attr:`credentials` says who the client is.
+    :attr:`credentials` says who the client is. One task at a time may
+    receive (and one send): under trio a second one gets ``BusyResourceError``.
     """
 
     def __init__(
@@ -177,7 +181,11 @@ class AsyncConnection(_Peer):
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(sock, peer, credentials, limits)
-        self._loop = asyncio.get_running_loop()
+        #: The running asyncio loop; ``None`` under trio.
+        self._loop = asyncio._get_running_loop()
+        if self._loop is None:
+            in_trio()  # (raises outside both)
+            sock.setblocking(False)
 
     async def recv(self, bufsize: int = BUFSIZE) -> bytes:
         """Receive up to *bufsize* bytes (one record on seqpacket); ``b""`` at EOF.
@@ -185,6 +193,8 @@ class AsyncConnection(_Peer):
         Raises :class:`~afunix.PeerTimeout` after ``idle_timeout`` of silence.
         """
         timeout = self.limits.idle_timeout
+        if self._loop is None:
+            return await self._recv_trio(bufsize, timeout)
         if timeout is None:
             return await self._loop.sock_recv(self.sock, bufsize)
         try:
@@ -195,6 +205,9 @@ class AsyncConnection(_Peer):
     async def send(self, data: bytes) -> None:
         """Send all of *data*; :class:`~afunix.PeerTimeout` if the client stops reading."""
         timeout = self.limits.send_timeout
+        if self._loop is None:
+            await self._send_trio(data, timeout)
+            return
         if timeout is None:
             await self._loop.sock_sendall(self.sock, data)
             return
@@ -202,6 +215,34 @@ class AsyncConnection(_Peer):
             await asyncio.wait_for(self._loop.sock_sendall(self.sock, data), timeout)
         except TimeoutError:
             raise PeerTimeout(f"client did not read for more than {timeout:g}s") from None
+
+    async def _recv_trio(self, bufsize: int, timeout: float | None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self.sock.recv(bufsize)
+            except BlockingIOError:
+                pass
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not await wait_readable(self.sock.fileno(), left):
+                raise PeerTimeout(f"client idle for more than {timeout:g}s")
+
+    async def _send_trio(self, data: bytes, timeout: float | None) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view, NOSIGNAL) :]
+                continue
+            except BlockingIOError:
+                pass
+            if not await wait_writable(self.sock.fileno(), timeout):  # (no progress that long)
+                raise PeerTimeout(f"client did not read for more than {timeout:g}s")
+
+    def close(self) -> None:
+        """Close the connection; under trio its waiting tasks wake with ``EBADF``."""
+        if self._loop is None and self.sock.fileno() >= 0:
+            notify_closing(self.sock.fileno())
+        super().close()
 
     def channel(self, **options: Any) -> AsyncChannel:
         """This connection as an :class:`~afunix.AsyncChannel` (see :meth:`Connection.channel`).
