@@ -311,9 +311,9 @@ def test_random_messages_through_a_simulated_kernel(
         sent: list[tuple[bytes, list[int]]] = []
         broke: ControlTruncated | None = None
         try:
-            for data, which, more, memfd in messages:
+            for data, which, hold, memfd in messages:
                 payload = data if isinstance(data, bytes) else rng.randbytes(data)
-                more = more and kind == STREAM
+                more = hold and kind == STREAM
                 # file objects the caller drops at once: only the protocol keeps them
                 owners = [Owner(files[i]) for i in which]
                 out = sender.send(payload, owners, memfd=memfd, more=more)
