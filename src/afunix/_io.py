@@ -26,8 +26,9 @@ from ._cmsg import INT_SIZE, MSG_CMSG_CLOEXEC, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKE
 from ._errors import UnsupportedFeature
 from ._platform import NOSIGNAL
 from ._protocol import Event
-from ._protocol.machine import PACKET_MIN, PLAIN_WORD, WORD, ChannelProtocol, Write
+from ._protocol.machine import PACKET_MIN, PLAIN_WORD, WORD, ChannelProtocol
 from ._protocol.message import Message
+from ._protocol.write import Write
 
 __all__ = [
     "prepare",

@@ -39,8 +39,9 @@ from ._errors import AfunixError, PeerTimeout
 from ._io import protocol_for, receive, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
-from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, ChannelProtocol, Write, check_timeouts
+from ._protocol.machine import RECV_BUFSIZE, ChannelProtocol
 from ._protocol.message import Message
+from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import SocketTypeLike, connect, connect_nowait, listen, pair, type_name
 
 __all__ = ["AsyncChannel"]

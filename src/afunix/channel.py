@@ -48,8 +48,9 @@ from ._io import protocol_for, receive, set_timeout, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._platform import PLATFORM
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
-from ._protocol.machine import BROKEN, OPEN, RECV_BUFSIZE, Write, check_timeouts
+from ._protocol.machine import RECV_BUFSIZE
 from ._protocol.message import Message
+from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import (
     SocketTypeLike,
     connect,

@@ -24,8 +24,9 @@ from afunix import ProtocolError, UnsupportedFeature
 from afunix._cmsg import MSG_CTRUNC, SCM_MAX_FD, SCM_RIGHTS, SOL_SOCKET, ControlTruncated
 from afunix._memfd import MemfdBuffer, seal_bytes
 from afunix._protocol import CLOSED, FLAG_MEMFD, HEADER, MAGIC, NEED_DATA
-from afunix._protocol.machine import HOLD_MAX, ChannelProtocol, State, Write
+from afunix._protocol.machine import HOLD_MAX, ChannelProtocol
 from afunix._protocol.message import Message
+from afunix._protocol.write import State, Write
 
 from ..conftest import is_open
 

@@ -45,8 +45,9 @@ from afunix import ControlTruncated
 from afunix._cmsg import close_fds, rights
 from afunix._io import receive, try_frame, write_some
 from afunix._protocol import CLOSED, NEED_DATA
-from afunix._protocol.machine import ChannelProtocol, Write
+from afunix._protocol.machine import ChannelProtocol
 from afunix._protocol.message import Message
+from afunix._protocol.write import Write
 
 SETTINGS = settings(
     max_examples=150,

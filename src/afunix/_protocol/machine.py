@@ -36,7 +36,6 @@ size go inline, and no control data is asked for on receive.
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import socket as _constants  # constants only; no I/O here
@@ -59,7 +58,6 @@ from .._cmsg import (
     fd_numbers,
     fds_in,
     fds_only,
-    rights,
 )
 from .._errors import AfunixError, ProtocolError, TooManyFds, UnsupportedFeature
 from .._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
@@ -80,8 +78,9 @@ from .framing import (
     encode_header,
 )
 from .message import Message, counted_message
+from .write import BROKEN, CLOSED_STATE, OPEN, Write
 
-__all__ = ["RECV_BUFSIZE", "ChannelProtocol", "State", "Write", "check_timeouts"]
+__all__ = ["RECV_BUFSIZE", "ChannelProtocol"]
 
 #: Bytes asked for per stream ``recvmsg``, into one buffer kept by the channel: a
 #: fresh 256 KiB ``bytes`` per call is mapped and unmapped by malloc every time,
@@ -113,95 +112,6 @@ _SEQPACKET = int(_constants.SOCK_SEQPACKET)
 _MSG_TRUNC = int(_constants.MSG_TRUNC)
 _MECHANISM = PLATFORM.backend.MESSAGE_MECHANISM or ""
 _MEMFD = available()  # read once: asked per channel, it cost two hasattr calls
-
-
-def check_timeouts(*timeouts: float | None) -> None:
-    """Refuse a timeout that is not ``None`` or a positive number of seconds."""
-    for each in timeouts:
-        if each is not None and not each > 0:
-            raise ValueError(f"a timeout is None or a positive number of seconds, not {each!r}")
-
-
-class State(enum.Enum):
-    """Where a channel is: OPEN; BROKEN (a stream lost its framing: close it); CLOSED."""
-
-    OPEN = "open"
-    BROKEN = "broken"
-    CLOSED = "closed"
-
-
-OPEN, BROKEN, CLOSED_STATE = State.OPEN, State.BROKEN, State.CLOSED
-
-
-class Write:
-    """One message, or a batch of held ones, on its way out by ``sendmsg``.
-
-    The descriptors (:attr:`ancdata`) ride on the first byte: once any byte
-    went, they are never attached again. :attr:`refs` are the caller's objects
-    behind :attr:`fds` (files, sockets), kept alive until
-    :meth:`ChannelProtocol.write_done`; :attr:`owned` are descriptors the
-    protocol made (duplicates of held messages' descriptors, a memfd), closed
-    then.
-    """
-
-    __slots__ = (
-        "ancdata",
-        "buffers",
-        "fds",
-        "inline_default",
-        "owned",
-        "payload",
-        "refs",
-        "sent",
-        "to",
-        "total",
-    )
-
-    def __init__(
-        self,
-        buffers: list[Any],
-        fds: list[int] | tuple[()] = (),
-        refs: Sequence[object] = (),
-        *,
-        to: tuple[Any, ...] = (),
-        owned: list[int] | tuple[()] = (),
-        sent: int = 0,
-    ) -> None:
-        #: What the next ``sendmsg`` writes (bytes, memoryviews), trimmed as bytes go.
-        self.buffers = buffers
-        #: The descriptor numbers this write carries (a memfd resend reuses them).
-        self.fds = fds
-        self.ancdata: list[Triple] = [rights(fds)] if fds else []
-        self.refs = refs
-        #: ``(address,)`` on an unconnected datagram channel, else ``()``.
-        self.to = to
-        self.owned = owned
-        #: A packet sent inline only because it is below the memfd threshold: an
-        #: ``EMSGSIZE`` makes it a memfd (:meth:`ChannelProtocol.write_failed`).
-        self.inline_default = False
-        self.payload: memoryview | None = None
-        self.sent = total = sent
-        for each in buffers:
-            total += len(each)
-        self.total = total
-
-    def advance(self, n: int) -> bool:
-        """*n* more bytes went; ``True`` when all did."""
-        self.sent += n
-        if n:
-            self.ancdata = []  # the descriptors went with the first byte
-        if self.sent >= self.total:
-            return True
-        buffers = self.buffers
-        while n:
-            first = buffers[0]
-            if n >= len(first):
-                n -= len(first)
-                del buffers[0]
-            else:
-                buffers[0] = memoryview(first)[n:]
-                n = 0
-        return False
 
 
 class ChannelProtocol:
