@@ -2,11 +2,11 @@
 
 Two halves, as in h11:
 
-* **sans-IO**: :func:`build_request` makes the ``SOCK_DIAG_BY_FAMILY`` request
+* **sans-IO**: :func:`build_request` makes the ``_SOCK_DIAG_BY_FAMILY`` request
   (``struct nlmsghdr`` + ``struct unix_diag_req``) and :func:`parse_messages`
   turns the kernel's reply bytes (``struct unix_diag_msg`` + attributes) into
   :class:`UnixSocketInfo` values. No sockets; tested with tables of bytes.
-* **I/O**: :func:`dump` sends the request on a ``NETLINK_SOCK_DIAG`` socket and
+* **I/O**: :func:`dump` sends the request on a ``_NETLINK_SOCK_DIAG`` socket and
   reads the reply; :func:`holders` maps socket inodes to the processes that
   hold them, from the ``socket:[INODE]`` links in ``/proc/*/fd``.
 
@@ -26,45 +26,64 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x01
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+__all__ = [
+    "SHOW_ALL",
+    "STATE_NAMES",
+    "TCP_CLOSE",
+    "TCP_ESTABLISHED",
+    "TCP_LISTEN",
+    "TYPE_NAMES",
+    "Holder",
+    "UnixSocketInfo",
+    "build_request",
+    "dump",
+    "dump_or_fallback",
+    "holders",
+    "kernel_dev_to_user",
+    "parse_messages",
+    "parse_proc_net_unix",
+    "parse_unix_diag_msg",
+]
 
-UDIAG_SHOW_NAME = 0x01
-UDIAG_SHOW_VFS = 0x02
-UDIAG_SHOW_PEER = 0x04
-UDIAG_SHOW_ICONS = 0x08
-UDIAG_SHOW_RQLEN = 0x10
-UDIAG_SHOW_UID = 0x40
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLM_F_REQUEST = 0x01
+_NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+
+_UDIAG_SHOW_NAME = 0x01
+_UDIAG_SHOW_VFS = 0x02
+_UDIAG_SHOW_PEER = 0x04
+_UDIAG_SHOW_ICONS = 0x08
+_UDIAG_SHOW_RQLEN = 0x10
+_UDIAG_SHOW_UID = 0x40
 SHOW_ALL = (
-    UDIAG_SHOW_NAME
-    | UDIAG_SHOW_VFS
-    | UDIAG_SHOW_PEER
-    | UDIAG_SHOW_ICONS
-    | UDIAG_SHOW_RQLEN
-    | UDIAG_SHOW_UID
+    _UDIAG_SHOW_NAME
+    | _UDIAG_SHOW_VFS
+    | _UDIAG_SHOW_PEER
+    | _UDIAG_SHOW_ICONS
+    | _UDIAG_SHOW_RQLEN
+    | _UDIAG_SHOW_UID
 )
 
-UNIX_DIAG_NAME = 0
-UNIX_DIAG_VFS = 1
-UNIX_DIAG_PEER = 2
-UNIX_DIAG_ICONS = 3
-UNIX_DIAG_RQLEN = 4
-UNIX_DIAG_UID = 7
+_UNIX_DIAG_NAME = 0
+_UNIX_DIAG_VFS = 1
+_UNIX_DIAG_PEER = 2
+_UNIX_DIAG_ICONS = 3
+_UNIX_DIAG_RQLEN = 4
+_UNIX_DIAG_UID = 7
 
 TCP_ESTABLISHED = 1
 TCP_CLOSE = 7
 TCP_LISTEN = 10
 
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie[2]
-UNIX_DIAG_MSG = struct.Struct("=BBBBIII")  # family, type, state, pad, ino, cookie[2]
-RTATTR = struct.Struct("=HH")  # len, type
-U32 = struct.Struct("=I")
-U32_PAIR = struct.Struct("=II")
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie[2]
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")  # family, type, state, pad, ino, cookie[2]
+_RTATTR = struct.Struct("=HH")  # len, type
+_U32 = struct.Struct("=I")
+_U32_PAIR = struct.Struct("=II")
 
 TYPE_NAMES: dict[int, str] = {
     int(socket.SOCK_STREAM): "stream",
@@ -142,9 +161,9 @@ class UnixSocketInfo:
 
 def build_request(seq: int = 1, *, show: int = SHOW_ALL, states: int = 0xFFFFFFFF) -> bytes:
     """The dump request for every Unix socket in *states* (a bit mask of ``1 << TCP_*``)."""
-    body = UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, states, 0, show, 0xFFFFFFFF, 0xFFFFFFFF)
-    head = NLMSGHDR.pack(
-        NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    body = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, states, 0, show, 0xFFFFFFFF, 0xFFFFFFFF)
+    head = _NLMSGHDR.pack(
+        _NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0
     )
     return head + body
 
@@ -155,36 +174,36 @@ def kernel_dev_to_user(kdev: int) -> int:
 
 
 def _apply_attribute(info: UnixSocketInfo, kind: int, data: bytes) -> None:
-    if kind == UNIX_DIAG_NAME:
+    if kind == _UNIX_DIAG_NAME:
         # A path's length may count its terminating NUL (as bind() was told); an
         # abstract name's NULs are part of it.
         info.name = data if data[:1] == b"\0" else data.split(b"\0", 1)[0]
-    elif kind == UNIX_DIAG_VFS and len(data) >= U32_PAIR.size:
-        ino, kdev = U32_PAIR.unpack_from(data)
+    elif kind == _UNIX_DIAG_VFS and len(data) >= _U32_PAIR.size:
+        ino, kdev = _U32_PAIR.unpack_from(data)
         info.vfs = (ino, kernel_dev_to_user(kdev))
-    elif kind == UNIX_DIAG_PEER and len(data) >= U32.size:
-        info.peer = U32.unpack_from(data)[0] or None
-    elif kind == UNIX_DIAG_ICONS:
-        info.pending = [v for (v,) in U32.iter_unpack(data[: len(data) // 4 * 4])]
-    elif kind == UNIX_DIAG_RQLEN and len(data) >= U32_PAIR.size:
-        info.rqueue, info.wqueue = U32_PAIR.unpack_from(data)
-    elif kind == UNIX_DIAG_UID and len(data) >= U32.size:
-        info.uid = U32.unpack_from(data)[0]
+    elif kind == _UNIX_DIAG_PEER and len(data) >= _U32.size:
+        info.peer = _U32.unpack_from(data)[0] or None
+    elif kind == _UNIX_DIAG_ICONS:
+        info.pending = [v for (v,) in _U32.iter_unpack(data[: len(data) // 4 * 4])]
+    elif kind == _UNIX_DIAG_RQLEN and len(data) >= _U32_PAIR.size:
+        info.rqueue, info.wqueue = _U32_PAIR.unpack_from(data)
+    elif kind == _UNIX_DIAG_UID and len(data) >= _U32.size:
+        info.uid = _U32.unpack_from(data)[0]
     # other attributes (MEMINFO, SHUTDOWN, ...) are not asked for and ignored
 
 
 def parse_unix_diag_msg(payload: bytes) -> UnixSocketInfo:
     """One ``struct unix_diag_msg`` and its attributes (the netlink header removed)."""
-    if len(payload) < UNIX_DIAG_MSG.size:
-        raise ValueError(f"unix_diag_msg of {len(payload)} bytes, need {UNIX_DIAG_MSG.size}")
-    _family, type_, state, _pad, ino, _c0, _c1 = UNIX_DIAG_MSG.unpack_from(payload)
+    if len(payload) < _UNIX_DIAG_MSG.size:
+        raise ValueError(f"unix_diag_msg of {len(payload)} bytes, need {_UNIX_DIAG_MSG.size}")
+    _family, type_, state, _pad, ino, _c0, _c1 = _UNIX_DIAG_MSG.unpack_from(payload)
     info = UnixSocketInfo(inode=ino, type=type_, state=state)
-    pos = UNIX_DIAG_MSG.size
-    while pos + RTATTR.size <= len(payload):
-        length, kind = RTATTR.unpack_from(payload, pos)
-        if length < RTATTR.size or pos + length > len(payload):
+    pos = _UNIX_DIAG_MSG.size
+    while pos + _RTATTR.size <= len(payload):
+        length, kind = _RTATTR.unpack_from(payload, pos)
+        if length < _RTATTR.size or pos + length > len(payload):
             raise ValueError(f"attribute of length {length} at offset {pos} overruns the message")
-        _apply_attribute(info, kind, payload[pos + RTATTR.size : pos + length])
+        _apply_attribute(info, kind, payload[pos + _RTATTR.size : pos + length])
         pos += _align(length)
     return info
 
@@ -192,27 +211,27 @@ def parse_unix_diag_msg(payload: bytes) -> UnixSocketInfo:
 def parse_messages(data: bytes) -> tuple[list[UnixSocketInfo], bool]:
     """Parse one ``recv`` of the reply: the sockets in it and whether the dump is done.
 
-    Raises ``OSError`` with the kernel's errno on ``NLMSG_ERROR`` (for example
+    Raises ``OSError`` with the kernel's errno on ``_NLMSG_ERROR`` (for example
     ``ENOENT`` when the kernel has no ``unix_diag``), ``ValueError`` on bytes
     that are not a well-formed reply.
     """
     found: list[UnixSocketInfo] = []
     pos = 0
-    while pos + NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, pos)
-        if length < NLMSGHDR.size or pos + length > len(data):
+    while pos + _NLMSGHDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if length < _NLMSGHDR.size or pos + length > len(data):
             raise ValueError(
                 f"netlink message of length {length} at offset {pos} overruns the reply"
             )
-        body = data[pos + NLMSGHDR.size : pos + length]
-        if kind == NLMSG_DONE:
+        body = data[pos + _NLMSGHDR.size : pos + length]
+        if kind == _NLMSG_DONE:
             return found, True
-        if kind == NLMSG_ERROR:
+        if kind == _NLMSG_ERROR:
             code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else errno.EIO
             if code:
                 raise OSError(code, f"sock_diag refused the request: {os.strerror(code)}")
             return found, True  # an ACK
-        if kind == SOCK_DIAG_BY_FAMILY:
+        if kind == _SOCK_DIAG_BY_FAMILY:
             found.append(parse_unix_diag_msg(body))
         pos += _align(length)
     return found, False
@@ -226,7 +245,7 @@ def dump() -> list[UnixSocketInfo]:
     ``/proc/net/unix`` then.
     """
     with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
     ) as nl:
         nl.sendto(build_request(), (0, 0))
         found: list[UnixSocketInfo] = []
