@@ -23,6 +23,7 @@ from typing import Any
 
 from ._address import Address
 from ._cmsg import INT_SIZE, MSG_CMSG_CLOEXEC, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET
+from ._creds import enable_credentials
 from ._errors import UnsupportedFeature
 from ._platform import NOSIGNAL
 from ._protocol import Event
@@ -58,8 +59,8 @@ def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int, str | 
     its name for error messages (TCP, or a socket whose ``carries_fds``
     attribute is ``False``, such as an ``ssh://`` one): the channel then refuses
     descriptors, memfds and credentials. With *credentials* on a Unix socket,
-    ``SO_PASSCRED`` is set. Called once per channel: the send and receive
-    paths never ask again.
+    the kernel is asked to attach them (:func:`afunix.lowlevel.enable_credentials`).
+    Called once per channel: the send and receive paths never ask again.
     """
     try:  # the C attributes: socket.socket's properties build an enum on every read
         family, kind = _family_of(sock), _type_of(sock)
@@ -73,10 +74,7 @@ def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int, str | 
         where = getattr(sock, "remote_address", None)
         return kind, 0, str(where) if where else "this socket (its carries_fds is False)"
     if credentials:
-        passcred = getattr(socket, "SO_PASSCRED", None)
-        if passcred is None:  # pragma: no cover - not Linux
-            raise UnsupportedFeature("per-message credentials (SO_PASSCRED) need Linux")
-        sock.setsockopt(socket.SOL_SOCKET, passcred, 1)
+        enable_credentials(sock)  # the platform's way (Linux SO_PASSCRED, BSD LOCAL_CREDS)
     if kind == socket.SOCK_STREAM:
         return kind, 0, None
     room = max(

@@ -729,6 +729,35 @@ def test_credentials(api: API, kind: str) -> None:
     run(body())
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_credentials_with_a_pidfd_requested_by_someone_else(api: API, kind: str) -> None:
+    """``SO_PASSPIDFD`` set on the receiving socket (by the program, or a library it
+    uses): the kernel adds an ``SCM_PIDFD`` to each message. The channel takes the
+    credentials as ``recv_credentials`` does and closes the pidfd (no message could
+    own it on a stream); before, every receive failed with UnexpectedControl."""
+
+    async def body() -> None:
+        a, b = api.pair(kind, credentials=True)
+        with a, b:
+            try:
+                afunix.lowlevel.enable_credentials(b.socket, pidfd=True)
+            except afunix.UnsupportedFeature:
+                pytest.fail("this kernel has no SO_PASSPIDFD (Linux 6.5+ is expected)")
+            with open(os.devnull, "rb") as f:
+                for i in range(3):
+                    await api.send(a, b"who %d" % i, [f])
+            for i in range(3):
+                with await api.recv(b) as msg:
+                    assert msg.data == b"who %d" % i and len(msg.fds) == 1
+                    creds = msg.credentials
+                    assert creds is not None and creds.pidfd is None
+                    assert (creds.pid, creds.uid) == (os.getpid(), os.getuid())
+
+    before = fd_table()
+    run(body())
+    assert fd_table() == before
+
+
 def test_concurrent_senders_never_interleave() -> None:
     a, b = Channel.pair("stream", memfd_threshold=None)
     payloads = [bytes([i]) * 300_000 for i in range(4)]

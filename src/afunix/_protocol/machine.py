@@ -47,17 +47,17 @@ from typing import Any
 from .._cmsg import (
     MSG_CTRUNC,
     SCM_MAX_FD,
+    SCM_PIDFD,
     ControlError,
-    Credentials,
     FdLike,
-    Rights,
     Triple,
+    UnexpectedControl,
     close_fds,
     control_space,
-    decode,
     fd_numbers,
     fds_in,
     fds_only,
+    split_credentials,
 )
 from .._errors import AfunixError, ProtocolError, TooManyFds, UnsupportedFeature
 from .._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
@@ -567,15 +567,7 @@ class ChannelProtocol:
     ) -> tuple[list[int], PeerCredentials | None]:
         if not self.credentials:
             return fds_only(ancdata, msg_flags, room=self.room), None
-        fds: list[int] = []
-        creds = None
-        for item in decode(ancdata, msg_flags, room=self.room):
-            if isinstance(item, Rights):
-                fds += item.fds
-            elif isinstance(item, Credentials):
-                pid = item.pid if item.pid > 0 else None
-                creds = PeerCredentials(pid, item.uid, item.gid, mechanism=_MECHANISM)
-        return fds, creds
+        return _with_credentials(ancdata, msg_flags, self.room)
 
     def _packet(
         self, data: bytes, fds: list[int], msg_flags: int, address: Any, tag: object
@@ -667,3 +659,30 @@ class ChannelProtocol:
         released = self._released
         while released:
             self._in_flight -= released.popleft()
+
+
+def _with_credentials(
+    ancdata: list[Triple], msg_flags: int, room: int
+) -> tuple[list[int], PeerCredentials | None]:
+    """Descriptors and the sender's credentials, in whatever form this system's kernel
+    attaches them (Linux ``SCM_CREDENTIALS``, the BSDs' ``SCM_CREDS``: the platform
+    backend parses them, as :func:`afunix.lowlevel.recv_credentials` does).
+
+    A pidfd (``SCM_PIDFD``, when someone set ``SO_PASSPIDFD`` on the socket) is
+    closed at once: on a stream one read's credentials may go with several
+    messages, so no message could own it; the pid, uid and gid stay. Errors
+    close every descriptor that came.
+    """
+    try:
+        decoded, pidfd, rest = split_credentials(ancdata)
+    except Exception as exc:  # split_credentials closed the pidfd; close the rest
+        close_fds(fds_in([t for t in ancdata if t[1] != SCM_PIDFD]))
+        raise UnexpectedControl(f"malformed credentials from the kernel: {exc}") from exc
+    if pidfd is not None:
+        os.close(pidfd)
+    fds = fds_only(rest, msg_flags, room=room) if rest or msg_flags & MSG_CTRUNC else []
+    if decoded is None:
+        return fds, None
+    return fds, PeerCredentials(
+        decoded.pid, decoded.uid, decoded.gid, decoded.groups, mechanism=_MECHANISM
+    )
