@@ -73,6 +73,16 @@ def open_fds() -> dict[int, str]:
     return fds
 
 
+@contextlib.contextmanager
+def fd_baseline() -> Iterator[None]:
+    """The descriptor table must be the same after the block as before it (for checks
+    inside a test, per round or per hypothesis example)."""
+    before = open_fds()
+    yield
+    after = open_fds()
+    assert after == before, {fd: t for fd, t in after.items() if before.get(fd) != t}
+
+
 @pytest.fixture(autouse=True)
 def no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail the test if it leaves descriptors open."""
@@ -187,3 +197,19 @@ def serving(
     return background(
         afunix_cmd("serve", address, *opts), log, lambda: b"serving" in log.read_bytes()
     )
+
+
+#: A stream client (``python -c``, argv[1] the socket path) that says whether it was
+#: served or refused; run it as nobody (:data:`NOBODY`) to test a peer policy.
+NOBODY_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b"let me in")
+    got = s.recv(100)
+except (ConnectionResetError, BrokenPipeError):  # closed before or after it wrote
+    got = b""
+print("refused" if got == b"" else f"served {got!r}")
+"""

@@ -1,5 +1,10 @@
 """``AsyncServer``: an afunix server embedded in the caller's event loop (issue 14).
 
+What is asyncio's own is here (a program's tasks and queue beside the server, the loop's
+signal handlers and readers, ``asyncio.Runner``); what both runtimes do alike (policy,
+drain, cancellation, EMFILE, datagrams, max_clients) runs under asyncio and trio in
+``test_async_server_trio.py``.
+
 Real sockets in short temp dirs, a real uid-65534 client (setpriv), real
 descriptors checked by inode. The only fake is the ``EMFILE`` of one test,
 injected by the listening socket's ``accept``. Each program is bounded by
@@ -9,11 +14,9 @@ injected by the listening socket's ``accept``. Each program is bounded by
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -27,9 +30,9 @@ import anyio
 import pytest
 
 import afunix
-from afunix.server import AsyncConnection, AsyncServer, Datagram, async_echo
+from afunix.server import AsyncConnection, AsyncServer, async_echo
 
-from ..conftest import NOBODY, open_fds
+from ..conftest import NOBODY, NOBODY_CLIENT, open_fds
 
 LIMIT = 30.0  # seconds any one program may take
 DOCS = Path(__file__).parents[2] / "docs" / "servers.md"
@@ -63,18 +66,6 @@ def _run(main: Callable[[], Awaitable[None]]) -> None:
 
 
 # ------------------------------------------- an asyncio program embeds a server
-_NOBODY_CLIENT = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(10)
-s.connect(sys.argv[1])
-try:
-    s.sendall(b"let me in")
-    got = s.recv(100)
-except (ConnectionResetError, BrokenPipeError):  # closed before or after it wrote
-    got = b""
-print("refused" if got == b"" else f"served {got!r}")
-"""
 
 
 def test_embedded_server_refuses_nobody_serves_root_and_passes_descriptors(
@@ -121,7 +112,7 @@ def test_embedded_server_refuses_nobody_serves_root_and_passes_descriptors(
                 *NOBODY,
                 sys.executable,
                 "-c",
-                _NOBODY_CLIENT,
+                NOBODY_CLIENT,
                 str(path),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -477,76 +468,6 @@ def test_handle_signals_true_stops_on_sigterm(sockdir: Path) -> None:
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
     _run(main)
-
-
-# ----------------------------------------------------------------- EMFILE
-class _OutOfDescriptors(socket.socket):
-    """A listening socket whose accept fails with EMFILE while a client waits,
-    *failures* times (the injected fault); the client stays queued, as it does
-    when the process really runs out of descriptors."""
-
-    failures = 3
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        if self.failures and select.select([self], [], [], 0)[0]:
-            self.failures -= 1
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        return super().accept()
-
-
-def test_emfile_on_accept_pauses_and_serves_the_queued_client(
-    sockdir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.ERROR, logger="afunix.server")
-    path = sockdir / "emfile.sock"
-    listener = _OutOfDescriptors(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen()
-
-    async def main() -> None:
-        async with AsyncServer(path, async_echo, sock=listener) as server:
-            serving = asyncio.create_task(server.serve_forever())
-            assert await _echo(path, b"served after 3 EMFILEs") == b"served after 3 EMFILEs"
-            assert listener.failures == 0
-            assert await _echo(path, b"and after") == b"and after"
-            assert not serving.done() and server.served == 2
-
-    try:
-        _run(main)
-    finally:
-        path.unlink()  # a given socket's file is the caller's
-    failed = [r for r in caplog.records if "accept failed" in r.getMessage()]
-    assert len(failed) == 3, [r.getMessage() for r in failed]
-    assert "Too many open files" in failed[0].getMessage()
-
-
-# -------------------------------------------------------------- datagrams
-def test_datagram_server_with_policy(sockdir: Path) -> None:
-    """type="dgram": each datagram judged on its own credentials, the reply returned."""
-    path = sockdir / "dg.sock"
-    uids: list[int | None] = []
-
-    async def upper(dgram: Datagram) -> bytes:
-        uids.append(dgram.credentials.uid if dgram.credentials else None)
-        return dgram.data.upper()
-
-    def client() -> bytes:
-        with afunix.connect(path, "dgram") as c:  # binds a private reply path
-            c.settimeout(10)
-            c.send(b"datagram")
-            return c.recv(100)
-
-    async def main() -> None:
-        policy = afunix.PeerPolicy(uids=[0])
-        async with AsyncServer(path, upper, type="dgram", policy=policy) as server:
-            serving = asyncio.create_task(server.serve_forever())
-            assert await asyncio.to_thread(client) == b"DATAGRAM"
-            assert server.served == 1
-        assert serving.done()
-
-    _run(main)
-    assert uids == [0]
-    assert not path.exists()
 
 
 # ------------------------------------------------------------------ misuse

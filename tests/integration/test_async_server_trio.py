@@ -29,7 +29,7 @@ import pytest
 import afunix
 from afunix.server import AsyncConnection, AsyncServer, Datagram, async_echo
 
-from ..conftest import NOBODY, open_fds
+from ..conftest import NOBODY, NOBODY_CLIENT, open_fds
 
 LIMIT = 30.0  # seconds any one program may take
 
@@ -73,20 +73,6 @@ async def _echo(path: Path, data: bytes = b"ping") -> bytes:
         return got
 
 
-_NOBODY_CLIENT = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(10)
-s.connect(sys.argv[1])
-try:
-    s.sendall(b"let me in")
-    got = s.recv(100)
-except (ConnectionResetError, BrokenPipeError):  # closed before or after it wrote
-    got = b""
-print("refused" if got == b"" else f"served {got!r}")
-"""
-
-
 def test_policy_refuses_nobody_serves_root_and_passes_descriptors(
     sockdir: Path, runtime: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -121,7 +107,7 @@ def test_policy_refuses_nobody_serves_root_and_passes_descriptors(
             await tg.start(server.serve_forever)
             assert ready == [server]
             nobody = await anyio.run_process(
-                [*NOBODY, sys.executable, "-c", _NOBODY_CLIENT, str(path)]
+                [*NOBODY, sys.executable, "-c", NOBODY_CLIENT, str(path)]
             )
             assert nobody.stdout == b"refused\n", nobody.stderr
             assert server.rejected == 1 and server.served == 0
@@ -423,6 +409,7 @@ def test_emfile_on_accept_pauses_and_serves_the_queued_client(
         listener.close()
     failed = [r for r in caplog.records if "accept failed" in r.getMessage()]
     assert len(failed) == 3, [r.getMessage() for r in failed]
+    assert "Too many open files" in failed[0].getMessage()
 
 
 def test_datagram_server_with_policy(sockdir: Path, runtime: str) -> None:

@@ -49,17 +49,9 @@ from afunix._memfd import MEMFD_THRESHOLD
 from afunix._protocol import FLAG_MEMFD, encode_header
 from afunix.lowlevel import PayloadError
 
+from ..conftest import open_fds
+
 TYPES = ["stream", "seqpacket", "dgram"]
-
-
-def fd_table() -> dict[int, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
-    return table
 
 
 # ------------------------------------------------------- one test, two APIs
@@ -366,7 +358,7 @@ def test_receiver_without_room_is_reported(api: API, kind: str) -> None:
         a, b = api.pair(kind, maxfds=0)
         b_fd = b.fileno()
         with a, b:
-            before = fd_table()
+            before = open_fds()
             await api.send(a, b"x", [0])
             # A stream makes room for 253 per recvmsg (one sendmsg may carry several
             # messages' descriptors) and refuses the message by its header.
@@ -377,7 +369,7 @@ def test_receiver_without_room_is_reported(api: API, kind: str) -> None:
             )
             with refusal:
                 await api.recv(b)
-            after = fd_table()
+            after = open_fds()
             if kind == "stream":  # a lost message breaks the stream: closed
                 assert b.closed
                 after[b_fd] = before[b_fd]
@@ -391,7 +383,7 @@ def test_msg_ctrunc_room_for_one_sender_sends_three(api: API, kind: str) -> None
     async def body() -> None:
         a, b = api.pair(kind, maxfds=1)
         with a, b:
-            before = fd_table()
+            before = open_fds()
             await api.send(a, b"three", [0, 1, 2])
             if kind == "stream":  # refused by its header, see above
                 with pytest.raises(ProtocolError, match="more than max_fds=1"):
@@ -403,7 +395,7 @@ def test_msg_ctrunc_room_for_one_sender_sends_three(api: API, kind: str) -> None
             if kind == "stream":
                 assert b.closed  # the stream lost a message: it cannot go on
             else:
-                assert fd_table() == before  # nothing leaked
+                assert open_fds() == before  # nothing leaked
                 await api.send(a, b"next", [0])  # and the channel still works
                 with await api.recv(b) as msg:
                     assert msg.data == b"next"
@@ -412,14 +404,14 @@ def test_msg_ctrunc_room_for_one_sender_sends_three(api: API, kind: str) -> None
 
 
 def test_too_many_descriptors_leak_nothing_on_a_stream() -> None:
-    before = fd_table()
+    before = open_fds()
     a, b = Channel.pair("stream", maxfds=1)
     a.send(b"three", [0, 1, 2])
     with pytest.raises(ProtocolError, match="more than max_fds=1"):
         b.recv()
     a.close()
     b.close()
-    assert fd_table() == before
+    assert open_fds() == before
 
 
 class _RecordingSocket(afunix.Socket):
@@ -580,7 +572,7 @@ def test_unsealed_memfd_from_a_peer_is_refused(kind: str) -> None:
     with raw, Channel(ours) as ch:
         mfd = os.memfd_create("forged", os.MFD_CLOEXEC)
         os.write(mfd, b"mutable!")
-        before = fd_table()
+        before = open_fds()
         raw.sendmsg(
             [encode_header(8, 2, FLAG_MEMFD)],
             [afunix._cmsg.rights([0, mfd])],
@@ -589,7 +581,7 @@ def test_unsealed_memfd_from_a_peer_is_refused(kind: str) -> None:
         with pytest.raises(PayloadError, match="lacks the seal"):
             ch.recv()
         before.pop(mfd, None)
-        assert fd_table() == before
+        assert open_fds() == before
         afunix.lowlevel.sendall_fds(raw, encode_header(2, 0) + b"ok")
         with ch.recv() as msg:  # the framing is intact: the channel goes on
             assert msg.data == b"ok"
@@ -600,12 +592,12 @@ def test_garbage_on_a_stream_closes_the_channel() -> None:
     raw, ours = socket.socketpair()
     with raw, Channel(ours) as ch:
         afunix.lowlevel.sendall_fds(raw, b"GET / HTTP/1.0\r\n\r\n", [0, 1])
-        before = fd_table()
+        before = open_fds()
         with pytest.raises(ProtocolError, match="not an afunix frame") as info:
             ch.recv()
         assert info.value.errno == errno.EPROTO
         assert ch.closed  # socket and the descriptors that came with the frame
-        assert set(fd_table()) < set(before)
+        assert set(open_fds()) < set(before)
 
 
 def test_oversized_frame_is_refused() -> None:
@@ -753,9 +745,9 @@ def test_credentials_with_a_pidfd_requested_by_someone_else(api: API, kind: str)
                     assert creds is not None and creds.pidfd is None
                     assert (creds.pid, creds.uid) == (os.getpid(), os.getuid())
 
-    before = fd_table()
+    before = open_fds()
     run(body())
-    assert fd_table() == before
+    assert open_fds() == before
 
 
 def test_concurrent_senders_never_interleave() -> None:

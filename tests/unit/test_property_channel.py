@@ -31,8 +31,6 @@ import os
 import random
 import socket
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,8 @@ from afunix._protocol.machine import ChannelProtocol
 from afunix._protocol.message import Message
 from afunix._protocol.write import Write
 
+from ..conftest import fd_baseline
+
 SETTINGS = settings(
     max_examples=150,
     deadline=None,
@@ -59,24 +59,6 @@ SETTINGS = settings(
 )
 STREAM, SEQPACKET = int(socket.SOCK_STREAM), int(socket.SOCK_SEQPACKET)
 FILES = 4  # distinct files (inodes) the messages' descriptors are opened on
-
-
-def fd_table() -> dict[int, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
-    return table
-
-
-@contextmanager
-def baseline() -> Iterator[None]:
-    before = fd_table()
-    yield
-    after = fd_table()
-    assert after == before, {fd: t for fd, t in after.items() if before.get(fd) != t}
 
 
 class Owner:
@@ -304,7 +286,7 @@ def test_random_messages_through_a_simulated_kernel(
     # stop an example between two steps of the simulated kernel, by design).
     rng = random.Random(seed)
     want_inodes = [inode_of(p) for p in files]
-    with baseline():
+    with fd_baseline():
         kernel = Kernel(kind, rng, packet_max=packet_max, allow_truncation=truncate)
         sender = ChannelProtocol(kind, memfd_threshold=20_000)
         receiver = ChannelProtocol(kind, recv_bufsize=rng.choice([8, 64, 4096, 256 * 1024]))

@@ -17,8 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,30 +27,13 @@ from afunix import _cmsg as anc
 from afunix._fds import recv_fds, send_fds, sendall_fds
 from afunix._protocol import CLOSED, NEED_DATA, RawMessage, StreamDecoder, encode_header
 
+from ..conftest import fd_baseline
+
 SETTINGS = settings(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-def fd_table() -> dict[int, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
-    return table
-
-
-@contextmanager
-def baseline() -> Iterator[None]:
-    """The descriptor table must be the same after the block as before it."""
-    before = fd_table()
-    yield
-    after = fd_table()
-    assert after == before, {fd: t for fd, t in after.items() if before.get(fd) != t}
 
 
 def devnull_fds(n: int) -> list[int]:
@@ -75,7 +56,7 @@ def test_random_frames_random_splits(
     """Frames grouped at random into sendmsg calls (a group's descriptors ride on its
     first byte, as ``send(..., more=True)`` batches them), cut at random into recvmsg
     chunks, decoded by the general path or the fast one."""
-    with baseline():
+    with fd_baseline():
         stream = b""
         header_at: list[int] = []
         for payload, nfds in messages:
@@ -140,7 +121,7 @@ def test_random_frames_through_the_kernel(
 ) -> None:
     """A real socketpair; a tiny ``recv_bufsize`` makes the kernel split the stream;
     ``more=True`` batches messages and their descriptors into one ``sendmsg``."""
-    with baseline():
+    with fd_baseline():
         a, b = Channel.pair(kind, recv_bufsize=bufsize)
         with a, b:
             base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -168,7 +149,7 @@ def test_truncated_control_buffer_from_the_kernel(nfds: int, data: st.DataObject
     # that fits all of them, anything below truncates.
     fits = socket.CMSG_LEN(nfds * 4)
     ancbufsize = data.draw(st.integers(min_value=0, max_value=fits - 1))
-    with baseline():
+    with fd_baseline():
         a, b = socket.socketpair()
         with a, b:
             base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -188,7 +169,7 @@ def test_truncated_control_buffer_from_the_kernel(nfds: int, data: st.DataObject
 @given(nfds=st.integers(min_value=2, max_value=8), data=st.data())
 def test_receiver_with_too_little_room(nfds: int, data: st.DataObject) -> None:
     maxfds = data.draw(st.integers(min_value=0, max_value=nfds - 1))
-    with baseline():
+    with fd_baseline():
         a, b = socket.socketpair()
         with a, b:
             base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -209,7 +190,7 @@ def test_truncated_raw_buffers(items: list[str], data: st.DataObject) -> None:
     # Draw before opening anything: a draw may abort the example.
     size = sum(anc.NATIVE_LAYOUT.space(8 if kind == "rights" else 12) for kind in items)
     cut = data.draw(st.integers(min_value=0, max_value=size))
-    with baseline():
+    with fd_baseline():
         fds = devnull_fds(items.count("rights") * 2)
         pool = iter(fds)
         triples = anc.encode(
@@ -254,7 +235,7 @@ def _is_open(fd: int) -> bool:
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(min_value=254, max_value=400), kind=st.sampled_from(["stream", "dgram"]))
 def test_too_many_descriptors_are_refused_before_sending(n: int, kind: str) -> None:
-    with baseline():
+    with fd_baseline():
         a, b = Channel.pair(kind)
         with a, b:
             fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -281,7 +262,7 @@ def test_too_many_descriptors_are_refused_before_sending(n: int, kind: str) -> N
 def test_peer_closing_mid_message(payload: bytes, nfds: int, data: st.DataObject) -> None:
     raw = encode_header(len(payload), nfds) + payload
     cut = data.draw(st.integers(min_value=1, max_value=len(raw) - 1))
-    with baseline():
+    with fd_baseline():
         ours, theirs = socket.socketpair()
         chan = Channel(ours)
         with chan:
@@ -301,7 +282,7 @@ def test_peer_closing_mid_message(payload: bytes, nfds: int, data: st.DataObject
 @settings(max_examples=20, deadline=None)
 @given(kind=st.sampled_from(["stream", "seqpacket"]))
 def test_peer_closing_between_messages_is_eof(kind: str) -> None:
-    with baseline():
+    with fd_baseline():
         a, b = Channel.pair(kind)
         with b:
             a.send(b"last", [0])
