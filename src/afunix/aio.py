@@ -296,13 +296,14 @@ class AsyncChannel:
         if self._proto.state is not OPEN:
             raise _closed()
         loop = asyncio._get_running_loop()
-        if loop is None and in_trio():
+        if loop is None:  # trio (outside both runtimes, in_trio raises)
+            in_trio()
             self._trio = True
             if not await wait_writable(self._fd, self._send_timeout):
                 raise _send_timed_out(self._send_timeout)
             return
         waiter = self._waiter
-        fut = waiter.writable(asyncio.get_running_loop())
+        fut = waiter.writable(loop)
         try:
             if self._send_timeout is None:
                 await fut
@@ -337,9 +338,10 @@ class AsyncChannel:
         if proto.state is not OPEN:
             raise _closed()
         loop = asyncio._get_running_loop()
-        if loop is None and in_trio():
+        if loop is None:  # trio (outside both runtimes, in_trio raises)
+            in_trio()
             return await self._recv_trio()
-        fut = waiter.receive(asyncio.get_running_loop())
+        fut = waiter.receive(loop)
         try:
             event = await (fut if not self._timed else self._timed_wait(fut))
         except asyncio.CancelledError:
