@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from afunix.broker._rules import compile_glob, glob_match
 from afunix.broker.flags import Wire
 from afunix.broker.policy import (
     BrokerLimits,
     PathRefused,
     PolicyFileError,
-    _compile_glob,
-    _glob_match,
     load_policy,
     parse_policy,
     split_path,
@@ -227,7 +226,7 @@ GLOBS = [
 @pytest.mark.parametrize(("pattern", "path", "match"), GLOBS)
 def test_globs(pattern: str, path: str, match: bool) -> None:
     comps = tuple(c for c in path.split("/") if c)
-    assert _glob_match(_compile_glob(pattern), comps) is match
+    assert glob_match(compile_glob(pattern), comps) is match
 
 
 # ------------------------------------------------------------- request paths
