@@ -380,8 +380,8 @@ def refuse_exposed(
             f"refusing to listen on {addr}: {', '.join(exposed)} is not a loopback address, "
             "and plain TCP has no authentication (anyone who can reach the port could "
             "connect); listen on 127.0.0.1, ::1 or localhost, reach this host through "
-            "ssh:// instead, or pass allow_remote=True if every host that can reach it "
-            "is trusted",
+            "ssh:// instead, or pass allow_remote=True (afunix serve --allow-remote) if "
+            "every host that can reach it is trusted",
         )
     return addr
 

@@ -46,7 +46,8 @@ def register(sub: Any) -> None:
             "Numbers are checked: a negative, zero (where it makes no sense), nan or "
             "infinite value is a usage error (exit status 2)."
         ),
-        epilog="Example: afunix serve /tmp/echo.sock --model fork --mode 660 --group staff",
+        epilog="Examples: afunix serve /tmp/echo.sock --model fork --mode 660 --group staff; "
+        "afunix serve tcp://127.0.0.1:7000 --model thread",
     )
     p.add_argument("address", type=address_arg, metavar="ADDR", help="where to listen")
     p.add_argument("--type", choices=SOCKET_TYPES, default="stream", help="socket type")
@@ -55,6 +56,12 @@ def register(sub: Any) -> None:
         choices=["async", "asyncio", "thread", "fork"],
         default="async",
         help="concurrency: one event loop (default), a thread or a child process per client",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="tcp://: listen on an address other hosts can reach (refused without it: "
+        "plain TCP authenticates nobody; loopback needs nothing). Not a peer policy.",
     )
     p.add_argument("--mode", type=mode_arg, help="socket file mode, e.g. 660")
     p.add_argument("--owner", help="socket file owner (user name or uid)")
@@ -156,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             owner=args.owner,
             group=args.group,
             parent_mode=args.parent_mode,
+            allow_remote=args.allow_remote,
             max_clients=args.max_clients,
             shutdown_timeout=args.shutdown_timeout,
             fdstore=args.fdstore,

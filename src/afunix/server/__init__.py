@@ -140,6 +140,15 @@ class Server(ServerParts):
     Handlers see the client's identity as ``conn.credentials`` (a
     :class:`~afunix.PeerCredentials`) or ``datagram.credentials``.
 
+    Over TCP (``"tcp://127.0.0.1:7000"``) every model serves as over a Unix
+    socket, with what TCP cannot do refused: ``conn.credentials`` raises
+    :class:`~afunix.UnsupportedFeature` (a TCP peer has no kernel
+    credentials), ``conn.channel()`` carries messages but refuses descriptors
+    and memfds, and a ``policy`` or ``max_clients_per_uid`` is refused when the
+    server is made. An address other hosts can reach (anything but loopback)
+    is refused with ``EACCES`` unless ``allow_remote=True``: plain TCP
+    authenticates nobody. No socket file is made, checked or removed.
+
     Limits (``limits=``, a :class:`Limits`): ``idle_timeout`` and
     ``send_timeout`` bound how long a client may stay silent or leave the
     server's writes unread; ``conn.channel()`` turns the connection into a
@@ -180,6 +189,7 @@ class Server(ServerParts):
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
+        allow_remote: bool = False,
         max_clients: int | None = None,
         max_clients_per_uid: int | None = None,
         refuse_with: bytes = b"",
@@ -229,6 +239,7 @@ class Server(ServerParts):
             owner=owner,
             group=group,
             parent_mode=parent_mode,
+            allow_remote=allow_remote,
         )
         listener.on_ready = self._announced
         self.sock = listener.sock

@@ -158,11 +158,18 @@ class Admission:
         """Check that ``policy`` and the per-uid cap can work on *sock* (a server of
         *sock_type*); ask for per-datagram credentials on a Unix datagram socket."""
         if sock.family != socket.AF_UNIX:
-            what = "a peer policy" if self.policy is not None else "max_clients_per_uid"
-            if self.policy is not None or self.max_clients_per_uid is not None:
+            if self.policy is not None:
                 raise UnsupportedFeature(
-                    f"{what} needs the kernel's credentials of each client, which exist "
-                    f"only for Unix-domain sockets, not for {address.describe()}"
+                    f"a PeerPolicy cannot judge the clients of {address.describe()}: it "
+                    "judges the kernel's credentials of each client (uid, gid, groups), "
+                    "which exist only for Unix-domain sockets, and a TCP peer has none; "
+                    "serve tls:// with client certificates and PeerPolicy(tls_names=...), "
+                    "or check clients in verify="
+                )
+            if self.max_clients_per_uid is not None:
+                raise UnsupportedFeature(
+                    "max_clients_per_uid needs the kernel's credentials of each client, "
+                    f"which exist only for Unix-domain sockets, not for {address.describe()}"
                 )
             return
         if sock_type != socket.SOCK_DGRAM:

@@ -77,7 +77,8 @@ class AsyncServer(ServerParts):
 
     The other options are :class:`~afunix.Server`'s (see there): ``type``,
     ``backlog``, ``mode``, ``owner``, ``group``, ``parent_mode``,
-    ``max_clients``, ``max_clients_per_uid``, ``refuse_with``,
+    ``allow_remote`` (``tcp://`` beyond loopback), ``max_clients``,
+    ``max_clients_per_uid``, ``refuse_with``,
     ``shutdown_timeout``, ``verify``, ``policy``, ``limits``, ``sock``,
     ``inherit``, ``fdstore``, and ``on_ready(server)``, called once accepting.
     """
@@ -93,6 +94,7 @@ class AsyncServer(ServerParts):
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
+        allow_remote: bool = False,
         max_clients: int | None = None,
         max_clients_per_uid: int | None = None,
         refuse_with: bytes = b"",
@@ -140,6 +142,7 @@ class AsyncServer(ServerParts):
             owner=owner,
             group=group,
             parent_mode=parent_mode,
+            allow_remote=allow_remote,
         )
         self.on_ready = on_ready
         listener.on_ready = self._announced

@@ -25,7 +25,7 @@ from .._address import Address, AddressLike
 from .._errors import AfunixError
 from .._handoff import Takeover, offer, reap_failed, spawn_successor, take_over
 from .._notify import notify
-from .._sockets import Socket, listen
+from .._sockets import Socket, listen, refuse_exposed
 
 __all__ = ["PAUSE_ERRNOS", "ListeningSocket", "somaxconn", "watchdog_period", "watchdog_ping"]
 
@@ -112,9 +112,16 @@ class ListeningSocket:
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
+        allow_remote: bool = False,
     ) -> ListeningSocket:
         """*sock* if given; else, with *inherit*, a hand-over's or activation's socket;
-        else ``listen(address, ...)`` with *backlog* (default :func:`somaxconn`)."""
+        else ``listen(address, ...)`` with *backlog* (default :func:`somaxconn`).
+
+        A ``tcp://`` or ``tls://`` address other hosts can reach is refused
+        (``EACCES``, :func:`~afunix._sockets.refuse_exposed`) unless
+        *allow_remote*: checked as resolved before binding and as bound after.
+        A socket given, handed over or activated is the caller's choice and
+        is not checked."""
         if sock is not None:
             return cls(sock, sock_type, "given")
         takeover = take_over() if inherit else None
@@ -123,8 +130,9 @@ class ListeningSocket:
         activated = _activated(sock_type) if inherit else None
         if activated is not None:
             return cls(activated, sock_type, "activation")
+        addr = refuse_exposed(address, allow_remote=allow_remote)
         bound = listen(
-            address,
+            addr,
             sock_type,
             backlog=somaxconn() if backlog is None else backlog,
             mode=mode,
@@ -132,6 +140,11 @@ class ListeningSocket:
             group=group,
             parent_mode=parent_mode,
         )
+        try:  # bound now: check the address the name gave
+            refuse_exposed(addr, allow_remote=allow_remote, sock=bound)
+        except BaseException:
+            bound.close()
+            raise
         return cls(bound, sock_type, "bound")
 
     def announce(self) -> None:
