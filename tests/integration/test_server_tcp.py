@@ -36,7 +36,7 @@ ROUNDS = 20
 def _report(conn: Connection | AsyncConnection) -> bytes:
     """What the handler learns of its peer: its credentials are refused over TCP."""
     try:
-        conn.credentials  # noqa: B018 - the property is the test
+        conn.credentials  # (the property is the test)
     except UnsupportedFeature as exc:
         assert exc.errno == errno.EOPNOTSUPP
         return b"no credentials"
@@ -94,7 +94,7 @@ def _talk(chan: Channel, rounds: int = ROUNDS) -> None:
 @pytest.mark.parametrize("model", ["thread", "fork", "asyncio"])
 def test_every_model_serves_channels_over_tcp(model: str) -> None:
     handler = async_channel_echo if model == "asyncio" else channel_echo
-    with afunix.Server("tcp://127.0.0.1:0", handler, model=model) as srv:  # type: ignore[arg-type]
+    with afunix.Server("tcp://127.0.0.1:0", handler, model=model) as srv:
         assert srv.address.kind is afunix.AddressKind.TCP
         assert srv.sock.family == socket.AF_INET
         assert getattr(srv.sock, "bound_path", None) is None  # no file to remove
@@ -195,4 +195,3 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-

@@ -62,7 +62,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 from .._address import AddressLike
 from .._errors import AfunixError
@@ -91,6 +91,9 @@ from .handlers import async_echo as async_echo
 from .handlers import datagram_echo as datagram_echo
 from .handlers import echo as echo
 from .handlers import echo_handler as echo_handler
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = [
     "AsyncConnection",
@@ -190,6 +193,7 @@ class Server(ServerParts):
         group: str | int | None = None,
         parent_mode: int | None = None,
         allow_remote: bool = False,
+        ssl: _ssl.SSLContext | None = None,
         max_clients: int | None = None,
         max_clients_per_uid: int | None = None,
         refuse_with: bytes = b"",
@@ -227,6 +231,8 @@ class Server(ServerParts):
             refuse_with=refuse_with,
             fork=model == "fork",
         )
+        if limits.idle_timeout is not None:
+            self._admission.handshake_timeout = limits.idle_timeout
         self._listener = listener = open_listener(
             address,
             sock_type,
@@ -240,6 +246,7 @@ class Server(ServerParts):
             group=group,
             parent_mode=parent_mode,
             allow_remote=allow_remote,
+            ssl=ssl,
         )
         listener.on_ready = self._announced
         self.sock = listener.sock
