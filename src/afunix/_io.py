@@ -428,7 +428,7 @@ class TlsSocket:
             raise tls_error(exc, self.remote_address, "write") from exc
         try:
             self._send_out(wait=True)
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):  # (a timeout: settimeout or SO_SNDTIMEO)
             if not taken:
                 raise
             self._owed = 1

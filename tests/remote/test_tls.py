@@ -204,6 +204,24 @@ def test_tls_needs_a_context_and_a_context_needs_tls(tls_ca: TlsCa) -> None:
         afunix.connect("tls://127.0.0.1:1")
 
 
+def test_a_send_timeout_mid_message_closes_the_tls_channel(
+    listener: afunix.Listener, tls_ca: TlsCa
+) -> None:
+    """The peer stops reading: the write of an 8 MiB message gives up after
+    ``send_timeout`` with part of it encrypted and sent; the channel is closed (its
+    framing is lost), never left to send the rest of that message later."""
+    thread, got = accept_in_thread(listener)
+    client = Channel.connect(
+        listener.address, ssl=tls_ca.client_context(), timeout=30, send_timeout=0.5
+    )
+    thread.join(30)
+    [server] = got
+    with client, server:
+        with pytest.raises(afunix.PeerTimeout, match="send_timeout"):
+            client.send(os.urandom(8 << 20))
+        assert client.closed
+
+
 def test_one_sender_and_one_receiver_thread_at_once(tls_pair: tuple[Channel, Channel]) -> None:
     """Both ends send and receive at the same time, in two threads each: the TLS
     object is never used by two threads at once, no message is lost or torn."""
