@@ -327,6 +327,51 @@ def test_a_policy_by_certificate_name_denies_other_names(
     assert "no rule allows a TLS certificate with 'client.afunix.test'" in caplog.text
 
 
+@pytest.mark.parametrize("model", ["thread", "asyncio"])
+def test_handshakes_never_hold_up_the_accept_loop(model: str, tls_ca: TlsCa) -> None:
+    """A client that connects and says nothing, and one that speaks plain bytes, do not
+    delay a TLS client: the handshakes run in the connections' own threads or tasks
+    (in the accept loop, the silent one would hold everyone up for the 60 s handshake
+    timeout, past the TLS client's 30 s). Both are refused and counted under
+    ``refused["tls-handshake"]`` (the silent one once it hangs up)."""
+    handler = async_channel_echo if model == "asyncio" else channel_echo
+    with afunix.Server(
+        "tls://127.0.0.1:0",
+        handler,
+        model=model,
+        ssl=tls_ca.server_context(),
+        limits=afunix.Limits(idle_timeout=60.0),
+    ) as srv:
+        srv.start()
+        where = ("127.0.0.1", srv.address.port)
+        with socket.create_connection(where, timeout=30):  # the silent one
+            with socket.create_connection(where, timeout=30) as plain:
+                plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                while plain.recv(100):  # perhaps an alert, then the end (within 30 s)
+                    pass
+            with Channel.connect(srv.address, ssl=tls_ca.client_context(), timeout=30) as c:
+                c.send(b"served")
+                with c.recv() as msg:
+                    assert msg.data.startswith(b"served|")
+        assert wait_until(lambda: srv.refused.get("tls-handshake") == 2, 30)
+        assert srv.rejected == 2
+
+
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(tls_ca: TlsCa) -> None:
+    limits = afunix.Limits(idle_timeout=0.5)  # the handshake timeout of a TLS server
+    with afunix.Server(
+        "tls://127.0.0.1:0",
+        channel_echo,
+        model="thread",
+        ssl=tls_ca.server_context(),
+        limits=limits,
+    ) as srv:
+        srv.start()
+        with socket.create_connection(("127.0.0.1", srv.address.port), timeout=30) as silent:
+            assert silent.recv(100) == b""  # the server hung up (a TimeoutError: 30 s)
+        assert wait_until(lambda: srv.refused.get("tls-handshake") == 1, 30)
+
+
 def test_a_uid_policy_on_a_tls_server_is_refused_at_once(tls_ca: TlsCa) -> None:
     with pytest.raises(UnsupportedFeature, match="tls_names"):
         afunix.Server(
