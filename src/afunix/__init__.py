@@ -3,7 +3,7 @@
 Two faces. This module is what most programs need: addresses and sockets
 (:func:`listen`, :func:`connect`, :func:`pair`), messages that carry
 descriptors (:class:`Channel`, :class:`AsyncChannel`), servers (:class:`Server`),
-peers (:func:`peer_credentials`, :class:`PeerPolicy`) and the errors, each an
+peers (:func:`peer_credentials`, :class:`TlsPeer`, :class:`PeerPolicy`) and the errors, each an
 ``OSError`` with its errno. :mod:`afunix.lowlevel` has the calls beneath them
 (``send_fds``, ``recv_credentials``, memfd payloads, the platform's facts).
 
@@ -38,6 +38,7 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import UnsupportedFeature as UnsupportedFeature
 from ._errors import WrongSocketType as WrongSocketType
 from ._fds import TooManyFds as TooManyFds
+from ._peer import TlsPeer as TlsPeer
 from ._sockets import DatagramSocket as DatagramSocket
 from ._sockets import Socket as Socket
 from ._sockets import connect as connect
@@ -96,6 +97,7 @@ __all__ = [
     "ProtocolError",
     "Server",
     "Socket",
+    "TlsPeer",
     "TooManyFds",
     "UnsupportedFeature",
     "WrongSocketType",

@@ -21,7 +21,7 @@ from ._credstructs import DecodedCredentials
 from ._errors import AfunixError, UnsupportedFeature
 from ._platform import PLATFORM
 
-__all__ = ["PeerCredentials", "PeerGone", "ProcessFacts"]
+__all__ = ["PeerCredentials", "PeerGone", "ProcessFacts", "TlsPeer"]
 
 
 class PeerGone(AfunixError):
@@ -242,3 +242,76 @@ class PeerCredentials:
         # Like a socket object: a forgotten descriptor is closed, not leaked.
         if getattr(self, "_pidfd", None) is not None:
             self.close()
+
+
+@dataclass(frozen=True)
+class TlsPeer:
+    """Who the peer of a ``tls://`` connection is: its certificate, as the handshake verified it.
+
+    The TLS counterpart of :class:`PeerCredentials`: where the kernel vouches
+    for a Unix-socket peer's uid, over TLS the certificate authority of your
+    ``ssl.SSLContext`` vouches for these names. Only a verified certificate
+    gives one (a server context with ``verify_mode = ssl.CERT_REQUIRED``
+    refuses clients without a valid one; a client context verifies the
+    server by default).
+
+    Attributes:
+        common_name: the subject's ``commonName`` (``CN``), or ``None``.
+        dns_names: the ``DNS`` entries of the subjectAltName extension.
+        uri_names: its ``URI`` entries (e.g. SPIFFE ids, ``spiffe://org/svc``).
+        ip_addresses: its ``IP Address`` entries.
+        subject: every attribute of the subject, ``(("organizationName",
+            "Example"), ("commonName", "db1"), ...)``, in order.
+        issuer: the issuer's attributes, likewise.
+        serial_number: the certificate's serial number (hex).
+        not_after: when it expires, as OpenSSL prints it.
+        version: the TLS version negotiated, e.g. ``"TLSv1.3"``.
+    """
+
+    common_name: str | None
+    dns_names: tuple[str, ...] = ()
+    uri_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+    subject: tuple[tuple[str, str], ...] = ()
+    issuer: tuple[tuple[str, str], ...] = ()
+    serial_number: str = ""
+    not_after: str = ""
+    version: str = ""
+
+    @classmethod
+    def from_certificate(cls, cert: dict[str, Any], version: str | None = None) -> TlsPeer:
+        """Build one from what ``SSLObject.getpeercert()`` returns (a verified certificate)."""
+        subject = _attributes(cert.get("subject", ()))
+        alt: list[tuple[str, str]] = [(str(k), str(v)) for k, v in cert.get("subjectAltName", ())]
+        return cls(
+            common_name=next((v for k, v in subject if k == "commonName"), None),
+            dns_names=tuple(v for k, v in alt if k == "DNS"),
+            uri_names=tuple(v for k, v in alt if k == "URI"),
+            ip_addresses=tuple(v for k, v in alt if k == "IP Address"),
+            subject=subject,
+            issuer=_attributes(cert.get("issuer", ())),
+            serial_number=str(cert.get("serialNumber", "")),
+            not_after=str(cert.get("notAfter", "")),
+            version=version or "",
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the certificate gives its holder: the ``CN``, then the DNS and URI
+        names (what ``PeerPolicy(tls_names=...)`` matches), without repeats."""
+        found = ([self.common_name] if self.common_name else []) + [
+            *self.dns_names,
+            *self.uri_names,
+        ]
+        return tuple(dict.fromkeys(found))
+
+    def describe(self) -> str:
+        """``certificate CN=client.example (DNS client.example)``, for logs."""
+        cn = f"CN={self.common_name}" if self.common_name else "no CN"
+        alt = [f"DNS {n}" for n in self.dns_names] + [f"URI {n}" for n in self.uri_names]
+        return f"certificate {cn}" + (f" ({', '.join(alt)})" if alt else "")
+
+
+def _attributes(rdns: Any) -> tuple[tuple[str, str], ...]:
+    """``getpeercert()``'s nested subject tuples, flattened to ``(name, value)`` pairs."""
+    return tuple((str(k), str(v)) for rdn in rdns for k, v in rdn)

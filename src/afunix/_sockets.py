@@ -50,6 +50,9 @@ from ._errors import (
 from ._platform import PLATFORM
 
 if TYPE_CHECKING:
+    import ssl as _ssl
+
+    from ._io import TlsSocket
     from ._remote import SshSocket
 
 __all__ = [
@@ -57,12 +60,16 @@ __all__ = [
     "RemoteSocket",
     "Socket",
     "SocketTypeLike",
+    "check_tls",
     "connect",
     "connect_nowait",
+    "connect_tls",
     "listen",
     "pair",
     "refuse_exposed",
+    "requires_client_certificates",
     "socket_type",
+    "tcp_of",
     "type_name",
 ]
 
@@ -251,9 +258,10 @@ def _refuse_remote(addr: Address, sock_type: int, listening: bool) -> None:
     """Refuse what :func:`listen`/:func:`connect` cannot do with a ``tls://``/``ssh://`` address."""
     if addr.kind is AddressKind.TLS:
         raise UnsupportedFeature(
-            f"{addr}: tls:// needs an SSL context, which listen() and connect() do not take; "
-            "TLS comes with Channel and Server (ssl=); for now wrap a tcp:// socket with "
-            "ssl.SSLContext.wrap_socket"
+            f"{addr}: tls:// needs an ssl.SSLContext, which listen() and connect() do not "
+            "take: use Channel.connect(address, ssl=context), Channel.listen(address, "
+            "ssl=context), Server(address, handler, ssl=context), or "
+            "afunix.lowlevel.connect_tls() for a byte stream"
         )
     if addr.kind is AddressKind.SSH and listening:
         raise UnsupportedFeature(
@@ -351,19 +359,26 @@ def listen(
 
 
 def refuse_exposed(
-    address: AddressLike, *, allow_remote: bool, sock: socket.socket | None = None
+    address: AddressLike,
+    *,
+    allow_remote: bool,
+    sock: socket.socket | None = None,
+    authenticated: bool = False,
 ) -> Address:
     """Refuse a ``tcp://`` address other hosts can reach, unless *allow_remote*.
 
     Plain TCP authenticates nobody: whoever reaches the port may connect and
-    send. Loopback (``127.0.0.0/8``, ``::1``, a name such as ``localhost``
-    that resolves to those only) is allowed. Without *sock* the name is
+    send. A ``tls://`` address is refused likewise unless *authenticated* (its
+    server context requires client certificates: ``ssl.CERT_REQUIRED``).
+    Loopback (``127.0.0.0/8``, ``::1``, a name such as ``localhost`` that
+    resolves to those only) is allowed. Without *sock* the name is
     resolved now, before anything is bound; with *sock* (bound by then) its
     own address is checked, so a name that resolved differently at ``bind``
     cannot slip through. Other addresses pass. Returns the parsed address.
     """
     addr = Address.parse(address)
-    if addr.kind is not AddressKind.TCP or allow_remote:
+    tls = addr.kind is AddressKind.TLS
+    if allow_remote or (addr.kind is not AddressKind.TCP and not tls) or (tls and authenticated):
         return addr
     if sock is not None:
         hosts = [str(sock.getsockname()[0])]
@@ -375,13 +390,19 @@ def refuse_exposed(
         hosts = [str(info[4][0]) for info in infos]
     exposed = sorted({host for host in hosts if not _is_loopback(host)})
     if exposed:
+        why = (
+            "and this TLS server does not require client certificates (its context's "
+            "verify_mode is not ssl.CERT_REQUIRED), so it authenticates nobody"
+            if addr.kind is AddressKind.TLS
+            else "and plain TCP has no authentication"
+        )
         raise AfunixError(
             errno.EACCES,
             f"refusing to listen on {addr}: {', '.join(exposed)} is not a loopback address, "
-            "and plain TCP has no authentication (anyone who can reach the port could "
+            f"{why} (anyone who can reach the port could "
             "connect); listen on 127.0.0.1, ::1 or localhost, reach this host through "
-            "ssh:// instead, or pass allow_remote=True if every host that can reach it "
-            "is trusted",
+            "ssh:// instead, or pass allow_remote=True (afunix serve --allow-remote) if "
+            "every host that can reach it is trusted",
         )
     return addr
 
@@ -691,6 +712,80 @@ def connect_nowait(address: AddressLike, type: SocketTypeLike = "stream") -> Soc
         sock.close()
         raise
     return sock
+
+
+def tcp_of(addr: Address) -> Address:
+    """The ``tcp://`` address beneath a ``tls://`` one (others as they are)."""
+    return Address.tcp(addr.host, addr.port or 0) if addr.kind is AddressKind.TLS else addr
+
+
+def check_tls(addr: Address, context: object) -> bool:
+    """Whether *addr* is ``tls://``, checked against ``ssl=`` *context*: a ``tls://``
+    address needs an ``ssl.SSLContext``, and a context needs a ``tls://`` address."""
+    tls = addr.kind is AddressKind.TLS
+    if tls and context is None:
+        raise UnsupportedFeature(
+            f"{addr}: tls:// needs ssl=, an ssl.SSLContext with this side's certificate "
+            "(and, for mutual TLS, the CA whose client certificates it accepts)"
+        )
+    if context is not None and not tls:
+        raise AfunixError(
+            errno.EINVAL, f"ssl= is for tls:// addresses, not {addr.describe()}; write tls://"
+        )
+    if context is not None:
+        import ssl
+
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError(f"ssl= must be an ssl.SSLContext, not {type(context).__name__}")
+    return tls
+
+
+def requires_client_certificates(context: object) -> bool:
+    """Whether a server *context* authenticates its clients (``verify_mode`` is
+    ``ssl.CERT_REQUIRED``): then ``tls://`` may listen beyond loopback without
+    ``allow_remote``."""
+    import ssl
+
+    return isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+
+
+def connect_tls(
+    address: AddressLike,
+    ssl: _ssl.SSLContext,
+    *,
+    timeout: float | None = None,
+    server_hostname: str | None = None,
+    retries: int = 0,
+    backoff: float = 0.05,
+) -> TlsSocket:
+    """Connect to a ``tls://host:port`` server and shake hands: a TLS byte stream.
+
+    *ssl* decides what is verified (``ssl.create_default_context()`` checks the
+    server's certificate against the system's CAs and its name against *host*;
+    ``load_verify_locations`` for your own CA, ``load_cert_chain`` for a client
+    certificate, which a mutual-TLS server requires). *server_hostname* is the
+    name to check instead of *host*. *timeout* bounds the connect and the
+    handshake together. The result (:class:`~afunix.lowlevel.TlsSocket`) has
+    ``send``, ``sendall``, ``recv``, ``shutdown``, ``close``, ``fileno`` and
+    ``tls_peer`` (the server's certificate, a :class:`~afunix.TlsPeer`);
+    :meth:`afunix.Channel.connect` with ``ssl=`` gives messages instead.
+    """
+    from ._io import TlsSocket
+
+    addr = Address.parse(address)
+    if addr.kind is not AddressKind.TLS:
+        raise UnsupportedFeature(
+            f"connect_tls() needs a tls://host:port address, not {addr.describe()}"
+        )
+    check_tls(addr, ssl)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sock = connect(tcp_of(addr), timeout=timeout, retries=retries, backoff=backoff)
+    try:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        return TlsSocket.client(sock, ssl, server_hostname or addr.host, str(addr), left)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _bind_reply_address(sock: Socket, bind: AddressLike | str) -> None:

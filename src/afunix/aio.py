@@ -29,26 +29,40 @@ import functools
 import socket
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._address import AddressLike
+from ._address import Address, AddressLike
 from ._backends import in_trio, new_lock, notify_closing, to_thread, wait_writable
 from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._errors import AfunixError, PeerTimeout
-from ._io import protocol_for, receive, try_frame, write_some
+from ._io import TlsSocket, protocol_for, receiver_for, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
+from ._peer import TlsPeer
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.machine import RECV_BUFSIZE, ChannelProtocol
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
-from ._sockets import SocketTypeLike, connect, connect_nowait, listen, pair, type_name
+from ._sockets import (
+    SocketTypeLike,
+    check_tls,
+    connect,
+    connect_nowait,
+    connect_tls,
+    listen,
+    pair,
+    type_name,
+)
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = ["AsyncChannel"]
 
 
 def _attempt(sock: socket.socket, proto: ChannelProtocol) -> Any:
     """The reader callback's receive: a result, or ``None`` to wait (holds no channel)."""
+    receive = receiver_for(sock)
 
     def attempt(read: bool) -> Any:
         if not proto.idle:
@@ -107,6 +121,10 @@ class AsyncChannel:
         self._sock = sock
         self._fd = sock.fileno()
         self._waiter = Waiter(self._fd, _attempt(sock, proto))
+        if isinstance(sock, TlsSocket) and sock.buffered:
+            # Records that came with the handshake (or before a byte-level reader
+            # made this channel) are decrypted here, not signalled by the socket again.
+            self._waiter.ready = True
         self._send_lock: Any = None  # made at first contention (asyncio's or trio's)
         self._recv_lock: Any = None  # trio only: receiving tasks take turns
         self._trio = False  # used under trio: warn trio's waiters before closing
@@ -131,6 +149,8 @@ class AsyncChannel:
         type: SocketTypeLike = "stream",
         *,
         timeout: float | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         **options: Any,
     ) -> AsyncChannel:
         """Connect with :func:`afunix.connect` and wrap the socket.
@@ -138,9 +158,20 @@ class AsyncChannel:
         One non-blocking connect first; only when it would wait (a full listen
         queue makes a Unix connect wait in the kernel) or needs
         :func:`afunix.connect`'s patience does it go to a worker thread, as
-        ``tcp://`` and ``ssh://`` (an ``ssh`` login) always do.
+        ``tcp://``, ``tls://`` (connect and handshake, with *ssl* and
+        *server_hostname* as for :meth:`Channel.connect`) and ``ssh://`` (an
+        ``ssh`` login) always do.
         """
-        sock = connect_nowait(address, type)
+        sock: Any
+        if check_tls(Address.parse(address), ssl):
+            assert ssl is not None  # (check_tls refuses tls:// without it)
+            sock = await to_thread(
+                functools.partial(
+                    connect_tls, address, ssl, timeout=timeout, server_hostname=server_hostname
+                )
+            )
+        else:
+            sock = connect_nowait(address, type)
         if sock is None:
             sock = await to_thread(functools.partial(connect, address, type, timeout=timeout))
         try:
@@ -188,6 +219,11 @@ class AsyncChannel:
     @property
     def closed(self) -> bool:
         return self._proto.state is not OPEN
+
+    @property
+    def tls_peer(self) -> TlsPeer | None:
+        """Over ``tls://``: the peer's verified certificate; see :attr:`Channel.tls_peer`."""
+        return getattr(self._sock, "tls_peer", None)
 
     def fileno(self) -> int:
         return self._sock.fileno()

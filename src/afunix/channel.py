@@ -39,13 +39,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._address import AddressLike
+from ._address import Address, AddressLike
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._errors import PeerTimeout
-from ._io import protocol_for, receive, set_timeout, try_frame, write_some
+from ._io import TlsSocket, protocol_for, receiver_for, set_timeout, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
+from ._peer import TlsPeer
 from ._platform import PLATFORM
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.machine import RECV_BUFSIZE
@@ -53,13 +54,20 @@ from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import (
     SocketTypeLike,
+    check_tls,
     connect,
+    connect_tls,
     listen,
     pair,
     refuse_exposed,
+    requires_client_certificates,
     socket_type,
+    tcp_of,
     type_name,
 )
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = ["Channel", "Listener", "Message"]
 
@@ -79,6 +87,8 @@ class Channel:
             :class:`~afunix.UnsupportedFeature` before anything is sent (the
             channel stays usable), ``credentials=True`` is refused, and large
             payloads go inline (the receiver sees the same :attr:`Message.data`).
+            A ``tls://`` connection (``connect(..., ssl=)``, ``Listener.accept``)
+            follows the same rules, and :attr:`tls_peer` says who the peer is.
         max_size: largest payload accepted, inline or memfd (default 64 MiB);
             a larger frame from the peer is a protocol error.
         maxfds: most descriptors accepted with one message (0-253). On a
@@ -139,6 +149,7 @@ class Channel:
             recv_bufsize=recv_bufsize,
         )
         self._sock = sock
+        self._receive = receiver_for(sock)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._timed = idle_timeout is not None or message_timeout is not None
@@ -167,10 +178,23 @@ class Channel:
         type: SocketTypeLike = "stream",
         *,
         timeout: float | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         **options: Any,
     ) -> Channel:
-        """Connect to *address* with :func:`afunix.connect` and wrap the socket."""
-        sock = connect(address, type, timeout=timeout)
+        """Connect to *address* with :func:`afunix.connect` and wrap the socket.
+
+        ``tls://host:port`` needs *ssl*, an ``ssl.SSLContext`` (see
+        :func:`afunix.lowlevel.connect_tls`): the handshake is done within
+        *timeout* and :attr:`tls_peer` is the server's certificate.
+        *server_hostname* is the name its certificate must have (default: *host*).
+        """
+        sock: Any
+        if check_tls(Address.parse(address), ssl):
+            assert ssl is not None  # (check_tls refuses tls:// without it)
+            sock = connect_tls(address, ssl, timeout=timeout, server_hostname=server_hostname)
+        else:
+            sock = connect(address, type, timeout=timeout)
         try:
             return cls(sock, **options)
         except BaseException:
@@ -206,15 +230,19 @@ class Channel:
         type: Literal["stream", "seqpacket"] = "stream",
         *,
         allow_remote: bool = False,
+        ssl: _ssl.SSLContext | None = None,
         **options: Any,
     ) -> Listener:
         """A :class:`Listener` on *address*; ``accept()`` returns channels.
 
         A ``tcp://`` address other hosts can reach (anything but loopback:
         ``127.0.0.0/8``, ``::1``, ``localhost``) is refused unless
-        *allow_remote* is ``True``: plain TCP authenticates nobody.
+        *allow_remote* is ``True``: plain TCP authenticates nobody. A
+        ``tls://`` address needs *ssl* (a server ``ssl.SSLContext``); with
+        ``verify_mode = ssl.CERT_REQUIRED`` (mutual TLS) it may listen
+        beyond loopback, else it is refused there like ``tcp://``.
         """
-        return Listener(address, type, allow_remote=allow_remote, **options)
+        return Listener(address, type, allow_remote=allow_remote, ssl=ssl, **options)
 
     # -- using ---------------------------------------------------------------
 
@@ -230,6 +258,12 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self._proto.state is not OPEN
+
+    @property
+    def tls_peer(self) -> TlsPeer | None:
+        """Over ``tls://``: the peer's verified certificate (names, subject, issuer);
+        ``None`` when it showed none, and over every other transport."""
+        return getattr(self._sock, "tls_peer", None)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -333,7 +367,7 @@ class Channel:
                             break
                     if self._timed:
                         self._arm()
-                    event = receive(sock, proto)
+                    event = self._receive(sock, proto)
                     if event is not NEED_DATA:
                         break
             except BlockingIOError as exc:
@@ -423,9 +457,16 @@ class Listener:
     """A listening stream or seqpacket socket whose :meth:`accept` returns :class:`Channel` s.
 
     On a ``tcp://`` address the channels carry messages and batches, not
-    descriptors or credentials. An address other hosts can reach is refused
-    (``EACCES``) unless ``allow_remote=True``: plain TCP has no authentication,
-    so loopback (``127.0.0.0/8``, ``::1``, ``localhost``) is the default.
+    descriptors or credentials. On ``tls://`` (``ssl=`` a server
+    ``ssl.SSLContext``) :meth:`accept` also shakes hands, within
+    *handshake_timeout* seconds; a failed handshake (a client without the
+    certificate a ``CERT_REQUIRED`` context asks for) raises
+    :class:`~afunix.AfunixError` (``EACCES``) from ``accept`` and closes that
+    connection; the channel's :attr:`~Channel.tls_peer` names the client.
+    An address other hosts can reach is refused (``EACCES``) unless
+    ``allow_remote=True``: plain TCP has no authentication, so loopback
+    (``127.0.0.0/8``, ``::1``, ``localhost``) is the default (``tls://`` with a
+    context that requires client certificates may listen anywhere).
     """
 
     def __init__(
@@ -436,24 +477,36 @@ class Listener:
         backlog: int = 128,
         mode: int | None = None,
         allow_remote: bool = False,
+        ssl: _ssl.SSLContext | None = None,
+        handshake_timeout: float | None = 30.0,
         **options: Any,
     ) -> None:
         self._kind = socket_type(type)
         if self._kind == socket.SOCK_DGRAM:
             raise ValueError("a datagram socket does not listen: use Channel.bind(address)")
-        addr = refuse_exposed(address, allow_remote=allow_remote)
-        self.sock = listen(addr, type, backlog=backlog, mode=mode)
+        addr = Address.parse(address)
+        self._tls = ssl if check_tls(addr, ssl) else None
+        authenticated = requires_client_certificates(ssl)
+        addr = refuse_exposed(addr, allow_remote=allow_remote, authenticated=authenticated)
+        self.sock = listen(tcp_of(addr), type, backlog=backlog, mode=mode)
         try:  # bound now: check the address the name gave
-            refuse_exposed(addr, allow_remote=allow_remote, sock=self.sock)
+            refuse_exposed(
+                addr, allow_remote=allow_remote, sock=self.sock, authenticated=authenticated
+            )
         except BaseException:
             self.sock.close()
             raise
         self._family = _socket.socket.family.__get__(self.sock)
+        self._handshake_timeout = handshake_timeout
         self._options = options
 
     @property
     def address(self) -> Any:
-        return self.sock.address
+        """Where it listens: the bound ``tcp://`` (or ``tls://``) address, or the path."""
+        bound = self.sock.address
+        if self._tls is not None:
+            return Address.tls(bound.host, bound.port or 0)
+        return bound
 
     def accept(self) -> Channel:
         """Wait for a client; return a channel on the new connection."""
@@ -463,12 +516,17 @@ class Listener:
         except BaseException:
             os.close(fd)
             raise
+        chan: Any = conn
         try:
             if _ACCEPT_INHERITS_NONBLOCK or socket.getdefaulttimeout() is not None:
                 conn.setblocking(True)  # blocking whatever the default timeout says
-            return Channel(conn, **self._options)
+            if self._tls is not None:
+                peer = Address.from_sockaddr(self._family, conn.getpeername())
+                where = str(Address.tls(peer.host, peer.port or 0))
+                chan = TlsSocket.server(conn, self._tls, where, self._handshake_timeout)
+            return Channel(chan, **self._options)
         except BaseException:
-            conn.close()
+            chan.close()
             raise
 
     def fileno(self) -> int:

@@ -20,6 +20,8 @@ that manage descriptors and credentials themselves use (the broker and the
 * the system: :data:`PLATFORM` (:class:`Platform`), :func:`socket_type`,
   :func:`type_name`, :func:`strerror`, :func:`notify` (``sd_notify``);
 * the book's opener: :func:`my_open`, :func:`openfile_main`, :class:`HelperError`;
+* ``tls://`` byte streams: :func:`connect_tls` (:class:`TlsSocket`; channels take
+  ``ssl=`` themselves);
 * typing: :data:`AddressLike`, :data:`FdLike`, :data:`SocketTypeLike`.
 
 Each name is re-exported from the private module that implements it. Eighteen
@@ -50,6 +52,7 @@ from ._fds import describe_fd as describe_fd
 from ._fds import recv_fds as recv_fds
 from ._fds import send_fds as send_fds
 from ._fds import sendall_fds as sendall_fds
+from ._io import TlsSocket as TlsSocket
 from ._memfd import MemfdBuffer as MemfdBuffer
 from ._memfd import MemfdPool as MemfdPool
 from ._memfd import PayloadError as PayloadError
@@ -57,6 +60,7 @@ from ._notify import notify as notify
 from ._platform import PLATFORM as PLATFORM
 from ._platform import Platform as Platform
 from ._sockets import SocketTypeLike as SocketTypeLike
+from ._sockets import connect_tls as connect_tls
 from ._sockets import socket_type as socket_type
 from ._sockets import type_name as type_name
 from .opener import HelperError as HelperError
@@ -80,8 +84,10 @@ __all__ = [
     "ProcessFacts",
     "Received",
     "SocketTypeLike",
+    "TlsSocket",
     "UnexpectedControl",
     "close_fds",
+    "connect_tls",
     "credential_mechanisms",
     "credstructs",
     "describe_fd",

@@ -18,6 +18,17 @@ connect. A path socket can also be guarded by its file mode and group
 (``listen(..., mode=0o660, group=...)``); a policy adds a second, finer check
 (this user only, this uid only) on top.
 
+Over ``tls://`` the peer's identity is its certificate, verified by the
+server's ``ssl.SSLContext``: ``tls_names`` allows the certificates naming one
+of them (subject ``CN``, or a DNS or URI subjectAltName, matched exactly)::
+
+    policy = afunix.PeerPolicy(tls_names=["billing.internal", "spiffe://corp/billing"])
+    afunix.Server("tls://0.0.0.0:7000", handler, ssl=context, policy=policy)
+
+A TLS peer is judged by ``tls_names`` only (it has no uid), a Unix-socket peer
+by the uid and gid rules only; a server refuses at construction a policy that
+could allow none of its clients (uid rules on a ``tls://`` server).
+
 Groups match the peer's primary gid and, where the kernel reports them
 (``SO_PEERGROUPS`` on Linux, ``xucred`` on BSD/macOS), its supplementary
 groups. Linux datagrams carry no group list, so only the primary gid counts
@@ -36,6 +47,7 @@ from dataclasses import dataclass
 
 from ._creds import PeerCredentials
 from ._errors import AfunixError
+from ._peer import TlsPeer
 
 __all__ = ["Decision", "PeerPolicy", "PolicyError"]
 
@@ -98,13 +110,17 @@ def _gname(gid: int) -> str:
 
 
 class PeerPolicy:
-    """Allow peers by uid, gid, user name, group name or "same user as me"; deny the rest.
+    """Allow peers by uid, gid, user or group name, "same user as me" or TLS certificate
+    name; deny the rest.
 
     Args:
         uids, gids: numeric ids to allow.
         users, groups: names, resolved to ids now (:class:`PolicyError` if unknown).
         same_user: allow peers whose uid is this process's effective uid
             (taken when the policy is built).
+        tls_names: certificate names to allow over ``tls://``: a peer whose
+            verified certificate has one of them as its subject ``CN`` or as a
+            DNS or URI subjectAltName (:attr:`TlsPeer.names`), exactly.
 
     A policy with no rule at all allows nobody: setting a policy means "deny
     unless listed". Pass ``policy=None`` to a server for no check.
@@ -118,6 +134,7 @@ class PeerPolicy:
         users: Iterable[str] = (),
         groups: Iterable[str] = (),
         same_user: bool = False,
+        tls_names: Iterable[str] = (),
     ) -> None:
         allowed_uids = {_check_id(u, "uid") for u in uids}
         allowed_uids |= {_uid_of(n) for n in users}
@@ -126,11 +143,17 @@ class PeerPolicy:
         allowed_gids |= {_gid_of(n) for n in groups}
         self.uids: frozenset[int] = frozenset(allowed_uids)
         self.gids: frozenset[int] = frozenset(allowed_gids)
+        if isinstance(tls_names, str):
+            raise PolicyError(f"tls_names must be a list of names, not the string {tls_names!r}")
+        names = [str(n) for n in tls_names]
+        if any(not n for n in names):
+            raise PolicyError("an empty certificate name in tls_names would match nothing")
+        self.tls_names: frozenset[str] = frozenset(names)
 
     @property
     def empty(self) -> bool:
         """True when no rule is set (and so nobody is allowed)."""
-        return not self.uids and not self.gids and self.same_user_uid is None
+        return not self.uids and not self.gids and self.same_user_uid is None and not self.tls_names
 
     def describe(self) -> str:
         """The rules in words, e.g. ``"allow uid 0 (root); allow the server's user ..."``."""
@@ -138,10 +161,17 @@ class PeerPolicy:
         if self.same_user_uid is not None:
             rules.append(f"allow the server's own user, {_uname(self.same_user_uid)}")
         rules += [f"allow members of {_gname(g)}" for g in sorted(self.gids)]
+        rules += [f"allow TLS certificates named {n!r}" for n in sorted(self.tls_names)]
         return "; ".join(rules) if rules else "allow nobody (no rule set)"
 
-    def check(self, creds: PeerCredentials) -> Decision:
-        """Judge *creds*: the first rule that matches allows; no match denies."""
+    def check(self, creds: PeerCredentials | TlsPeer) -> Decision:
+        """Judge *creds*: the first rule that matches allows; no match denies.
+
+        A :class:`~afunix.TlsPeer` (a ``tls://`` client's certificate) is judged by
+        ``tls_names``; :class:`~afunix.PeerCredentials` by the uid and gid rules.
+        """
+        if isinstance(creds, TlsPeer):
+            return self._check_tls(creds)
         if creds.uid in self.uids:
             return Decision(True, f"{_uname(creds.uid)} is allowed")
         if self.same_user_uid is not None and creds.uid == self.same_user_uid:
@@ -153,7 +183,14 @@ class PeerPolicy:
                 return Decision(True, f"supplementary group {_gname(g)} is allowed")
         return Decision(False, f"no rule allows {_uname(creds.uid)}, {_gname(creds.gid)}")
 
-    def allows(self, creds: PeerCredentials) -> bool:
+    def _check_tls(self, peer: TlsPeer) -> Decision:
+        for name in peer.names:
+            if name in self.tls_names:
+                return Decision(True, f"TLS certificate name {name!r} is allowed")
+        shown = ", ".join(repr(n) for n in peer.names) or "no name"
+        return Decision(False, f"no rule allows a TLS certificate with {shown}")
+
+    def allows(self, creds: PeerCredentials | TlsPeer) -> bool:
         """``check(creds).allowed``."""
         return self.check(creds).allowed
 

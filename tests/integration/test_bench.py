@@ -148,6 +148,20 @@ def test_python_rows(sockdir: Path, impl: str, case: str, transport: str) -> Non
     assert os.listdir(sockdir) == []
 
 
+def test_tcp_and_tls_rows_exist_and_run(sockdir: Path) -> None:
+    """Issue 18: a ``tcp://``/``tls://`` Channel round trip against plain stdlib code on TCP
+    and on ``ssl.SSLSocket``; planned in quick and full runs, and they run (5 rounds)."""
+    assert "tls" in IMPLS["stdlib"].cases["rtt"] and "tcp" in IMPLS["stdlib"].cases["rtt"]
+    assert {"tcp", "tls"} <= set(IMPLS["afunix"].cases["rtt"])
+    for options in (Options.quick(), Options.full()):
+        rows = {(c.impl, c.transport) for c in plan(options, list(IMPLS)) if c.case == "rtt"}
+        assert {("stdlib", "tcp"), ("stdlib", "tls"), ("afunix", "tcp"), ("afunix", "tls")} <= rows
+    for impl, transport in (("afunix", "tcp"), ("afunix", "tls"), ("stdlib", "tls")):
+        job = Job(impl, "rtt", transport, 64, 5, 1, str(sockdir))
+        check_result(run_python(job), job)
+    assert os.listdir(sockdir) == []  # (the certificate file is gone again)
+
+
 def test_python_row_failure_is_reported(sockdir: Path) -> None:
     data = run_python(Job("stdlib", "rtt", "carrier-pigeon", 64, 5, 0, str(sockdir)))
     assert "carrier-pigeon" in data["error"]

@@ -199,7 +199,7 @@ def test_refusals_before_anything_starts(sockdir: Path) -> None:
     with pytest.raises(afunix.UnsupportedFeature, match="stream sockets only"):
         afunix.connect("ssh://h/run/app.sock", "dgram")
     for call in (afunix.listen, afunix.connect):
-        with pytest.raises(afunix.UnsupportedFeature, match="needs an SSL context"):
+        with pytest.raises(afunix.UnsupportedFeature, match=r"needs an ssl\.SSLContext"):
             call("tls://127.0.0.1:1")
     with pytest.raises(afunix.AddressError, match="':'"):
         connect_ssh("ssh://h/run/a:b.sock")

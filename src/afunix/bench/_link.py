@@ -92,13 +92,59 @@ def _nodelay(sock: socket.socket) -> socket.socket:
     return sock
 
 
+#: A throwaway self-signed certificate (EC P-256, for ``127.0.0.1`` and ``localhost``,
+#: valid until 2126) and its key, so that the ``tls`` rows need no CA tooling: both
+#: ends show it and trust it (mutual TLS, verified as any certificate). Its key is
+#: public: never use it for anything but this loopback benchmark.
+BENCH_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg0XkvQz5imtnVZwcb
+0DTQku0MDfzah3T/+zf78UgXMhehRANCAATdxkyS2fPpvGMBLjK1FYbaakAh7LsV
+X3Dab+0xWZybxBW1QkfeGQtecUt+s5QRGm32yC+y8unGKQCd7HNCqM3q
+-----END PRIVATE KEY-----
+-----BEGIN CERTIFICATE-----
+MIIB1TCCAXqgAwIBAgIUeagkNbhLxCUE0e7JCig/9Wg2ezYwCgYIKoZIzj0EAwIw
+MjEwMC4GA1UEAwwnYWZ1bml4LWJlbmNoICh0aHJvd2F3YXksIGxvb3BiYWNrIG9u
+bHkpMCAXDTI2MTIwNTEwMzY1NFoYDzIxMjYxMTExMTAzNjU0WjAyMTAwLgYDVQQD
+DCdhZnVuaXgtYmVuY2ggKHRocm93YXdheSwgbG9vcGJhY2sgb25seSkwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAATdxkyS2fPpvGMBLjK1FYbaakAh7LsVX3Dab+0x
+WZybxBW1QkfeGQtecUt+s5QRGm32yC+y8unGKQCd7HNCqM3qo2wwajAdBgNVHQ4E
+FgQU01lMnqoOyAdcHWMXdsalK0nxo6EwHwYDVR0jBBgwFoAU01lMnqoOyAdcHWMX
+dsalK0nxo6EwGgYDVR0RBBMwEYIJbG9jYWxob3N0hwR/AAABMAwGA1UdEwEB/wQC
+MAAwCgYIKoZIzj0EAwIDSQAwRgIhAJrrgVSPT67QQuDE9BsRcRCEu8KmIil8+xF2
+H8nJVch7AiEA0nWm6OD3nn/Zi/ikLkxTzxXYu56tEq8nwS/597yCEl0=
+-----END CERTIFICATE-----
+"""
+
+
+def tls_context(job: Job, *, server: bool) -> Any:
+    """The ``ssl.SSLContext`` of one end of a ``tls`` row: :data:`BENCH_PEM` as its
+    certificate and its only trusted CA; a server requires the client's (mutual TLS)."""
+    import ssl  # here: only the tls rows need it
+
+    cert = BENCH_PEM[BENCH_PEM.index("-----BEGIN CERTIFICATE-----") :]
+    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+    ctx = ssl.create_default_context(purpose, cadata=cert)
+    path = job.path("cert") + ".pem"  # load_cert_chain reads files only
+    with open(path, "w") as f:
+        f.write(BENCH_PEM)
+    try:
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    if server:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class Listener:
-    """A listening socket on a pathname, abstract name or TCP loopback port."""
+    """A listening socket on a pathname, abstract name or TCP loopback port (also for
+    ``tls``: the rows shake hands on the sockets it gives)."""
 
     def __init__(self, transport: str, job: Job) -> None:
         self.transport = transport
         self.path: str | None = None
-        if transport == "tcp":
+        if transport in ("tcp", "tls"):
             self.family = socket.AF_INET
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -118,7 +164,7 @@ class Listener:
 
     def accept(self) -> socket.socket:
         conn, _ = self.sock.accept()
-        return _nodelay(conn) if self.transport == "tcp" else conn
+        return _nodelay(conn) if self.transport in ("tcp", "tls") else conn
 
     def connect(self) -> socket.socket:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -127,7 +173,7 @@ class Listener:
         except BaseException:
             sock.close()
             raise
-        return _nodelay(sock) if self.transport == "tcp" else sock
+        return _nodelay(sock) if self.transport in ("tcp", "tls") else sock
 
     def close(self) -> None:
         self.sock.close()

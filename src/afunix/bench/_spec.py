@@ -60,6 +60,7 @@ TRANSPORTS: dict[str, str] = {
     "seqpacket": "unix seqpacket, socketpair",
     "dgram": "unix datagram, socketpair",
     "tcp": "TCP loopback, TCP_NODELAY",
+    "tls": "TLS over TCP loopback, mutual certificates",
     "pipe": "pipe(2) pair",
     "ipc": "ipc:// (unix stream)",
     "memfd": "sealed memfd over unix stream",
@@ -73,6 +74,7 @@ TRANSPORT_SHORT: dict[str, str] = {
     "seqpacket": "seqpacket",
     "dgram": "dgram",
     "tcp": "tcp",
+    "tls": "tls",
     "pipe": "pipe",
     "ipc": "ipc",
     "memfd": "memfd",
@@ -115,7 +117,7 @@ IMPLS: dict[str, Impl] = {
             "stdlib",
             "plain stdlib",
             {
-                "rtt": _ALL_SOCKETS,
+                "rtt": (*_ALL_SOCKETS, "tls"),
                 "rate": _ONE_WAY,
                 "bulk": _BULK,
                 "fdpass": ("unix",),
@@ -157,7 +159,7 @@ IMPLS: dict[str, Impl] = {
             "afunix",
             "afunix Channel",
             {
-                "rtt": ("unix",),
+                "rtt": ("unix", "tcp", "tls"),
                 "rate": ("unix",),
                 "bulk": ("unix",),
                 "fdpass": ("unix",),

@@ -5,7 +5,11 @@ options (one-way bursts pass ``more=True``, as a producer that knows more
 messages follow does), except that bulk throughput and large payloads over
 ``unix`` never use a memfd (``memfd_threshold=None``: the socket copy).
 ``memfd`` sends each large payload with ``send(data, memfd=True)``: a sealed
-memfd. Connection setup uses ``Channel.listen``/``connect``.
+memfd. Connection setup uses ``Channel.listen``/``connect``. ``tcp`` is a
+channel on each end of a loopback TCP connection (what ``Channel.connect``
+and ``Listener.accept`` give for ``tcp://``); ``tls`` the same over TLS with
+mutual certificates (:class:`afunix.lowlevel.TlsSocket`, what ``tls://`` with
+``ssl=`` gives), against stdlib code on an ``ssl.SSLSocket``.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from functools import partial
 from typing import Any
 
 from afunix.channel import Channel
+from afunix.lowlevel import TlsSocket
 
 from . import _drivers as d
-from ._link import End, Job, peer, run_pair
+from ._link import End, Job, peer, run_pair, tls_context
 
 
 def touch(data: Any) -> None:
@@ -36,8 +41,17 @@ def options(job: Job) -> dict[str, Any]:
     return {"max_size": max(job.size, 64 << 20)}
 
 
-def channel_of(end: End, job: Job) -> Channel:
+def channel_of(end: End, job: Job, *, server: bool = False) -> Channel:
     assert isinstance(end, socket.socket)
+    if job.transport == "tls":  # the handshake is not timed
+        ctx = tls_context(job, server=server)
+        where = "tls://127.0.0.1"
+        tls = (
+            TlsSocket.server(end, ctx, where, 60)
+            if server
+            else TlsSocket.client(end, ctx, "127.0.0.1", where, 60)
+        )
+        return Channel(tls, **options(job))  # type: ignore[arg-type]
     return Channel(end, **options(job))
 
 
@@ -69,7 +83,7 @@ def run(job: Job) -> d.Result:
     pingpong = job.case == "fdpingpong"
 
     def server(end: End) -> None:
-        with channel_of(end, job) as chan:
+        with channel_of(end, job, server=True) as chan:
             if job.case == "rtt":
                 recv = chan.recv
                 d.rtt_server(chan.send, lambda: recv().data, job)

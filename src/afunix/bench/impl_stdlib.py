@@ -4,7 +4,9 @@ Streams carry length-prefixed messages: ``sendall(struct.pack(...) + data)``
 on one side, a ``recv_exact`` loop for the header and then for the body on
 the other (two ``recv`` calls per message). Datagram and seqpacket sockets
 send one message per ``send`` and ``recv(65536)``. Descriptors go through
-:func:`socket.send_fds`/:func:`socket.recv_fds`.
+:func:`socket.send_fds`/:func:`socket.recv_fds`. ``tls`` wraps each TCP end
+with ``SSLContext.wrap_socket`` (mutual certificates, see
+:func:`._link.tls_context`) and runs the same loop on the ``SSLSocket``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import socket
 import struct
 from functools import partial
+from typing import Any
 
 from . import _drivers as d
-from ._link import RECORD_TRANSPORTS, End, Job, Listener, peer, run_pair
+from ._link import RECORD_TRANSPORTS, End, Job, Listener, peer, run_pair, tls_context
 
 
 def send_msg(sock: End, data: bytes) -> None:
@@ -78,11 +81,31 @@ def run(job: Job) -> d.Result:
         server, client = d.rtt_server, d.rtt_client
     else:  # rate, bulk, large
         server, client = d.one_way_server, d.one_way_client
+    if job.transport == "tls":
+        return _over_tls(job, server, client)
     return run_pair(
         job,
         lambda end: server(*_send_recv(end, job.transport), job),
         lambda end: client(*_send_recv(end, job.transport), job),
     )
+
+
+def _over_tls(job: Job, server: Any, client: Any) -> d.Result:
+    """The stream loops on ``ssl.SSLSocket`` ends (the handshake is not timed)."""
+
+    def serve(end: End) -> None:
+        assert isinstance(end, socket.socket)
+        with tls_context(job, server=True).wrap_socket(end, server_side=True) as tls:
+            server(*_send_recv(tls, "tls"), job)
+
+    def run_client(end: End) -> d.Result:
+        assert isinstance(end, socket.socket)
+        ctx = tls_context(job, server=False)
+        with ctx.wrap_socket(end, server_hostname="127.0.0.1") as tls:
+            result: d.Result = client(*_send_recv(tls, "tls"), job)
+            return result
+
+    return run_pair(job, serve, run_client)
 
 
 def _connect(job: Job) -> d.Result:

@@ -47,7 +47,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import Address, AfunixError, PeerError
+from .. import Address, AddressKind, AfunixError, PeerError
 
 EX_OK = 0
 EX_GENERIC = 1
@@ -486,3 +486,58 @@ def progress_console() -> Any:
 
 
 SOCKET_TYPES = ["stream", "dgram", "seqpacket"]
+
+
+def add_tls_options(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    """``--cert``, ``--key``, ``--ca``: the TLS context of a ``tls://`` server or client."""
+    g = parser.add_argument_group(
+        "tls:// (mutual TLS)",
+        (
+            "A tls:// server needs --cert and --key; with --ca it requires every client "
+            "to show a certificate signed by that CA (mutual TLS), and may then listen "
+            "beyond loopback without --allow-remote. --allow-tls-name NAME allows only "
+            "certificates with that name (CN, DNS or URI)."
+        )
+        if server
+        else (
+            "The server's certificate is checked against --ca (default: the system's "
+            "CAs) and the host of ADDR. --cert and --key give this client's own "
+            "certificate, which a mutual-TLS server requires."
+        ),
+    )
+    g.add_argument("--cert", metavar="PEM", help="this side's certificate chain (PEM)")
+    g.add_argument("--key", metavar="PEM", help="its private key (default: in --cert)")
+    g.add_argument(
+        "--ca",
+        metavar="PEM",
+        help="CA certificates to trust: clients' (server) or the server's (client)",
+    )
+
+
+def tls_context(args: argparse.Namespace, address: Address, *, server: bool) -> Any:
+    """The ``ssl.SSLContext`` the TLS options describe for *address*; ``None`` unless
+    it is ``tls://``. Options without ``tls://``, or a server without ``--cert``, are
+    usage errors."""
+    given = [o for o in ("cert", "key", "ca") if getattr(args, o, None)]
+    if address.kind is not AddressKind.TLS:
+        if given:
+            raise UsageError(f"--{given[0]} is for tls:// addresses, not {address.describe()}")
+        return None
+    if server and not args.cert:
+        raise UsageError(f"serving {address} needs --cert (and --key unless it is in --cert)")
+    if args.key and not args.cert:
+        raise UsageError("--key needs --cert")
+    import ssl
+
+    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+    try:
+        ctx = ssl.create_default_context(purpose, cafile=args.ca)
+        if args.cert:
+            ctx.load_cert_chain(args.cert, args.key)
+    except ssl.SSLError as exc:
+        raise NoInput(errno.EINVAL, f"cannot use the TLS files given: {exc}") from exc
+    except OSError as exc:
+        raise NoInput.wrap(exc) from exc
+    if server and args.ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

@@ -13,8 +13,18 @@ import time
 from typing import Any
 
 from .. import AfunixError, Socket, connect
-from ..lowlevel import strerror
-from ._common import SOCKET_TYPES, add_json_option, address_arg, count_arg, emit_json, seconds_arg
+from ..lowlevel import TlsSocket, connect_tls, strerror
+from ._common import (
+    SOCKET_TYPES,
+    UsageError,
+    add_json_option,
+    add_tls_options,
+    address_arg,
+    count_arg,
+    emit_json,
+    seconds_arg,
+    tls_context,
+)
 
 
 def register(sub: Any) -> None:
@@ -29,7 +39,9 @@ def register(sub: Any) -> None:
             "client binds a private reply address automatically (UNP 15.4 point 8) and "
             "waits for one reply per datagram sent: when a reply is owed and none comes "
             "for --reply-timeout seconds, afunix stops with an error and exit status "
-            "75 (try again). Exit status 0 on success; failures as in 'afunix --help'."
+            "75 (try again). ADDR may be tcp://HOST:PORT, ssh://[USER@]HOST[:PORT]/PATH or "
+            "tls://HOST:PORT (--ca, and --cert/--key for a mutual-TLS server). "
+            "Exit status 0 on success; failures as in 'afunix --help'."
         ),
         epilog="Example: printf 'hello\\n' | afunix connect /tmp/echo.sock",
     )
@@ -57,6 +69,7 @@ def register(sub: Any) -> None:
         p,
         "a summary instead of the replies (the replies as text in it)",
     )
+    add_tls_options(p, server=False)
     p.set_defaults(func=cmd_connect)
 
 
@@ -128,7 +141,14 @@ def _no_reply(sock: Socket, answered: int, sent: int, timeout: float) -> AfunixE
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    sock = connect(args.address, args.type, timeout=args.timeout, retries=args.retries)
+    ctx = tls_context(args, args.address, server=False)
+    sock: Any
+    if ctx is not None and args.type != "stream":
+        raise UsageError(f"--type {args.type}: tls:// is a stream")
+    if ctx is not None:  # tls://: a TLS byte stream with the same calls
+        sock = connect_tls(args.address, ctx, timeout=args.timeout, retries=args.retries)
+    else:
+        sock = connect(args.address, args.type, timeout=args.timeout, retries=args.retries)
     with sock:
         per_message = sock.type != socket.SOCK_STREAM
         datagrams = sock.type == socket.SOCK_DGRAM
@@ -160,8 +180,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
             elif quiet_since is not None and time.monotonic() - quiet_since > args.linger:
                 break
             ready, _, _ = select.select([sock], [], [], 0.05)
-            if not ready:
-                continue
+            if not ready and not (isinstance(sock, TlsSocket) and sock.buffered):
+                continue  # (TLS may hold decrypted data the socket will not signal)
             try:
                 data = sock.recv(65536)
             except OSError as exc:

@@ -92,6 +92,13 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--allow-same-user", action="store_true", help="allow clients running as the server's user"
     )
+    g.add_argument(
+        "--allow-tls-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="tls://: allow clients whose certificate has this name (CN, DNS or URI); needs --ca",
+    )
 
 
 def policy_from_args(args: argparse.Namespace) -> PeerPolicy | None:
@@ -112,6 +119,7 @@ def _build_policy(args: argparse.Namespace) -> PeerPolicy | None:
         or args.allow_user
         or args.allow_group
         or args.allow_same_user
+        or getattr(args, "allow_tls_name", None)
     ):
         return None
     return PeerPolicy(
@@ -120,6 +128,7 @@ def _build_policy(args: argparse.Namespace) -> PeerPolicy | None:
         users=args.allow_user,
         groups=args.allow_group,
         same_user=args.allow_same_user,
+        tls_names=getattr(args, "allow_tls_name", ()),
     )
 
 

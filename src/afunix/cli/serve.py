@@ -14,11 +14,14 @@ from ..lowlevel import socket_type
 from ..server import Handler, Limits, Model, Server, echo_handler
 from ._common import (
     SOCKET_TYPES,
+    UsageError,
+    add_tls_options,
     address_arg,
     count_arg,
     creating_socket,
     mode_arg,
     seconds_arg,
+    tls_context,
 )
 from .creds import add_serve_options, policy_from_args, show_creds_handler
 
@@ -31,6 +34,9 @@ def register(sub: Any) -> None:
             "Serve on ADDR. By default an echo server: bytes are echoed on stream and "
             "seqpacket sockets, each datagram is sent back to its sender on datagram "
             "sockets. A stale socket file at ADDR is replaced; a live one is refused. "
+            "ADDR may also be tcp://HOST:PORT (loopback only unless --allow-remote: plain "
+            "TCP authenticates nobody) or tls://HOST:PORT (--cert and --key; --ca makes it "
+            "mutual TLS, --allow-tls-name picks the client certificates allowed). "
             "SIGTERM or Ctrl-C stops accepting, lets connections finish "
             "(--shutdown-timeout) and removes the socket file. SIGUSR2 restarts without "
             "downtime: the same command is started again, takes over the listening socket "
@@ -46,7 +52,9 @@ def register(sub: Any) -> None:
             "Numbers are checked: a negative, zero (where it makes no sense), nan or "
             "infinite value is a usage error (exit status 2)."
         ),
-        epilog="Example: afunix serve /tmp/echo.sock --model fork --mode 660 --group staff",
+        epilog="Examples: afunix serve /tmp/echo.sock --model fork --mode 660 --group staff; "
+        "afunix serve tcp://127.0.0.1:7000 --model thread; "
+        "afunix serve tls://0.0.0.0:7443 --cert srv.pem --key srv.key --ca clients-ca.pem",
     )
     p.add_argument("address", type=address_arg, metavar="ADDR", help="where to listen")
     p.add_argument("--type", choices=SOCKET_TYPES, default="stream", help="socket type")
@@ -55,6 +63,12 @@ def register(sub: Any) -> None:
         choices=["async", "asyncio", "thread", "fork"],
         default="async",
         help="concurrency: one event loop (default), a thread or a child process per client",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="tcp://: listen on an address other hosts can reach (refused without it: "
+        "plain TCP authenticates nobody; loopback needs nothing). Not a peer policy.",
     )
     p.add_argument("--mode", type=mode_arg, help="socket file mode, e.g. 660")
     p.add_argument("--owner", help="socket file owner (user name or uid)")
@@ -105,6 +119,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log each connection")
     add_serve_options(p)
+    add_tls_options(p, server=True)
     p.add_argument(
         "--show-fds",
         action="store_true",
@@ -142,6 +157,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"cannot raise the descriptor limit to {args.nofile}: the hard limit is {got}",
             )
     sock_type = socket_type(args.type)
+    if getattr(args, "allow_tls_name", None) and not args.ca:
+        raise UsageError(
+            "--allow-tls-name judges client certificates: give --ca, the CA that signs them "
+            "(without it clients show none)"
+        )
     # Until serve_forever installs its own handlers, a SIGTERM must still remove
     # the socket file: turn it into SystemExit, which the finally below handles.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -156,6 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             owner=args.owner,
             group=args.group,
             parent_mode=args.parent_mode,
+            allow_remote=args.allow_remote,
+            ssl=tls_context(args, args.address, server=True),
             max_clients=args.max_clients,
             shutdown_timeout=args.shutdown_timeout,
             fdstore=args.fdstore,

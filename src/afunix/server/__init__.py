@@ -62,7 +62,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 from .._address import AddressLike
 from .._errors import AfunixError
@@ -91,6 +91,9 @@ from .handlers import async_echo as async_echo
 from .handlers import datagram_echo as datagram_echo
 from .handlers import echo as echo
 from .handlers import echo_handler as echo_handler
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = [
     "AsyncConnection",
@@ -140,6 +143,15 @@ class Server(ServerParts):
     Handlers see the client's identity as ``conn.credentials`` (a
     :class:`~afunix.PeerCredentials`) or ``datagram.credentials``.
 
+    Over TCP (``"tcp://127.0.0.1:7000"``) every model serves as over a Unix
+    socket, with what TCP cannot do refused: ``conn.credentials`` raises
+    :class:`~afunix.UnsupportedFeature` (a TCP peer has no kernel
+    credentials), ``conn.channel()`` carries messages but refuses descriptors
+    and memfds, and a ``policy`` or ``max_clients_per_uid`` is refused when the
+    server is made. An address other hosts can reach (anything but loopback)
+    is refused with ``EACCES`` unless ``allow_remote=True``: plain TCP
+    authenticates nobody. No socket file is made, checked or removed.
+
     Limits (``limits=``, a :class:`Limits`): ``idle_timeout`` and
     ``send_timeout`` bound how long a client may stay silent or leave the
     server's writes unread; ``conn.channel()`` turns the connection into a
@@ -180,6 +192,8 @@ class Server(ServerParts):
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
+        allow_remote: bool = False,
+        ssl: _ssl.SSLContext | None = None,
         max_clients: int | None = None,
         max_clients_per_uid: int | None = None,
         refuse_with: bytes = b"",
@@ -217,6 +231,8 @@ class Server(ServerParts):
             refuse_with=refuse_with,
             fork=model == "fork",
         )
+        if limits.idle_timeout is not None:
+            self._admission.handshake_timeout = limits.idle_timeout
         self._listener = listener = open_listener(
             address,
             sock_type,
@@ -229,6 +245,8 @@ class Server(ServerParts):
             owner=owner,
             group=group,
             parent_mode=parent_mode,
+            allow_remote=allow_remote,
+            ssl=ssl,
         )
         listener.on_ready = self._announced
         self.sock = listener.sock

@@ -10,6 +10,7 @@ Datagrams are judged on the credentials the kernel attached to each one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import select
 import socket
@@ -18,16 +19,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import Any, TypeAlias, cast
 
 from .._address import Address
+from .._backends import wait_readable, wait_writable
 from .._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
-from .._errors import ProtocolError, UnsupportedFeature
+from .._errors import AfunixError, ProtocolError, UnsupportedFeature
+from .._io import TlsSocket
 from .._platform import NOSIGNAL
 from ..policy import PeerPolicy
 from ._connection import BUFSIZE, Datagram, peer_address
 
-__all__ = ["REFUSAL_LOG_INTERVAL", "Admission", "Verifier"]
+__all__ = ["REFUSAL_LOG_INTERVAL", "TLS_HANDSHAKE_TIMEOUT", "Admission", "Verifier"]
 
 log = logging.getLogger("afunix.server")
 
@@ -36,6 +39,10 @@ Verifier: TypeAlias = Callable[[socket.socket, Address], bool]
 
 #: Seconds between two log lines about clients refused for one reason.
 REFUSAL_LOG_INTERVAL = 10.0
+
+#: Seconds a ``tls://`` client has to finish its handshake (``Limits.idle_timeout``,
+#: when set, instead): a client that connects and says nothing holds a slot only that long.
+TLS_HANDSHAKE_TIMEOUT = 30.0
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERCRED: int | None = (
@@ -151,18 +158,41 @@ class Admission:
         #: Whether datagrams arrive with their sender's credentials (see :meth:`prepare`).
         self.datagram_credentials = False
         self.child_uid: dict[int, int] = {}  # fork model: pid -> uid
+        #: The server's ``ssl.SSLContext`` over ``tls://`` (set by :meth:`prepare`).
+        self.tls: Any = None
+        #: Seconds a TLS client has to finish its handshake.
+        self.handshake_timeout = TLS_HANDSHAKE_TIMEOUT
         self._uid_conns: dict[int, int] = {}  # thread and asyncio models: uid -> connections
         self._uid_lock = threading.Lock()
+        self._count_lock = threading.Lock()
 
-    def prepare(self, sock: socket.socket, address: Address, sock_type: int) -> None:
+    def prepare(
+        self, sock: socket.socket, address: Address, sock_type: int, tls: Any = None
+    ) -> None:
         """Check that ``policy`` and the per-uid cap can work on *sock* (a server of
-        *sock_type*); ask for per-datagram credentials on a Unix datagram socket."""
+        *sock_type*, over TLS with the server context *tls*); ask for per-datagram
+        credentials on a Unix datagram socket."""
+        self.tls = tls
         if sock.family != socket.AF_UNIX:
-            what = "a peer policy" if self.policy is not None else "max_clients_per_uid"
-            if self.policy is not None or self.max_clients_per_uid is not None:
+            if self.policy is not None and tls is not None and not self.policy.tls_names:
                 raise UnsupportedFeature(
-                    f"{what} needs the kernel's credentials of each client, which exist "
-                    f"only for Unix-domain sockets, not for {address.describe()}"
+                    f"this PeerPolicy cannot allow any client of {address.describe()}: it "
+                    "has no tls_names, and its uid/gid rules judge kernel credentials, "
+                    "which a TLS peer has not; list the certificate names to allow, "
+                    "PeerPolicy(tls_names=[...])"
+                )
+            if self.policy is not None and tls is None:
+                raise UnsupportedFeature(
+                    f"a PeerPolicy cannot judge the clients of {address.describe()}: it "
+                    "judges the kernel's credentials of each client (uid, gid, groups), "
+                    "which exist only for Unix-domain sockets, and a TCP peer has none; "
+                    "serve tls:// with client certificates and PeerPolicy(tls_names=...), "
+                    "or check clients in verify="
+                )
+            if self.max_clients_per_uid is not None:
+                raise UnsupportedFeature(
+                    "max_clients_per_uid needs the kernel's credentials of each client, "
+                    f"which exist only for Unix-domain sockets, not for {address.describe()}"
                 )
             return
         if sock_type != socket.SOCK_DGRAM:
@@ -185,7 +215,11 @@ class Admission:
         """``policy``, then ``verify``: whether to serve *conn*, and its credentials if read.
 
         A refused *conn* is closed and its *uid* (from :meth:`uid_admit`) given back.
+        Over TLS both come later, after the handshake, in the connection's own
+        thread, child or task (:meth:`secure`, :meth:`secure_async`).
         """
+        if self.tls is not None:
+            return True, None
         creds = None
         ok = True
         if self.policy is not None:
@@ -199,12 +233,88 @@ class Admission:
         self.uid_release(uid)
         return False, None
 
+    def _reject(self) -> None:
+        """Count one client refused by ``policy`` or ``verify`` (TLS clients are judged
+        in their own threads: the count takes a lock)."""
+        with self._count_lock:
+            self.rejected += 1
+
+    # --------------------------------------------------------------------- TLS
+    def secure(self, conn: socket.socket, peer: Address) -> tuple[socket.socket, Address] | None:
+        """TLS for accepted *conn*: the handshake (blocking, within the handshake
+        timeout), then ``policy`` on the client's certificate and ``verify``.
+
+        Returns the TLS socket and the client's ``tls://`` address, or ``None``
+        when the client was refused (closed, counted in ``rejected``, logged).
+        """
+        where = _tls_address(peer)
+        try:
+            tls = TlsSocket.server(conn, self.tls, str(where), self.handshake_timeout)
+        except OSError as exc:
+            self._handshake_failed(conn, where, exc)
+            return None
+        return self._judge_tls(tls, where)
+
+    async def secure_async(
+        self, conn: socket.socket, peer: Address
+    ) -> tuple[socket.socket, Address] | None:
+        """:meth:`secure` in an event loop (asyncio or trio): the handshake waits for
+        the socket without blocking the loop."""
+        where = _tls_address(peer)
+        tls = TlsSocket.wrap(conn, self.tls, True, None, str(where))
+        timeout = self.handshake_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            while (want := tls.handshake_step()) is not None:
+                wait = wait_writable if want == "write" else wait_readable
+                if not await wait(conn.fileno(), max(deadline - time.monotonic(), 0.0)):
+                    raise AfunixError(
+                        errno.ETIMEDOUT,
+                        f"TLS handshake with {where} did not finish within {timeout:g} s",
+                    )
+        except OSError as exc:
+            self._handshake_failed(conn, where, exc)
+            return None
+        return self._judge_tls(tls, where)
+
+    def _handshake_failed(self, conn: socket.socket, where: Address, exc: OSError) -> None:
+        conn.close()
+        self._reject()
+        with self._count_lock:  # (refusals are otherwise the accepting thread's)
+            self.refusals.add("tls-handshake", f"refused connection from {where}: {exc}")
+
+    def _judge_tls(self, tls: TlsSocket, where: Address) -> tuple[socket.socket, Address] | None:
+        """``policy`` on the certificate, then ``verify``; a refused client is closed.
+
+        The socket returned is the :class:`~afunix.lowlevel.TlsSocket`: it has the
+        calls of a socket that connections and channels use (``recv``, ``send``,
+        ``sendall``, ``settimeout``, ``fileno``...), each through TLS.
+        """
+        ok = True
+        if self.policy is not None:
+            peer = tls.tls_peer
+            if peer is None:
+                ok = False
+                reason = "it showed no certificate, and the peer policy needs one"
+            else:
+                decision = self.policy.check(peer)
+                ok, reason = decision.allowed, decision.reason
+            if not ok:
+                self._reject()
+                who = peer.describe() if peer is not None else "a client"
+                log.warning("refused connection from %s at %s: %s", who, where, reason)
+        sock = cast(socket.socket, tls)
+        if ok and self._verify(sock, where):
+            return sock, where
+        tls.close()
+        return None
+
     def _credentials(self, conn: socket.socket, peer: Address) -> PeerCredentials | None:
         """The client's credentials for ``policy``; ``None`` (refused, logged) if unreadable."""
         try:
             return peer_credentials(conn)
         except OSError as exc:
-            self.rejected += 1
+            self._reject()
             log.warning(
                 "refused connection from %s: its credentials cannot be read (%s)",
                 peer.describe(),
@@ -221,7 +331,7 @@ class Admission:
             log.exception("verify() raised for peer %s; refusing it", peer.describe())
             ok = False
         if not ok:
-            self.rejected += 1
+            self._reject()
         return ok
 
     def _policy_allows(self, creds: PeerCredentials | None, peer: Address, what: str) -> bool:
@@ -229,7 +339,7 @@ class Admission:
         if self.policy is None:
             return True
         if creds is None:
-            self.rejected += 1
+            self._reject()
             log.warning(
                 "refused %s from %s: it carried no credentials, and the peer policy needs them",
                 what,
@@ -240,7 +350,7 @@ class Admission:
         if decision.allowed:
             log.debug("admitted %s from %s: %s", what, creds.describe(), decision.reason)
             return True
-        self.rejected += 1
+        self._reject()
         exe = ""
         try:
             facts = creds.facts()
@@ -347,3 +457,11 @@ class Admission:
         if not self._policy_allows(dgram.credentials, dgram.sender, "datagram"):
             return None
         return dgram
+
+
+def _tls_address(peer: Address) -> Address:
+    """A TLS client's ``tls://host:port`` (from its TCP address)."""
+    try:
+        return Address.tls(peer.host, peer.port or 0)
+    except OSError:  # pragma: no cover - an address of another kind
+        return peer

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._address import AddressLike
 from .._backends import current_task, in_trio, new_event
@@ -29,6 +29,9 @@ from ._async import AsyncRunner
 from ._connection import Handler
 from ._listener import ListeningSocket
 from ._parts import ServerParts, check_options, is_async, open_listener
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = ["AsyncServer", "TaskStatus", "serve_parts"]
 
@@ -77,7 +80,8 @@ class AsyncServer(ServerParts):
 
     The other options are :class:`~afunix.Server`'s (see there): ``type``,
     ``backlog``, ``mode``, ``owner``, ``group``, ``parent_mode``,
-    ``max_clients``, ``max_clients_per_uid``, ``refuse_with``,
+    ``allow_remote`` (``tcp://`` beyond loopback), ``max_clients``,
+    ``max_clients_per_uid``, ``refuse_with``,
     ``shutdown_timeout``, ``verify``, ``policy``, ``limits``, ``sock``,
     ``inherit``, ``fdstore``, and ``on_ready(server)``, called once accepting.
     """
@@ -93,6 +97,8 @@ class AsyncServer(ServerParts):
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
+        allow_remote: bool = False,
+        ssl: _ssl.SSLContext | None = None,
         max_clients: int | None = None,
         max_clients_per_uid: int | None = None,
         refuse_with: bytes = b"",
@@ -140,6 +146,8 @@ class AsyncServer(ServerParts):
             owner=owner,
             group=group,
             parent_mode=parent_mode,
+            allow_remote=allow_remote,
+            ssl=ssl,
         )
         self.on_ready = on_ready
         listener.on_ready = self._announced
@@ -164,6 +172,8 @@ class AsyncServer(ServerParts):
     ) -> None:
         self._listener = listener
         self._admission = admission
+        if limits.idle_timeout is not None:
+            admission.handshake_timeout = limits.idle_timeout
         self.handler = handler
         self.limits = limits
         self.shutdown_timeout = shutdown_timeout

@@ -232,6 +232,11 @@ class AsyncRunner:
     ) -> None:
         connection = AsyncConnection(conn, peer, creds, self.limits)
         try:
+            if self.admission.tls is not None:  # tls://: handshake and admission here
+                secured = await self.admission.secure_async(conn, peer)
+                if secured is None:
+                    return
+                connection = AsyncConnection(*secured, None, self.limits)
             await self.handler(connection)
         except asyncio.CancelledError:
             raise

@@ -18,8 +18,9 @@ from typing import Any, Literal, TypeAlias
 from .._address import Address
 from .._backends import in_trio, notify_closing, wait_readable, wait_writable
 from .._creds import PeerCredentials, peer_credentials
-from .._errors import PeerError, PeerTimeout
+from .._errors import PeerError, PeerTimeout, UnsupportedFeature
 from .._limits import DEFAULT_LIMITS, Limits
+from .._peer import TlsPeer
 from .._platform import NOSIGNAL
 from ..aio import AsyncChannel
 from ..channel import Channel
@@ -74,7 +75,11 @@ class _Peer:
         Worked out once and remembered, so it still answers after the socket closed.
         """
         if self._who is None:
-            self._who = self._ask_kernel() or describe_peer(self._credentials, self.peer)
+            tls = self.tls_peer
+            if tls is not None:
+                self._who = f"{tls.describe()} at {self.peer.describe()}"
+            else:
+                self._who = self._ask_kernel() or describe_peer(self._credentials, self.peer)
         return self._who
 
     def _ask_kernel(self) -> str | None:
@@ -95,11 +100,25 @@ class _Peer:
         pid, uid, gid, supplementary groups and, on Linux 6.5+, a pidfd (see
         :class:`~afunix.PeerCredentials`). Read on first use, or already read
         when the server has a ``policy``; the pidfd is closed with the
-        connection. Raises :class:`~afunix.UnsupportedFeature` over TCP.
+        connection. Raises :class:`~afunix.UnsupportedFeature` over TCP and
+        TLS (over TLS, :attr:`tls_peer` says who the client is).
         """
         if self._credentials is None:
+            if self.tls_peer is not None or getattr(self.sock, "carries_fds", True) is False:
+                raise UnsupportedFeature(
+                    f"{self.peer.describe()} has no kernel credentials: they exist only for "
+                    "Unix-domain sockets; over tls:// the client's identity is its "
+                    "certificate, conn.tls_peer"
+                )
             self._credentials = peer_credentials(self.sock)
         return self._credentials
+
+    @property
+    def tls_peer(self) -> TlsPeer | None:
+        """Over ``tls://``: the client's verified certificate (a :class:`~afunix.TlsPeer`,
+        what ``PeerPolicy(tls_names=...)`` judged); ``None`` without one and over
+        other transports."""
+        return getattr(self.sock, "tls_peer", None)
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -19,13 +19,21 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .._activation import listen_fds, watchdog_interval
 from .._address import Address, AddressLike
 from .._errors import AfunixError
 from .._handoff import Takeover, offer, reap_failed, spawn_successor, take_over
 from .._notify import notify
-from .._sockets import Socket, listen
+from .._sockets import (
+    Socket,
+    check_tls,
+    listen,
+    refuse_exposed,
+    requires_client_certificates,
+    tcp_of,
+)
 
 __all__ = ["PAUSE_ERRNOS", "ListeningSocket", "somaxconn", "watchdog_period", "watchdog_ping"]
 
@@ -82,13 +90,22 @@ class ListeningSocket:
     """
 
     def __init__(
-        self, sock: socket.socket, sock_type: int, origin: str, takeover: Takeover | None = None
+        self,
+        sock: socket.socket,
+        sock_type: int,
+        origin: str,
+        takeover: Takeover | None = None,
+        tls: Any = None,
     ) -> None:
         self.sock = sock
         self.type = sock_type
         self.origin = origin
         self._takeover = takeover
+        #: The server's ``ssl.SSLContext`` (``tls://``): each client shakes hands first.
+        self.tls = tls
         self.address: Address = Address.from_sockaddr(sock.family, sock.getsockname())
+        if tls is not None:
+            self.address = Address.tls(self.address.host, self.address.port or 0)
         self.fdstore = False
         self.on_ready: Callable[[], None] | None = None
         self.handed_over_to: int | None = None
@@ -112,19 +129,35 @@ class ListeningSocket:
         owner: str | int | None = None,
         group: str | int | None = None,
         parent_mode: int | None = None,
+        allow_remote: bool = False,
+        ssl: Any = None,
     ) -> ListeningSocket:
         """*sock* if given; else, with *inherit*, a hand-over's or activation's socket;
-        else ``listen(address, ...)`` with *backlog* (default :func:`somaxconn`)."""
+        else ``listen(address, ...)`` with *backlog* (default :func:`somaxconn`).
+
+        A ``tcp://`` address other hosts can reach is refused (``EACCES``,
+        :func:`~afunix._sockets.refuse_exposed`) unless *allow_remote*, and so
+        is a ``tls://`` one unless *ssl* requires client certificates: checked
+        as resolved before binding and as bound after. A socket given, handed
+        over or activated is the caller's choice and is not checked. ``tls://``
+        needs *ssl* (a server ``ssl.SSLContext``) and a stream socket.
+        """
+        addr = Address.parse(address)
+        tls = ssl if check_tls(addr, ssl) else None
+        if tls is not None and sock_type != socket.SOCK_STREAM:
+            raise AfunixError(errno.EINVAL, f"{addr}: TLS runs over stream sockets only")
         if sock is not None:
-            return cls(sock, sock_type, "given")
+            return cls(sock, sock_type, "given", tls=tls)
         takeover = take_over() if inherit else None
         if takeover is not None:
-            return cls(takeover.sock, sock_type, "handoff", takeover)
+            return cls(takeover.sock, sock_type, "handoff", takeover, tls=tls)
         activated = _activated(sock_type) if inherit else None
         if activated is not None:
-            return cls(activated, sock_type, "activation")
+            return cls(activated, sock_type, "activation", tls=tls)
+        authenticated = requires_client_certificates(tls)
+        addr = refuse_exposed(addr, allow_remote=allow_remote, authenticated=authenticated)
         bound = listen(
-            address,
+            tcp_of(addr),
             sock_type,
             backlog=somaxconn() if backlog is None else backlog,
             mode=mode,
@@ -132,7 +165,12 @@ class ListeningSocket:
             group=group,
             parent_mode=parent_mode,
         )
-        return cls(bound, sock_type, "bound")
+        try:  # bound now: check the address the name gave
+            refuse_exposed(addr, allow_remote=allow_remote, sock=bound, authenticated=authenticated)
+        except BaseException:
+            bound.close()
+            raise
+        return cls(bound, sock_type, "bound", tls=tls)
 
     def announce(self) -> None:
         """Called once the server accepts: tell whoever waits for that."""

@@ -173,7 +173,7 @@ def open_listener(
     listener = ListeningSocket.acquire(address, sock_type, sock=sock, inherit=inherit, **bind)
     listener.fdstore = fdstore
     try:
-        admission.prepare(listener.sock, listener.address, sock_type)
+        admission.prepare(listener.sock, listener.address, sock_type, tls=listener.tls)
     except BaseException:
         listener.close()
         raise

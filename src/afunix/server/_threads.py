@@ -261,6 +261,11 @@ class ThreadRunner(_Runner):
     ) -> None:
         connection = Connection(conn, peer, creds, self.limits)
         try:
+            if self.admission.tls is not None:  # tls://: handshake and admission here
+                secured = self.admission.secure(conn, peer)
+                if secured is None:
+                    return
+                connection = Connection(*secured, None, self.limits)
             self.handler(connection)
         except Exception as exc:
             log_handler_failure(exc, connection.describe())
@@ -345,6 +350,11 @@ class ForkRunner(_Runner):
         code = 0
         try:
             self._after_fork()
+            if self.admission.tls is not None:  # tls://: handshake and admission here
+                secured = self.admission.secure(connection.sock, connection.peer)
+                if secured is None:
+                    os._exit(0)
+                connection = Connection(*secured, None, self.limits)
             self.handler(connection)
         except BaseException as exc:
             log_handler_failure(exc, connection.describe())

@@ -228,6 +228,11 @@ class TrioRunner:
             self._release()
             raise
         try:
+            if self.admission.tls is not None:  # tls://: handshake and admission here
+                secured = await self.admission.secure_async(conn, peer)
+                if secured is None:
+                    return
+                connection = AsyncConnection(*secured, None, self.limits)
             await self.handler(connection)
         except Exception as exc:
             log_handler_failure(exc, connection.describe())
