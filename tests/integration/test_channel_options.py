@@ -204,14 +204,16 @@ def test_discard_fds_closes_each_as_it_arrives(
             assert (msg.data, msg.fds) == (b"abcd", (-1,))
             assert msg.take_fds() == []
         assert chan.recv(timeout=5).data == b"ok"
-        # A header announcing none, with one attached: still a framing error.
+        # One on a header announcing none (the decoder keeps such a descriptor for a
+        # later header of a batch): closed all the same, nothing held meanwhile.
         r2, w2 = os.pipe()
-        peer.sendmsg([_header(1) + b"z"], _rights(w2))
-        os.close(w2)
-        with pytest.raises(ProtocolError):
-            chan.recv(timeout=5)
-        assert _only_copy_gone(r2)
-        os.close(r2)
+        try:
+            peer.sendmsg([_header(1) + b"z"], _rights(w2))
+            os.close(w2)
+            assert chan.recv(timeout=5).data == b"z"
+            assert _only_copy_gone(r2)
+        finally:
+            os.close(r2)
     finally:
         os.close(r)
         chan.close()

@@ -129,7 +129,9 @@ def test_descriptors_sent_with_a_request_are_closed_unused(
             s.settimeout(10)
             dirfd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
             try:
-                frame = bytearray(framed(encode_request(OpenRequest(7, b"etc/shadow", int(Wire.READ)))))
+                frame = bytearray(
+                    framed(encode_request(OpenRequest(7, b"etc/shadow", int(Wire.READ))))
+                )
                 frame[2:4] = struct.pack("!H", 1)  # the header announces the descriptor
                 s.sendmsg(
                     [bytes(frame)],

@@ -44,7 +44,7 @@ import time
 from typing import IO, Any
 
 from .. import AfunixError, AsyncChannel, Channel, PeerTimeout, ProtocolError
-from ..lowlevel import AddressLike, strerror
+from ..lowlevel import AddressLike, close_fds, strerror
 from . import flags as _flags
 from .protocol import KIND_ERROR, OpenRequest, Reply, decode_reply, encode_request, next_id
 
@@ -52,6 +52,9 @@ __all__ = ["AsyncClient", "BrokerError", "Client", "mode_to_flags"]
 
 #: Largest reply body accepted (the fixed part, a 1024-byte message, and some slack).
 _MAX_REPLY = 12 + 1024 + 24
+#: The channel's ``max_size``, which bounds both ways: the longest request a broker may
+#: accept (``max_request_bytes`` is at most 1 MiB); replies are held to ``_MAX_REPLY``.
+_MAX_SIZE = 1 << 20
 
 
 class BrokerError(AfunixError):
@@ -155,7 +158,7 @@ class _ClientBase:
         """The channel: one descriptor at most per reply (room for one: a broker
         attaching more is cut off), small replies, no memfds, sends bounded."""
         return {
-            "max_size": _MAX_REPLY,
+            "max_size": _MAX_SIZE,
             "maxfds": 1,
             "fd_room": 1,
             "memfd_threshold": None,
@@ -203,8 +206,17 @@ class _ClientBase:
             )
         return exc
 
-    def _reply(self, body: bytes | memoryview, fds: list[int], rid: int) -> tuple[Reply, int | None]:
+    def _reply(
+        self, body: bytes | memoryview, fds: list[int], rid: int
+    ) -> tuple[Reply, int | None]:
         """The reply to request *rid* and its descriptor (the caller's)."""
+        if len(body) > _MAX_REPLY:
+            close_fds(fds)
+            self.close()
+            raise BrokerError(
+                errno.EMSGSIZE,
+                f"bad reply: {len(body)} bytes, more than the {_MAX_REPLY} a reply has",
+            )
         try:
             reply, fd = decode_reply(body, fds)
         except ProtocolError:

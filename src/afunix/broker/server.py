@@ -34,11 +34,11 @@ the client spreads the bytes out).
 **Descriptors** are budgeted against ``RLIMIT_NOFILE`` (:class:`DescriptorBudget`):
 a connection holds at most :data:`FDS_PER_CONNECTION`, because the broker
 keeps none of a client's: a request carries no descriptors, and any that
-arrive are closed as soon as the request they came with is read (its
-channel makes room for one per ``recvmsg``, ``fd_room=1``, so a client
-attaching more is cut off by the kernel, ``MSG_CTRUNC``, and disconnected). ``max_clients`` and ``connections_per_peer`` are lowered, if
-need be, so that all connections together fit the limit and one uid's fit in
-half of it.
+arrive are closed the moment ``recvmsg`` returns (its channel's
+``discard_fds``; room is made for one, ``fd_room=1``, so a client attaching
+more is cut off by the kernel, ``MSG_CTRUNC``, and disconnected).
+``max_clients`` and ``connections_per_peer`` are lowered, if need be, so that
+all connections together fit the limit and one uid's fit in half of it.
 
 **The audit log** writes every grant (fail-closed) and budgets refusals per
 uid (:meth:`AuditLog.refusal`); what the broker knows of a peer beyond its
@@ -88,6 +88,7 @@ from .policy import (
 )
 from .protocol import (
     KIND_ERROR,
+    MAX_REPLY,
     BadRequest,
     OpenRequest,
     Reply,
@@ -577,7 +578,9 @@ class Broker:
         spare = conn.sock.dup()  # for the goodbye, whatever becomes of the channel
         try:
             chan = conn.channel(
-                max_size=limits.max_request_bytes,
+                # (max_size bounds both ways: room for the longest reply too; a request
+                # longer than max_request_bytes but not than that is refused below)
+                max_size=max(limits.max_request_bytes, MAX_REPLY),
                 maxfds=1,
                 fd_room=1,  # room for one descriptor per recvmsg: more is MSG_CTRUNC, cut off
                 discard_fds=True,  # closed as they arrive, counted against the header
@@ -606,6 +609,9 @@ class Broker:
                 if in_flight >= limits.fds_in_flight:
                     in_flight = 0
                 with chan.recv() as msg:
+                    if len(msg.data) > limits.max_request_bytes:
+                        self._too_large(spare, peer, len(msg.data), limits)
+                        return
                     try:
                         req = decode_request(msg.data, len(msg.fds))
                     except BadRequest as bad:
@@ -654,6 +660,16 @@ class Broker:
             kind = f"protocol-error/{errno_name(err)}"
             self._hang_up(spare, peer, kind, err, exc.strerror or "protocol error")
 
+    def _too_large(
+        self, spare: socket.socket, peer: dict[str, Any], size: int, limits: BrokerLimits
+    ) -> None:
+        """A request body over ``max_request_bytes`` (that its header did not betray)."""
+        reason = (
+            f"request of {size} bytes exceeds the maximum message size of "
+            f"{limits.max_request_bytes} bytes (the broker's max_request_bytes)"
+        )
+        self._hang_up(spare, peer, "protocol-error/EMSGSIZE", errno.EMSGSIZE, reason)
+
     def _hang_up(
         self, spare: socket.socket, peer: dict[str, Any], kind: str, err: int, reason: str
     ) -> None:
@@ -678,7 +694,9 @@ class Broker:
             errno=errno_name(bad.errno),
             reason=bad.strerror,
         )
-        reply = Reply(bad.id, bad.errno or errno.EINVAL, bad.strerror or "", KIND_ERROR, bad.closing)
+        reply = Reply(
+            bad.id, bad.errno or errno.EINVAL, bad.strerror or "", KIND_ERROR, bad.closing
+        )
         chan.send(encode_reply(reply))
         return bad.closing
 
