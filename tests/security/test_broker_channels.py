@@ -96,7 +96,11 @@ def _stalling_broker(sockdir: Path, delay: float) -> tuple[socket.socket, thread
     reply = framed(encode_reply(Reply(1, errno.ENOENT, "no such file")))
 
     def serve() -> None:
-        conn, _ = listener.accept()
+        listener.settimeout(30)  # (a client that never came: the test fails, this ends)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
         with conn:
             conn.recv(4096)
             time.sleep(delay)  # the scenario: the reply begins late
@@ -105,7 +109,7 @@ def _stalling_broker(sockdir: Path, delay: float) -> tuple[socket.socket, thread
             while conn.recv(4096):  # until the client hangs up
                 pass
 
-    thread = threading.Thread(target=serve)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return listener, thread
 
@@ -135,6 +139,7 @@ def test_timeout_holds_end_to_end(sockdir: Path, kind: str) -> None:
                 _run(kind, main)
         took = time.monotonic() - started
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes an accept still waiting
         thread.join(30)
         listener.close()
     assert info.value.errno == errno.ETIMEDOUT
