@@ -149,10 +149,24 @@ class PeerTimeout(PeerError, TimeoutError):
 
     Raised by server connections with ``idle_timeout`` / ``send_timeout``; the
     server closes that connection and logs why, and no other client notices.
+
+    :attr:`expired` says which limit ran out, where the raiser knows, so a
+    program can answer each differently (the broker closes an idle client
+    silently, and tells one that stalled mid-request why):
+
+    * ``"idle"``: no message began within a channel's ``idle_timeout`` (the
+      channel is still usable);
+    * ``"message"``: a message began and was not whole within ``message_timeout``
+      (a stream is then mid-message: close it);
+    * ``"call"``: ``recv(timeout=...)`` ran out, before or during a message;
+    * ``"send"``: the peer left no room to write for ``send_timeout``;
+    * ``None``: not said (a server connection's ``recv``/``send``).
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, expired: str | None = None) -> None:
         super().__init__(_errno.ETIMEDOUT, message)
+        #: Which timeout expired: ``"idle"``, ``"message"``, ``"call"``, ``"send"`` or ``None``.
+        self.expired = expired
 
 
 class ProtocolError(PeerError):

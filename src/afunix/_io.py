@@ -110,6 +110,8 @@ def protocol_for(
     credentials: bool,
     max_fds_in_flight: int | None,
     recv_bufsize: int,
+    fd_room: int | None = None,
+    discard_fds: bool = False,
 ) -> ChannelProtocol:
     """:func:`prepare` *sock*, then the :class:`ChannelProtocol` for what it is and carries.
 
@@ -128,6 +130,8 @@ def protocol_for(
         max_fds_in_flight=max_fds_in_flight,
         recv_bufsize=recv_bufsize,
         packet_bufsize=room,
+        fd_room=fd_room,
+        discard_fds=discard_fds,
         carries_fds=transport is None,
         transport=transport or "",
     )

@@ -105,6 +105,8 @@ class AsyncChannel:
         idle_timeout: float | None = None,
         message_timeout: float | None = None,
         send_timeout: float | None = None,
+        fd_room: int | None = None,
+        discard_fds: bool = False,
     ) -> None:
         check_timeouts(idle_timeout, message_timeout, send_timeout)
         self._proto = proto = protocol_for(
@@ -116,6 +118,8 @@ class AsyncChannel:
             credentials=credentials,
             max_fds_in_flight=max_fds_in_flight,
             recv_bufsize=recv_bufsize,
+            fd_room=fd_room,
+            discard_fds=discard_fds,
         )
         sock.setblocking(False)
         self._sock = sock
@@ -351,8 +355,11 @@ class AsyncChannel:
         finally:
             waiter.forget_writer(fut)
 
-    async def recv(self) -> Message:
-        """Receive one message. ``EOFError`` when the peer has closed."""
+    async def recv(self, *, timeout: float | None = None) -> Message:
+        """Receive one message. ``EOFError`` when the peer has closed.
+
+        *timeout*: see :meth:`Channel.recv` (``PeerTimeout`` with ``expired == "call"``).
+        """
         proto = self._proto
         if proto.holding:
             await self.flush()  # a reply may depend on what we hold
@@ -373,13 +380,19 @@ class AsyncChannel:
                 return event  # type: ignore[no-any-return]
         if proto.state is not OPEN:
             raise _closed()
+        until = None
+        if timeout is not None:
+            if not timeout >= 0:
+                raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+            until = time.monotonic() + timeout
         loop = asyncio._get_running_loop()
         if loop is None:  # trio (outside both runtimes, in_trio raises)
             in_trio()
-            return await self._recv_trio()
+            return await self._recv_trio(until, timeout)
         fut = waiter.receive(loop)
         try:
-            event = await (fut if not self._timed else self._timed_wait(fut))
+            timed = self._timed or until is not None
+            event = await (fut if not timed else self._timed_wait(fut, until, timeout))
         except asyncio.CancelledError:
             self._rescue(fut)
             raise
@@ -401,8 +414,11 @@ class AsyncChannel:
             if isinstance(result, Message) and not self._waiter.give_back(result):
                 self._proto.push_back(result)
 
-    async def _timed_wait(self, fut: asyncio.Future[Any]) -> Any:
-        """*fut* within the idle timeout, and once a message began, the message timeout."""
+    async def _timed_wait(
+        self, fut: asyncio.Future[Any], until: float | None, timeout: float | None
+    ) -> Any:
+        """*fut* within the idle timeout, and once a message began, the message timeout;
+        and all of it by *until* (the call's ``timeout``), if given."""
         proto = self._proto
         deadline: float | None = None
         while True:
@@ -414,9 +430,15 @@ class AsyncChannel:
                 limit = self._idle_timeout if not proto.receiving else None
                 if limit is None:
                     limit = self._message_timeout  # look again when a message may have begun
+            if until is not None:
+                left = max(until - time.monotonic(), 0.0)
+                limit = left if limit is None else min(limit, left)
             done, _ = await asyncio.wait([fut], timeout=limit)
             if done:
                 return fut.result()
+            if until is not None and time.monotonic() >= until:
+                self._rescue(fut)
+                raise _call_timed_out(timeout, proto.receiving)
             if deadline is not None:
                 self._rescue(fut)
                 raise _message_timed_out(self._message_timeout)
@@ -424,12 +446,13 @@ class AsyncChannel:
                 self._rescue(fut)
                 raise _idle_timed_out(self._idle_timeout)
 
-    async def _recv_trio(self) -> Message:
+    async def _recv_trio(self, until: float | None, timeout: float | None) -> Message:
         """:meth:`recv` under trio: receivers take turns under a fair lock, each
         receiving and waiting for readability until a message (or the end) comes.
 
         The idle timeout counts from the call, waiting for the turn included;
-        the message timeout from the moment a message has begun.
+        the message timeout from the moment a message has begun; the call's
+        *timeout* (by *until*) bounds all of it.
         """
         from ._backends import trio as trio_rt
 
@@ -440,7 +463,10 @@ class AsyncChannel:
         lock = self._recv_lock
         if lock is None:
             lock = self._recv_lock = new_lock()
-        if not await trio_rt.acquire(lock, idle):
+        turn = idle if until is None else _sooner(idle, max(until - start, 0.0))
+        if not await trio_rt.acquire(lock, turn):
+            if until is not None and time.monotonic() >= until:
+                raise _call_timed_out(timeout, False)
             raise _idle_timed_out(idle)
         try:
             deadline: float | None = None  # of the message under way
@@ -464,7 +490,11 @@ class AsyncChannel:
                     limit = max(start + idle - now, 0.0)
                 else:
                     limit = None
+                if until is not None:
+                    limit = _sooner(limit, max(until - now, 0.0))
                 if not await trio_rt.wait_ready(self._fd, False, limit):  # (no read meanwhile)
+                    if until is not None and time.monotonic() >= until:
+                        raise _call_timed_out(timeout, proto.receiving)
                     if proto.receiving:
                         raise _message_timed_out(self._message_timeout)
                     raise _idle_timed_out(idle)
@@ -546,19 +576,34 @@ def _closed() -> OSError:
 
 def _send_timed_out(timeout: float | None) -> PeerTimeout:
     return PeerTimeout(
-        f"the peer did not read for send_timeout={timeout:g} s: no room in the socket to write to"
+        f"the peer did not read for send_timeout={timeout:g} s: no room in the socket to write to",
+        "send",
     )
 
 
 def _message_timed_out(timeout: float | None) -> PeerTimeout:
     return PeerTimeout(
         f"the peer began a message and did not finish it within "
-        f"message_timeout={timeout:g} s; close the channel"
+        f"message_timeout={timeout:g} s; close the channel",
+        "message",
     )
 
 
 def _idle_timed_out(timeout: float | None) -> PeerTimeout:
     return PeerTimeout(
         f"no message from the peer within idle_timeout={timeout:g} s "
-        "(the channel is still open: receive again or close it)"
+        "(the channel is still open: receive again or close it)",
+        "idle",
     )
+
+
+def _call_timed_out(timeout: float | None, begun: bool) -> PeerTimeout:
+    then = "; a message had begun: close the channel" if begun else ""
+    return PeerTimeout(
+        f"no whole message from the peer within recv(timeout={timeout:g}) s{then}", "call"
+    )
+
+
+def _sooner(a: float | None, b: float) -> float:
+    """The shorter of two waits, *a* ``None`` meaning none."""
+    return b if a is None else min(a, b)

@@ -117,11 +117,36 @@ class Channel:
         send_timeout: each write waits at most this long for room in the
             socket (:class:`~afunix.PeerTimeout`; a stream message cut short
             closes the channel). ``None``: no limit. Without any timeout the
-            socket is never touched for them.
+            socket is never touched for them. :attr:`PeerTimeout.expired
+            <afunix.PeerTimeout.expired>` says which of the three ran out.
+        fd_room: descriptors one ``recvmsg`` makes room for. By default
+            ``maxfds`` on seqpacket and datagram sockets and 253 on a stream
+            (one ``sendmsg`` of a peer's ``more=True`` batch may carry the
+            descriptors of several messages). A smaller room bounds what a
+            peer can make this process hold: the kernel closes what does not
+            fit and the message raises :class:`~afunix.ControlTruncated` (on
+            a stream the channel is then closed).
+        discard_fds: close every descriptor from the peer as soon as the
+            ``recvmsg`` that brought it returns, before the message it came
+            with is whole: a peer cannot make this process hold any. The
+            framing still counts them, and the message shows each as ``-1``
+            in :attr:`Message.fds` (already closed), so ``len(msg.fds)`` says
+            how many came; a memfd payload is refused as with
+            ``accept_memfd=False``. The broker, whose requests carry none, uses
+            ``maxfds=1, fd_room=1, discard_fds=True``.
 
     Thread-safe: one sender and one receiver may work at the same time, and
     concurrent senders never interleave their messages.
     """
+
+    # Receive timeouts, as class defaults: an untimed channel sets none of them.
+    _idle_timeout: float | None = None
+    _message_timeout: float | None = None
+    #: ``SO_RCVTIMEO`` as last set (``None``: none), and the message under way's deadline.
+    _rcvtimeo: float | None = None
+    _deadline: float | None = None
+    #: Which limit the ``SO_RCVTIMEO`` set last stands for: "idle", "message" or "call".
+    _due = "idle"
 
     def __init__(
         self,
@@ -137,6 +162,8 @@ class Channel:
         idle_timeout: float | None = None,
         message_timeout: float | None = None,
         send_timeout: float | None = None,
+        fd_room: int | None = None,
+        discard_fds: bool = False,
     ) -> None:
         self._proto = protocol_for(
             sock,
@@ -147,6 +174,8 @@ class Channel:
             credentials=credentials,
             max_fds_in_flight=max_fds_in_flight,
             recv_bufsize=recv_bufsize,
+            fd_room=fd_room,
+            discard_fds=discard_fds,
         )
         self._sock = sock
         self._receive = receiver_for(sock)
@@ -157,8 +186,6 @@ class Channel:
         if self._timed or send_timeout is not None:
             check_timeouts(idle_timeout, message_timeout, send_timeout)
             self._idle_timeout, self._message_timeout = idle_timeout, message_timeout
-            self._rcvtimeo: float | None = None
-            self._deadline: float | None = None
             if send_timeout is not None:
                 set_timeout(sock, _SNDTIMEO, send_timeout)
 
@@ -352,11 +379,23 @@ class Channel:
             assert nxt is not None
             out = nxt
 
-    def recv(self) -> Message:
-        """Receive one message (blocking). ``EOFError`` when the peer has closed."""
+    def recv(self, *, timeout: float | None = None) -> Message:
+        """Receive one message (blocking). ``EOFError`` when the peer has closed.
+
+        *timeout* bounds this call, waiting for a message to begin and for
+        the rest of it: :class:`~afunix.PeerTimeout` (``expired == "call"``)
+        after that many seconds, whatever the channel's own timeouts (the
+        shorter one wins). If a message had begun on a stream, close the channel.
+        """
         proto = self._proto
         if proto.holding:
             self.flush()  # a reply may depend on what we hold
+        until = None
+        if timeout is not None:
+            if not timeout >= 0:
+                raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+            until = time.monotonic() + timeout
+            self._timed = True  # from now on _arm runs (and clears what it set)
         with self._recv_lock:
             sock = self._sock
             try:
@@ -366,12 +405,12 @@ class Channel:
                         if event is not NEED_DATA:
                             break
                     if self._timed:
-                        self._arm()
+                        self._arm(until)
                     event = self._receive(sock, proto)
                     if event is not NEED_DATA:
                         break
             except BlockingIOError as exc:
-                raise self._timed_out(exc, sending=False) from exc
+                raise self._timed_out(exc, sending=False, timeout=timeout) from exc
             except BaseException:
                 if proto.state is BROKEN:
                     self.close()  # the byte stream cannot be trusted any more
@@ -380,36 +419,55 @@ class Channel:
             raise EOFError("the peer closed the channel")
         return event
 
-    def _arm(self) -> None:
-        """Set ``SO_RCVTIMEO`` for the next read: idle or message timeout, as due."""
+    def _arm(self, until: float | None) -> None:
+        """Set ``SO_RCVTIMEO`` for the next read: idle or message timeout, or what is
+        left of the call's (*until*), whichever comes first."""
+        now = time.monotonic()
         if self._proto.receiving and self._message_timeout is not None:
-            now = time.monotonic()
             if self._deadline is None:
                 self._deadline = now + self._message_timeout
-            want: float | None = max(self._deadline - now, 1e-6)
+            want: float | None = self._deadline - now
+            due = "message"
         else:
             self._deadline = None
             want = None if self._proto.receiving else self._idle_timeout
+            due = "idle"
+        if until is not None and (want is None or until - now < want):
+            want, due = until - now, "call"
+        if want is not None:
+            want = max(want, 1e-6)
+        self._due = due
         if want != self._rcvtimeo:
             set_timeout(self._sock, _RCVTIMEO, want)
             self._rcvtimeo = want
 
-    def _timed_out(self, exc: BlockingIOError, *, sending: bool) -> OSError:
+    def _timed_out(
+        self, exc: BlockingIOError, *, sending: bool, timeout: float | None = None
+    ) -> OSError:
         """A blocking call gave up (``SO_RCVTIMEO``/``SO_SNDTIMEO``): why, as PeerTimeout."""
         if sending and self._send_timeout is not None:
             return PeerTimeout(
                 f"the peer did not read for send_timeout={self._send_timeout:g} s: no room "
-                "in the socket to write to (a stream message cut short closed the channel)"
+                "in the socket to write to (a stream message cut short closed the channel)",
+                "send",
             )
         if not sending and self._timed:
-            if self._deadline is not None:
+            if self._due == "call":
+                begun = "; a message had begun: close the channel" if self._proto.receiving else ""
+                return PeerTimeout(
+                    f"no whole message from the peer within recv(timeout={timeout:g}) s{begun}",
+                    "call",
+                )
+            if self._due == "message":
                 return PeerTimeout(
                     f"the peer began a message and did not finish it within "
-                    f"message_timeout={self._message_timeout:g} s; close the channel"
+                    f"message_timeout={self._message_timeout:g} s; close the channel",
+                    "message",
                 )
             return PeerTimeout(
                 f"no message from the peer within idle_timeout={self._idle_timeout:g} s "
-                "(the channel is still open: receive again or close it)"
+                "(the channel is still open: receive again or close it)",
+                "idle",
             )
         return exc  # a non-blocking socket given to a blocking channel
 

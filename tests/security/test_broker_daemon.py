@@ -160,7 +160,7 @@ def test_broker_killed_mid_request_gives_an_error_at_once(tree: Tree) -> None:
             t.start()
             # The request is in the broker's socket once the client's socket has
             # bytes its peer has not read (SIOCOUTQ), and the client waits for the reply.
-            assert _wait(lambda: c._sock is not None and _unread_by_peer(c._sock) > 0, 10)
+            assert _wait(lambda: c._chan is not None and _unread_by_peer(c._chan.socket) > 0, 10)
             started = time.monotonic()
             os.kill(b.pid, signal.SIGKILL)
             t.join(10)

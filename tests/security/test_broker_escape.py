@@ -16,6 +16,7 @@ import afunix
 from afunix.broker import Broker, Client, confine, parse_policy
 from afunix.broker.flags import Wire
 from afunix.broker.protocol import OpenRequest, encode_request
+from afunix.broker.protocol import frame as framed
 from tests.security.broker_support import (
     POLICY,
     BrokerProcess,
@@ -128,7 +129,9 @@ def test_descriptors_sent_with_a_request_are_closed_unused(
             s.settimeout(10)
             dirfd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
             try:
-                frame = bytearray(encode_request(OpenRequest(7, b"etc/shadow", int(Wire.READ))))
+                frame = bytearray(
+                    framed(encode_request(OpenRequest(7, b"etc/shadow", int(Wire.READ))))
+                )
                 frame[2:4] = struct.pack("!H", 1)  # the header announces the descriptor
                 s.sendmsg(
                     [bytes(frame)],
@@ -159,7 +162,7 @@ def _serving(b: BrokerProcess) -> dict[int, str]:
     # (The file exists from bind on; until listen, a connect is refused: retry.)
     with afunix.connect(b.tree.sock, retries=8, backoff=0.01) as s:
         s.settimeout(10)
-        s.sendall(encode_request(OpenRequest(1, b"no-such-file", int(Wire.READ))))
+        s.sendall(framed(encode_request(OpenRequest(1, b"no-such-file", int(Wire.READ)))))
         assert s.recv(4096)  # a reply: the broker is in its loop
     deadline = time.monotonic() + 3
     table = b.fd_table()

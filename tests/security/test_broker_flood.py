@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from afunix import AsyncChannel, Channel
 from afunix.broker import AsyncClient, Broker, Client, parse_policy
-from afunix.broker import client as client_module
 from afunix.broker.client import BrokerError
 from tests.conftest import NOBODY
 
@@ -123,21 +123,32 @@ def test_a_client_refused_at_accept_hears_why(
     )
     broker = Broker(sockdir / "b.sock", policy, audit=None).start()
     path = str(broker.address.describe())
-    real_connect = client_module.connect
+    real_connect = Channel.connect.__func__  # type: ignore[attr-defined]
+    real_aconnect = AsyncChannel.connect.__func__  # type: ignore[attr-defined]
 
-    def connect_then_wait_for_the_refusal(*args: Any, **kwargs: Any) -> Any:
-        before = broker.server.refused.get("uid-limit", 0)
-        sock = real_connect(*args, **kwargs)
+    def wait_for_the_refusal(before: int) -> None:
         deadline = time.monotonic() + 10
         while broker.server.refused.get("uid-limit", 0) == before:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        return sock
+
+    def connect_then_wait(cls: type[Channel], *args: Any, **kwargs: Any) -> Channel:
+        before = broker.server.refused.get("uid-limit", 0)
+        chan: Channel = real_connect(cls, *args, **kwargs)
+        wait_for_the_refusal(before)
+        return chan
+
+    async def aconnect_then_wait(cls: type[AsyncChannel], *args: Any, **kwargs: Any) -> Any:
+        before = broker.server.refused.get("uid-limit", 0)
+        chan = await real_aconnect(cls, *args, **kwargs)
+        wait_for_the_refusal(before)  # (blocks the loop: the broker runs on its own threads)
+        return chan
 
     try:
         with Client(path) as first:
             os.close(first.open_fd(str(data / "f.txt")))  # holds root's one connection
-            monkeypatch.setattr(client_module, "connect", connect_then_wait_for_the_refusal)
+            monkeypatch.setattr(Channel, "connect", classmethod(connect_then_wait))
+            monkeypatch.setattr(AsyncChannel, "connect", classmethod(aconnect_then_wait))
             with pytest.raises(BrokerError, match="too many connections") as info:
                 if kind == "sync":
                     with Client(path) as second:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from afunix.broker import Broker, Client, parse_policy
 from afunix.broker.protocol import OpenRequest, encode_request
+from afunix.broker.protocol import frame as framed
 from tests.conftest import open_fds
 
 
@@ -154,7 +155,7 @@ def test_a_valid_request_among_garbage_on_other_connections(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(broker.address.sockaddr)
         s.settimeout(2)
-        s.sendall(encode_request(OpenRequest(3, os.fsencode(data / "f.txt"), 1)))
+        s.sendall(framed(encode_request(OpenRequest(3, os.fsencode(data / "f.txt"), 1))))
         _d, anc, _f, _a = s.recvmsg(4096, socket.CMSG_SPACE(4))
         [(_l, _t, blob)] = anc
         fd = struct.unpack("i", blob)[0]

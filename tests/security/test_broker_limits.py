@@ -17,6 +17,7 @@ from afunix.broker import Broker, Client, parse_policy
 from afunix.broker.client import BrokerError
 from afunix.broker.flags import Wire
 from afunix.broker.protocol import OpenRequest, encode_request
+from afunix.broker.protocol import frame as framed
 from tests.security.broker_support import as_nobody
 
 
@@ -124,7 +125,7 @@ def test_descriptors_in_flight_are_bounded(make: object) -> None:
         s.connect(b.address.sockaddr)
         s.settimeout(5)
         for i in range(1, 11):
-            s.sendall(encode_request(OpenRequest(i, path, int(Wire.READ))))
+            s.sendall(framed(encode_request(OpenRequest(i, path, int(Wire.READ)))))
         started = time.monotonic()
         time.sleep(0.1)
         with Client(b.address, timeout=1) as other:  # not stalled by the hoarder
@@ -152,7 +153,7 @@ def test_pipelined_requests_are_all_answered_when_read(make: object) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(b.address.sockaddr)
         s.settimeout(5)
-        s.sendall(b"".join(encode_request(OpenRequest(i, path, 1)) for i in range(1, 13)))
+        s.sendall(b"".join(framed(encode_request(OpenRequest(i, path, 1))) for i in range(1, 13)))
         for i in range(1, 13):
             rid, err, fds = _raw_reply(s)
             assert (rid, err, len(fds)) == (i, 0, 1)
@@ -163,7 +164,7 @@ def test_pipelined_requests_are_all_answered_when_read(make: object) -> None:
 def test_slow_request_is_cut_off(make: object) -> None:
     """Half a request, then silence: disconnected after request_timeout (slowloris)."""
     b = make("request_timeout = 0.3")  # type: ignore[operator]
-    frame = encode_request(OpenRequest(1, _f(b).encode(), 1))
+    frame = framed(encode_request(OpenRequest(1, _f(b).encode(), 1)))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(b.address.sockaddr)
         s.settimeout(5)
@@ -212,7 +213,7 @@ def test_too_many_descriptors_attached_closes_the_connection(make: object) -> No
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(b.address.sockaddr)
             s.settimeout(5)
-            frame = bytearray(encode_request(OpenRequest(1, b"/x", 1)))
+            frame = bytearray(framed(encode_request(OpenRequest(1, b"/x", 1))))
             frame[2:4] = struct.pack("!H", 20)
             s.sendmsg(
                 [bytes(frame)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("20i", *fds))]

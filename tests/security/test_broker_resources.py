@@ -34,6 +34,7 @@ from afunix.broker.client import BrokerError
 from afunix.broker.flags import Wire
 from afunix.broker.policy import BrokerLimits
 from afunix.broker.protocol import OpenRequest, encode_request
+from afunix.broker.protocol import frame as framed
 from afunix.broker.server import FDS_PER_CONNECTION, FDS_RESERVE, descriptor_budget
 from tests.conftest import NOBODY, afunix_cmd
 from tests.security.broker_support import BrokerProcess, Tree, as_nobody, broker, tree
@@ -247,7 +248,7 @@ def test_a_begun_message_must_finish_within_request_timeout(make: Any) -> None:
     (before, the decoder held no bytes once it took the header, and the broker waited
     for the 60 s idle timeout instead, with the message half-read)."""
     b = make("request_timeout = 0.3\nidle_timeout = 60")
-    frame = encode_request(OpenRequest(5, b"/f.txt", int(Wire.READ)))
+    frame = framed(encode_request(OpenRequest(5, b"/f.txt", int(Wire.READ))))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(b.address.sockaddr)
         s.settimeout(10)
@@ -274,7 +275,7 @@ def test_descriptors_are_closed_as_they_arrive(make: Any, sockdir: Path) -> None
     b = make("request_timeout = 30")
     marker = sockdir / "parked-marker"
     marker.write_text("")
-    frame = encode_request(OpenRequest(5, b"/f.txt", int(Wire.READ)))
+    frame = framed(encode_request(OpenRequest(5, b"/f.txt", int(Wire.READ))))
 
     def parked() -> int:
         n = 0
@@ -355,7 +356,7 @@ def test_a_refusal_flood_writes_a_bounded_number_of_bytes(make: Any, sockdir: Pa
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(b.address.sockaddr)
         s.settimeout(30)
-        frame = encode_request(OpenRequest(1, long_path.encode(), int(Wire.READ)))
+        frame = framed(encode_request(OpenRequest(1, long_path.encode(), int(Wire.READ))))
         sent = 0
         answers: dict[int, int] = {}
         while sent < n:  # pipelined, 20 at a time (more, unread, fill the broker's send room)

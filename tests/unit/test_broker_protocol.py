@@ -1,4 +1,9 @@
-"""The broker's wire protocol: frames <-> bytes, both directions, with no socket (tables)."""
+"""The broker's wire protocol: bodies <-> bytes, both directions, with no socket (tables).
+
+The byte tables are whole frames as they travel: the 8-byte afunix header (the
+channel's) and the body (:mod:`afunix.broker.protocol`'s). The frames are cut
+with the channels' own stream decoder, as a broker or client receives them.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,18 @@ import struct
 import pytest
 
 from afunix._errors import ProtocolError
-from afunix._protocol import NEED_DATA, FrameError, RawMessage
+from afunix._protocol import NEED_DATA, FrameError, RawMessage, StreamDecoder
 from afunix.broker.protocol import (
     KIND_ERROR,
     BadRequest,
-    Connection,
     OpenRequest,
     Reply,
     decode_reply,
     decode_request,
     encode_reply,
     encode_request,
+    frame,
+    next_id,
 )
 
 # Each request with its exact bytes on the wire (afunix header + body).
@@ -59,20 +65,22 @@ REPLIES = [
 
 @pytest.mark.parametrize(("req", "wire"), REQUESTS)
 def test_request_round_trip(req: OpenRequest, wire: bytes) -> None:
-    assert encode_request(req) == wire
-    conn = Connection(max_size=8192, max_fds=4)
-    conn.receive_data(wire)
-    msg = conn.next_frame()
+    assert encode_request(req) == wire[8:]
+    assert frame(encode_request(req)) == wire
+    decoder = StreamDecoder(max_size=8192, max_fds=4)
+    decoder.receive_data(wire)
+    msg = decoder.next_message()
     assert isinstance(msg, RawMessage)
-    assert decode_request(msg) == req
-    assert conn.next_frame() is NEED_DATA
+    assert decode_request(msg.data, msg.fds) == req
+    assert decoder.next_message() is NEED_DATA
 
 
 @pytest.mark.parametrize(("reply", "with_fd", "wire"), REPLIES)
 def test_reply_round_trip(reply: Reply, with_fd: bool, wire: bytes) -> None:
-    assert encode_reply(reply, with_fd=with_fd) == wire
+    assert encode_reply(reply, with_fd=with_fd) == wire[8:]
+    assert frame(encode_reply(reply, with_fd=with_fd), int(with_fd)) == wire
     fds = [os.open("/dev/null", os.O_RDONLY)] if with_fd else []
-    got, fd = decode_reply(RawMessage(wire[8:], list(fds), 0, len(wire) - 8))
+    got, fd = decode_reply(wire[8:], list(fds))
     assert got == reply
     if with_fd:
         assert fd == fds[0]
@@ -83,12 +91,12 @@ def test_reply_round_trip(reply: Reply, with_fd: bool, wire: bytes) -> None:
 
 def test_request_split_byte_by_byte() -> None:
     wire = b"".join(w for _, w in REQUESTS)
-    conn = Connection(max_size=8192, max_fds=4)
+    decoder = StreamDecoder(max_size=8192, max_fds=4)
     got = []
     for i in range(len(wire)):
-        conn.receive_data(wire[i : i + 1])
-        while isinstance(msg := conn.next_frame(), RawMessage):
-            got.append(decode_request(msg))
+        decoder.receive_data(wire[i : i + 1])
+        while isinstance(msg := decoder.next_message(), RawMessage):
+            got.append(decode_request(msg.data, msg.fds))
     assert got == [r for r, _ in REQUESTS]
 
 
@@ -107,26 +115,26 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(("body", "err", "closing", "rid"), BAD_REQUESTS)
 def test_bad_requests(body: bytes, err: int, closing: bool, rid: int) -> None:
     with pytest.raises(BadRequest) as info:
-        decode_request(RawMessage(body, [], 0, len(body)))
+        decode_request(body)
     assert (info.value.errno, info.value.closing, info.value.id) == (err, closing, rid)
 
 
-def test_descriptors_with_a_request_are_closed() -> None:
-    fds = [os.open("/", os.O_RDONLY), os.open("/", os.O_RDONLY)]
-    msg = RawMessage(_body(), list(fds), 0, 0)
+def test_descriptors_with_a_request_refuse_it() -> None:
+    """Two descriptors came (the broker's channel closed them as they arrived:
+    ``discard_fds``, tested in tests/integration/test_channel_options.py)."""
     with pytest.raises(BadRequest, match="2 that came") as info:
-        decode_request(msg)
+        decode_request(_body(), 2)
     assert info.value.errno == errno.EINVAL and info.value.id == 9
-    for fd in fds:
-        with pytest.raises(OSError):
-            os.fstat(fd)
+    assert not info.value.closing  # the connection goes on
 
 
 def test_oversized_request_is_a_frame_error() -> None:
-    conn = Connection(max_size=100, max_fds=4)
-    conn.receive_data(encode_request(OpenRequest(1, b"/" + b"a" * 200, 1)))
+    """The broker's channel has ``max_size=max_request_bytes``: a longer body is refused
+    from its header (EMSGSIZE), before any of it is buffered."""
+    decoder = StreamDecoder(max_size=100, max_fds=1)
+    decoder.receive_data(frame(encode_request(OpenRequest(1, b"/" + b"a" * 200, 1))))
     with pytest.raises(FrameError) as info:
-        conn.next_frame()
+        decoder.next_message()
     assert info.value.errno == errno.EMSGSIZE
 
 
@@ -145,7 +153,7 @@ BAD_REPLIES = [
 def test_bad_replies_close_their_descriptors(body: bytes, nfds: int, why: str) -> None:
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
     with pytest.raises(ProtocolError, match=why):
-        decode_reply(RawMessage(body, list(fds), 0, len(body)))
+        decode_reply(body, list(fds))
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -160,12 +168,12 @@ def test_reply_needs_fd_exactly_on_success() -> None:
 
 def test_long_messages_are_cut() -> None:
     wire = encode_reply(Reply(1, errno.EACCES, "x" * 5000))
-    assert len(wire) == 8 + 12 + 1024
+    assert len(wire) == 12 + 1024
     assert wire.endswith(b"...")
 
 
 def test_request_ids_wrap_and_skip_zero() -> None:
-    conn = Connection(max_size=100, max_fds=1)
-    conn._next_id = 0xFFFFFFFF
-    assert conn.new_id() == 0xFFFFFFFF
-    assert conn.new_id() == 1
+    assert next_id(0) == 1  # a new client's first id
+    assert next_id(1) == 2
+    assert next_id(0xFFFFFFFE) == 0xFFFFFFFF
+    assert next_id(0xFFFFFFFF) == 1

@@ -14,13 +14,16 @@ in ``docs/architecture.md`` and section 1 of the design guide). The rules
    ``listen``, ``[gs]etsockopt``, ``setblocking``, ``settimeout``);
 7. every module is in exactly one layer, and every pattern matches a module.
 
+And the broker (section 4.7) makes no socket send or receive of its own: it
+speaks through :class:`afunix.Channel`/:class:`afunix.AsyncChannel`.
+
 Imports count wherever they are: relative or absolute, at module level or
 inside a function, under ``TYPE_CHECKING`` too.
 
-Today's code breaks some rules on purpose, until the migration (section 9)
-removes the cause: those are the entries of :data:`ALLOWED`, each with why
-and the step that removes it. The table only shrinks: an entry nothing uses
-any more fails the test, so a step that fixes a cause must delete its entry.
+The migration (section 9) kept exceptions in :data:`ALLOWED`, each with why
+and the step that removed it; the last went with the broker over channels
+(Phase 1 step 6) and the table is empty. It only shrinks: an entry nothing
+uses fails the test.
 """
 
 from __future__ import annotations
@@ -75,21 +78,21 @@ SOCKET_METHODS = re.compile(
     r"^(send\w*|recv\w*|accept|connect|bind|listen|[gs]etsockopt|setblocking|settimeout)$"
 )
 
-# Steps of the migration (design guide, section 9) and why each exception exists.
-STEP6 = "Phase 1 step 6: the broker speaks through Channel/AsyncChannel (bodies only)"
-BROKER_IO = "the broker has its own framing, control data and socket I/O"
+#: The broker speaks through channels only (design guide, section 4.7): no socket I/O
+#: method of its own, nor the low-level descriptor calls ...
+RAW_IO = re.compile(
+    r"^(sendmsg|sendall|sendto|sendfile|recvmsg\w*|recv_into|recvfrom\w*"
+    r"|send_fds|sendall_fds|recv_fds)$"
+)
+#: ... and ``send``/``recv`` only on a channel, which the broker always calls ``chan``.
+CHANNEL_IO = {"send", "recv"}
+CHANNEL_NAME = "chan"
 
-#: ``(importer, imported)`` -> (why, the step that removes it): today's exceptions,
-#: 3 pairs (broker/). The applications import public modules only
-#: (``afunix``, ``afunix.lowlevel``, ...) but for the broker's own framing, which the
-#: broker-over-channels step replaces. One entry covers every rule the pair breaks
-#: (a private module, private names taken from it). Only ever shrinks: rename an
-#: entry when its module moves; an entry nothing needs fails the test.
-ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
-    ("broker.client", "_protocol"): (BROKER_IO, STEP6),
-    ("broker.protocol", "_protocol"): (BROKER_IO, STEP6),
-    ("broker.server", "_protocol"): (BROKER_IO, STEP6),
-}
+#: ``(importer, imported)`` -> (why, the step that removes it): the exceptions to the
+#: rules. Empty: the applications import public modules only (``afunix``,
+#: ``afunix.lowlevel``, ...) since the broker speaks through channels (Phase 1
+#: step 6). Adding an entry is an architecture change (design guide, section 9).
+ALLOWED: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,22 @@ def socket_calls(path: Path) -> Iterator[tuple[str, int]]:
             yield node.func.attr, node.lineno
 
 
+def raw_io_calls(path: Path) -> Iterator[tuple[str, int]]:
+    """Socket I/O made otherwise than through a channel: a raw I/O method, a low-level
+    descriptor call, or ``send``/``recv`` on something not named ``chan``."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if RAW_IO.match(name):
+            yield name, node.lineno
+        elif isinstance(func, ast.Attribute) and name in CHANNEL_IO:
+            target = func.value
+            if not (isinstance(target, ast.Name) and target.id == CHANNEL_NAME):
+                yield name, node.lineno
+
+
 def layer_of(name: str) -> list[str]:
     return [
         layer
@@ -225,6 +244,9 @@ def violations() -> tuple[list[str], set[tuple[str, str]]]:
         if own == SANS_IO:
             for method, line in socket_calls(path):
                 found.append(f"{name}:{line}: rule 4: a sans-IO module calls .{method}()")
+        if package_of(name) == "broker":
+            for call, line in raw_io_calls(path):
+                found.append(f"{name}:{line}: the broker does socket I/O of its own: {call}()")
     found += [f"cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return found, used
 
@@ -358,3 +380,29 @@ def test_the_checker_sees_a_cycle_and_sans_io_socket_calls(
     assert any(f.startswith("cycle:") and "_errors" in f for f in found), found
     assert any("rule 4" in f and "threading" in f for f in found), found
     assert any("rule 4" in f and ".recv()" in f for f in found), found
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def _f(sock):\n    sock.sendmsg([b'x'], [])\n",
+        "def _f(sock):\n    return sock.recv(1)\n",
+        "def _f(conn):\n    conn.sock.send(b'x')\n",
+        "from afunix.lowlevel import recv_fds\ndef _f(s):\n    return recv_fds(s, 1)\n",
+    ],
+)
+def test_the_checker_sees_broker_socket_io(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A broker module that reads or writes a socket itself (not through a channel)."""
+    import shutil
+
+    copy = tmp_path / "afunix"
+    shutil.copytree(SRC, copy)
+    server = copy / "broker" / "server.py"
+    server.write_text(server.read_text() + "\n" + source)
+    monkeypatch.setitem(globals(), "SRC", copy)
+    found, _ = violations()
+    assert any(f.startswith("broker.server:") and "socket I/O of its own" in f for f in found), (
+        found
+    )

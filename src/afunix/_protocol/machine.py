@@ -135,11 +135,15 @@ class ChannelProtocol:
         max_fds_in_flight: int | None = None,
         recv_bufsize: int = RECV_BUFSIZE,
         packet_bufsize: int = PACKET_MIN,
+        fd_room: int | None = None,
+        discard_fds: bool = False,
         carries_fds: bool = True,
         transport: str = "this transport",
     ) -> None:
         if not 0 <= maxfds <= SCM_MAX_FD:
             raise ValueError(f"maxfds must be 0..{SCM_MAX_FD}, not {maxfds}")
+        if fd_room is not None and not 0 <= fd_room <= SCM_MAX_FD:
+            raise ValueError(f"fd_room must be 0..{SCM_MAX_FD} or None, not {fd_room}")
         #: ``False`` over TCP and ``ssh://``: no descriptors, memfds or credentials
         #: (refused before anything is queued); large payloads go inline.
         self.carries_fds = carries_fds
@@ -161,14 +165,20 @@ class ChannelProtocol:
         self.max_size = max_size
         self.maxfds = maxfds
         self.memfd_threshold = memfd_threshold if _MEMFD else None
-        self.accept_memfd = accept_memfd
+        self.accept_memfd = accept_memfd and not discard_fds  # (a memfd closed is no payload)
         self.credentials = credentials
         self.max_fds_in_flight = max_fds_in_flight
         self.recv_bufsize = recv_bufsize
         # On a stream one sendmsg may carry the descriptors of several messages
-        # (more=True): always room for the kernel's most; maxfds is checked per header.
-        self.room = room = SCM_MAX_FD if stream and carries_fds else maxfds
+        # (more=True): room for the kernel's most unless told (fd_room); maxfds is
+        # checked per header.
+        room = SCM_MAX_FD if stream and carries_fds else maxfds
+        if fd_room is not None and carries_fds:
+            room = fd_room
+        self.room = room
         self.control_space = control_space(room, credentials)
+        #: Close received descriptors at once; messages show them as -1 (already closed).
+        self.discard_fds = discard_fds
         self.packet_bufsize = HEADER.size + min(max_size, max(packet_bufsize, PACKET_MIN))
         self.plain_limit = -1  # largest payload sent as one plain frame (-1: none)
         if stream:
@@ -185,7 +195,7 @@ class ChannelProtocol:
         self.queued = False
         #: Nothing buffered, a stream without credentials or in-flight limit: the
         #: lean receive of _io may read the next message itself.
-        self._lean = stream and not credentials and max_fds_in_flight is None
+        self._lean = stream and not credentials and max_fds_in_flight is None and not discard_fds
         self.idle = self._lean
         #: A message has begun (its first bytes came): message vs idle timeout.
         self.receiving = False
@@ -448,6 +458,9 @@ class ChannelProtocol:
             if self.stream:
                 self.state = BROKEN
             raise
+        if fds and self.discard_fds:  # closed now; still counted against the headers
+            close_fds(fds)
+            fds = [-1] * len(fds)
         assert into is not None
         if not self.stream:
             self._packet(bytes(into[:n]), fds, msg_flags, address, tag)

@@ -9,8 +9,9 @@ policy format, the wire protocol and the threat model.
 Modules: :mod:`~afunix.broker.policy` (TOML rules, default deny),
 :mod:`~afunix.broker.flags` (open flags, checked), :mod:`~afunix.broker.confine`
 (``openat2`` beneath a root, or its fallback), :mod:`~afunix.broker.protocol`
-(sans-IO frames), :mod:`~afunix.broker.audit` (JSON lines),
-:mod:`~afunix.broker.server` (the daemon) and :mod:`~afunix.broker.client`.
+(request and reply bodies, sans-IO; channels frame them),
+:mod:`~afunix.broker.audit` (JSON lines), :mod:`~afunix.broker.server` (the
+daemon) and :mod:`~afunix.broker.client`.
 
 ``Limits`` and ``PolicyError`` were renamed :class:`BrokerLimits` and
 :class:`PolicyFileError` (a subclass of :class:`afunix.PolicyError`), so that no

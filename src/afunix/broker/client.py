@@ -1,4 +1,4 @@
-"""The broker's clients: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+"""The broker's clients: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio, trio).
 
 ::
 
@@ -24,33 +24,37 @@ Failures of the broker itself (not running, killed mid-request, too slow,
 speaking nonsense) raise :class:`BrokerError`, an ``OSError`` with the errno
 that says which (``ECONNREFUSED``/``ENOENT``, ``ECONNRESET``, ``ETIMEDOUT``,
 ``EPROTO``), always within ``timeout`` seconds and never with ``SIGPIPE``
-(requests are sent with ``MSG_NOSIGNAL``).
+(a channel sends with ``MSG_NOSIGNAL``).
 
-A client holds one connection and sends one request at a time (a lock makes
-it safe to share between threads); it reconnects once if the broker went
-away between two requests.
+Both clients speak through a channel (:class:`afunix.Channel`,
+:class:`afunix.AsyncChannel`: it frames each body and carries the
+descriptor). :class:`AsyncClient` runs under asyncio and under trio (and
+anyio on either). A client holds one connection and sends one request at a
+time (a lock makes it safe to share between threads, or tasks); it
+reconnects once if the broker went away between two requests.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
-import socket
+import sys
 import threading
 import time
 from typing import IO, Any
 
-from .. import AfunixError, ProtocolError, connect
-from .._protocol import CLOSED, NEED_DATA, FrameError, RawMessage
-from ..lowlevel import AddressLike, recv_fds, strerror
+from .. import AfunixError, AsyncChannel, Channel, PeerTimeout, ProtocolError
+from ..lowlevel import AddressLike, close_fds, strerror
 from . import flags as _flags
-from .protocol import KIND_ERROR, Connection, OpenRequest, Reply, decode_reply, encode_request
+from .protocol import KIND_ERROR, OpenRequest, Reply, decode_reply, encode_request, next_id
 
 __all__ = ["AsyncClient", "BrokerError", "Client", "mode_to_flags"]
 
-#: Largest reply frame: header + fixed part + message.
-_MAX_REPLY = 8 + 12 + 1024 + 16
+#: Largest reply body accepted (the fixed part, a 1024-byte message, and some slack).
+_MAX_REPLY = 12 + 1024 + 24
+#: The channel's ``max_size``, which bounds both ways: the longest request a broker may
+#: accept (``max_request_bytes`` is at most 1 MiB); replies are held to ``_MAX_REPLY``.
+_MAX_SIZE = 1 << 20
 
 
 class BrokerError(AfunixError):
@@ -141,18 +145,39 @@ def _raise_for(reply: Reply, shown: str) -> None:
 
 
 class _ClientBase:
-    """What the blocking and the asyncio client share: the connection and its framing."""
+    """What the blocking and the asynchronous client share: the channel options,
+    request ids, and what a reply means."""
 
     def __init__(self, address: AddressLike, *, timeout: float = 10.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._proto: Connection | None = None
+        self._chan: Channel | AsyncChannel | None = None
+        self._rid = 0
 
-    def _adopt(self, sock: socket.socket) -> tuple[socket.socket, Connection]:
-        self._sock = sock
-        self._proto = Connection(max_size=_MAX_REPLY, max_fds=1)
-        return sock, self._proto
+    def _options(self) -> dict[str, Any]:
+        """The channel: one descriptor at most per reply (room for one: a broker
+        attaching more is cut off), small replies, no memfds, sends bounded."""
+        return {
+            "max_size": _MAX_SIZE,
+            "maxfds": 1,
+            "fd_room": 1,
+            "memfd_threshold": None,
+            "accept_memfd": False,
+            "send_timeout": self.timeout,
+        }
+
+    def _body(self, path: bytes, wire_flags: int, mode: int) -> tuple[int, bytes]:
+        self._rid = rid = next_id(self._rid)
+        return rid, encode_request(OpenRequest(rid, path, wire_flags, mode))
+
+    def _left(self, deadline: float) -> float:
+        """Seconds left until *deadline*; past it, the connection is closed and the
+        request fails with ``ETIMEDOUT``."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.close()
+            raise self._timed_out()
+        return left
 
     @staticmethod
     def _unreachable(exc: OSError) -> BrokerError:
@@ -160,14 +185,65 @@ class _ClientBase:
             exc.errno or errno.ECONNREFUSED, f"cannot reach the broker: {exc.strerror or exc}"
         )
 
+    def _timed_out(self) -> BrokerError:
+        return BrokerError(errno.ETIMEDOUT, f"the broker did not answer within {self.timeout:g}s")
+
+    def _lost(self, exc: BaseException) -> BaseException:
+        """What a failed receive of the reply means (the connection is closed)."""
+        self.close()
+        if isinstance(exc, PeerTimeout):
+            return self._timed_out()
+        if isinstance(exc, EOFError):
+            return BrokerError(
+                errno.ECONNRESET, "the broker closed the connection before answering"
+            )
+        if isinstance(exc, ProtocolError):  # a bad frame, MSG_CTRUNC
+            return BrokerError(exc.errno or errno.EPROTO, f"bad reply: {exc.strerror}")
+        if isinstance(exc, OSError):
+            return BrokerError(
+                exc.errno or errno.ECONNRESET,
+                f"lost the broker while waiting for the answer: {exc.strerror}",
+            )
+        return exc
+
+    def _reply(
+        self, body: bytes | memoryview, fds: list[int], rid: int
+    ) -> tuple[Reply, int | None]:
+        """The reply to request *rid* and its descriptor (the caller's)."""
+        if len(body) > _MAX_REPLY:
+            close_fds(fds)
+            self.close()
+            raise BrokerError(
+                errno.EMSGSIZE,
+                f"bad reply: {len(body)} bytes, more than the {_MAX_REPLY} a reply has",
+            )
+        try:
+            reply, fd = decode_reply(body, fds)
+        except ProtocolError:
+            self.close()
+            raise
+        if reply.closing:
+            self.close()
+        if reply.id != rid and not (reply.kind == KIND_ERROR and reply.id == 0):
+            if fd is not None:
+                os.close(fd)
+            self.close()
+            raise BrokerError(errno.EPROTO, f"reply to request {reply.id}, expected {rid}")
+        return reply, fd
+
+    def _gone(self, exc: OSError, attempt: int, refused: Reply | None) -> Reply | None:
+        """The request could not be sent (the broker closed the connection): the
+        refusal it left, or ``None`` to reconnect once; raised the second time."""
+        self.close()
+        if refused is not None or not attempt:
+            return refused
+        raise BrokerError(exc.errno or errno.EPIPE, "the broker closed the connection") from exc
+
     def close(self) -> None:
         """Close the connection (a later request reconnects)."""
-        if self._proto is not None:
-            self._proto.close()
-            self._proto = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        chan, self._chan = self._chan, None
+        if chan is not None:
+            chan.close()
 
 
 class Client(_ClientBase):
@@ -182,15 +258,18 @@ class Client(_ClientBase):
         super().__init__(address, timeout=timeout)
         self._lock = threading.Lock()
 
-    # --------------------------------------------------------------- connection
-    def _connect(self, deadline: float) -> tuple[socket.socket, Connection]:
-        if self._sock is None or self._proto is None:
+    def _connect(self, deadline: float) -> Channel:
+        chan = self._chan
+        if chan is None:
             try:
-                sock = connect(self.address, timeout=max(deadline - time.monotonic(), 0.001))
+                chan = Channel.connect(
+                    self.address, timeout=max(deadline - time.monotonic(), 0.001), **self._options()
+                )
             except OSError as exc:
                 raise self._unreachable(exc) from exc
-            return self._adopt(sock)
-        return self._sock, self._proto
+            self._chan = chan
+        assert isinstance(chan, Channel)
+        return chan
 
     def __enter__(self) -> Client:
         return self
@@ -208,90 +287,27 @@ class Client(_ClientBase):
         with self._lock:
             deadline = time.monotonic() + self.timeout
             for attempt in (0, 1):
-                fresh = self._sock is None
-                sock, proto = self._connect(deadline)
-                frame = encode_request(OpenRequest(proto.new_id(), path, wire_flags, mode))
+                fresh = self._chan is None
+                chan = self._connect(deadline)
+                rid, body = self._body(path, wire_flags, mode)
                 try:
-                    self._send(sock, frame, deadline)
+                    chan.send(body)
+                except PeerTimeout as exc:
+                    self.close()
+                    raise self._timed_out() from exc
                 except (BrokenPipeError, ConnectionResetError) as exc:
-                    refused = _refusal(sock, proto) if fresh else None
-                    self.close()  # gone since the last request: reconnect once
+                    refused = self._gone(exc, attempt, _refusal(chan, deadline) if fresh else None)
                     if refused is not None:
                         return refused, None
-                    if attempt:
-                        raise BrokerError(
-                            exc.errno or errno.EPIPE, "the broker closed the connection"
-                        ) from exc
                     continue
-                rid = int.from_bytes(frame[12:16], "big")
-                return self._receive(sock, proto, rid, deadline)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _send(self, sock: socket.socket, frame: bytes, deadline: float) -> None:
-        view = memoryview(frame)
-        while view:
-            sock.settimeout(self._left(deadline))
-            try:
-                n = sock.send(view, socket.MSG_NOSIGNAL)
-            except TimeoutError as exc:
-                self.close()
-                raise self._timed_out() from exc
-            view = view[n:]
-
-    def _left(self, deadline: float) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            self.close()
-            raise self._timed_out()
-        return left
-
-    def _timed_out(self) -> BrokerError:
-        return BrokerError(errno.ETIMEDOUT, f"the broker did not answer within {self.timeout:g}s")
-
-    def _receive(
-        self, sock: socket.socket, proto: Connection, rid: int, deadline: float
-    ) -> tuple[Reply, int | None]:
-        while True:
-            try:
-                got = proto.next_frame()
-            except FrameError as exc:
-                self.close()
-                raise BrokerError(exc.errno or errno.EPROTO, f"bad reply: {exc.strerror}") from exc
-            if isinstance(got, RawMessage):
+                left = self._left(deadline)
                 try:
-                    reply, fd = decode_reply(got)
-                except ProtocolError:
-                    self.close()
-                    raise
-                if reply.closing:
-                    self.close()
-                if reply.id != rid and not (reply.kind == KIND_ERROR and reply.id == 0):
-                    if fd is not None:
-                        os.close(fd)
-                    self.close()
-                    raise BrokerError(errno.EPROTO, f"reply to request {reply.id}, expected {rid}")
-                return reply, fd
-            if got is CLOSED:
-                self.close()
-                raise BrokerError(
-                    errno.ECONNRESET, "the broker closed the connection before answering"
-                )
-            assert got is NEED_DATA
-            sock.settimeout(self._left(deadline))
-            try:
-                data, fds, _f, _a = recv_fds(sock, 4096, 1)
-            except TimeoutError as exc:
-                self.close()
-                raise self._timed_out() from exc
-            except OSError as exc:
-                self.close()
-                if isinstance(exc, AfunixError):
-                    raise BrokerError(exc.errno or errno.EPROTO, str(exc)) from exc
-                raise BrokerError(
-                    exc.errno or errno.ECONNRESET,
-                    f"lost the broker while waiting for the answer: {exc.strerror}",
-                ) from exc
-            proto.receive_data(data, fds)
+                    msg = chan.recv(timeout=left)
+                except (OSError, EOFError) as exc:
+                    raise self._lost(exc) from exc
+                with msg:
+                    return self._reply(msg.data, msg.take_fds(), rid)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def open_fd(
         self,
@@ -317,48 +333,38 @@ class Client(_ClientBase):
     ) -> IO[Any]:
         """Like ``open``: a file object (binary for ``os`` flags), or ``OSError(errno, ...)``."""
         raw, wire, wmode, text_mode, shown = _prepare(path, flags, mode)
-        if wire & _flags.Wire.DIR:
-            raise IsADirectoryError(
-                errno.EISDIR, "O_DIRECTORY gives no file object: use open_fd() or listdir()", shown
-            )
+        _no_directory(wire, shown)
         reply, fd = self.request(raw, wire, wmode)
         if fd is None:
             _raise_for(reply, shown)
         assert fd is not None
-        try:
-            return _file_object(fd, wire, text_mode, buffering)
-        except BaseException:
-            os.close(fd)
-            raise
+        return _wrap(fd, wire, text_mode, buffering)
 
     def listdir(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> list[str]:
         """The names in a directory, through a directory descriptor from the broker."""
-        fd = self.open_fd(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return sorted(os.listdir(fd))
-        finally:
-            os.close(fd)
+        return _names(self.open_fd(path, os.O_RDONLY | os.O_DIRECTORY))
 
 
 class AsyncClient(_ClientBase):
-    """The asyncio twin of :class:`Client`: ``await client.open(...)``."""
+    """The asynchronous twin of :class:`Client`: ``await client.open(...)``, under
+    asyncio or trio (and anyio on either); one event loop per client."""
 
     def __init__(self, address: AddressLike, *, timeout: float = 10.0) -> None:
         super().__init__(address, timeout=timeout)
-        self._lock = asyncio.Lock()
+        self._lock: Any = None  # made at first use, for the running event loop
 
-    async def _connect(self) -> tuple[socket.socket, Connection]:
-        if self._sock is None or self._proto is None:
-            loop = asyncio.get_running_loop()
+    async def _connect(self, deadline: float) -> AsyncChannel:
+        chan = self._chan
+        if chan is None:
             try:
-                sock = await loop.run_in_executor(
-                    None, lambda: connect(self.address, timeout=self.timeout)
+                chan = await AsyncChannel.connect(
+                    self.address, timeout=max(deadline - time.monotonic(), 0.001), **self._options()
                 )
             except OSError as exc:
                 raise self._unreachable(exc) from exc
-            sock.setblocking(False)
-            return self._adopt(sock)
-        return self._sock, self._proto
+            self._chan = chan
+        assert isinstance(chan, AsyncChannel)
+        return chan
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -370,61 +376,38 @@ class AsyncClient(_ClientBase):
         self, path: bytes, wire_flags: int, mode: int = 0
     ) -> tuple[Reply, int | None]:
         """One raw request (see :meth:`Client.request`)."""
+        if self._lock is None:
+            self._lock = _new_lock()
         async with self._lock:
             try:
-                return await asyncio.wait_for(self._request(path, wire_flags, mode), self.timeout)
-            except TimeoutError as exc:
-                self.close()
-                raise BrokerError(
-                    errno.ETIMEDOUT, f"the broker did not answer within {self.timeout:g}s"
-                ) from exc
+                return await self._request(path, wire_flags, mode)
             except BaseException:
-                self.close()
+                self.close()  # cancelled, or failed: a late reply must not meet the next request
                 raise
 
     async def _request(self, path: bytes, wire_flags: int, mode: int) -> tuple[Reply, int | None]:
-        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.timeout
         for attempt in (0, 1):
-            fresh = self._sock is None
-            sock, proto = await self._connect()
-            rid = proto.new_id()
-            frame = encode_request(OpenRequest(rid, path, wire_flags, mode))
+            fresh = self._chan is None
+            chan = await self._connect(deadline)
+            rid, body = self._body(path, wire_flags, mode)
             try:
-                await _send_all(loop, sock, frame)
+                await chan.send(body)
+            except PeerTimeout as exc:
+                raise self._timed_out() from exc
             except (BrokenPipeError, ConnectionResetError) as exc:
-                refused = _refusal(sock, proto) if fresh else None
-                self.close()
+                refusal = await _arefusal(chan, deadline) if fresh else None
+                refused = self._gone(exc, attempt, refusal)
                 if refused is not None:
                     return refused, None
-                if attempt:
-                    raise BrokerError(
-                        exc.errno or errno.EPIPE, "the broker closed the connection"
-                    ) from exc
                 continue
-            while True:
-                try:
-                    got = proto.next_frame()
-                except FrameError as exc:
-                    raise BrokerError(
-                        exc.errno or errno.EPROTO, f"bad reply: {exc.strerror}"
-                    ) from exc
-                if isinstance(got, RawMessage):
-                    reply, fd = decode_reply(got)
-                    if reply.closing:
-                        self.close()
-                    if reply.id != rid and not (reply.kind == KIND_ERROR and reply.id == 0):
-                        if fd is not None:
-                            os.close(fd)
-                        raise BrokerError(
-                            errno.EPROTO, f"reply to request {reply.id}, expected {rid}"
-                        )
-                    return reply, fd
-                if got is CLOSED:
-                    raise BrokerError(
-                        errno.ECONNRESET, "the broker closed the connection before answering"
-                    )
-                data, fds = await _recv(loop, sock)
-                proto.receive_data(data, fds)
+            left = self._left(deadline)
+            try:
+                msg = await chan.recv(timeout=left)
+            except (OSError, EOFError) as exc:
+                raise self._lost(exc) from exc
+            with msg:
+                return self._reply(msg.data, msg.take_fds(), rid)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def open_fd(
@@ -451,96 +434,82 @@ class AsyncClient(_ClientBase):
     ) -> IO[Any]:
         """Like ``open``, awaited (the file object itself is an ordinary, blocking one)."""
         raw, wire, wmode, text_mode, shown = _prepare(path, flags, mode)
-        if wire & _flags.Wire.DIR:
-            raise IsADirectoryError(
-                errno.EISDIR, "O_DIRECTORY gives no file object: use open_fd() or listdir()", shown
-            )
+        _no_directory(wire, shown)
         reply, fd = await self.request(raw, wire, wmode)
         if fd is None:
             _raise_for(reply, shown)
         assert fd is not None
-        try:
-            return _file_object(fd, wire, text_mode, buffering)
-        except BaseException:
-            os.close(fd)
-            raise
+        return _wrap(fd, wire, text_mode, buffering)
 
     async def listdir(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> list[str]:
-        fd = await self.open_fd(path, os.O_RDONLY | os.O_DIRECTORY)
+        return _names(await self.open_fd(path, os.O_RDONLY | os.O_DIRECTORY))
+
+
+def _no_directory(wire: int, shown: str) -> None:
+    if wire & _flags.Wire.DIR:
+        raise IsADirectoryError(
+            errno.EISDIR, "O_DIRECTORY gives no file object: use open_fd() or listdir()", shown
+        )
+
+
+def _wrap(fd: int, wire: int, text_mode: str | None, buffering: int) -> IO[Any]:
+    try:
+        return _file_object(fd, wire, text_mode, buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _names(fd: int) -> list[str]:
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _refused(msg: Any) -> Reply | None:
+    """The error reply in *msg*, if it is one (any descriptor closed)."""
+    with msg:
         try:
-            return sorted(os.listdir(fd))
-        finally:
-            os.close(fd)
+            reply, fd = decode_reply(msg.data, msg.take_fds())
+        except ProtocolError:
+            return None
+    if fd is not None:
+        os.close(fd)
+    return reply if reply.kind == KIND_ERROR else None
 
 
-async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = sock.send(view, socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            await _wait(loop, sock, writable=True)
-            continue
-        view = view[n:]
-
-
-def _refusal(sock: socket.socket, proto: Connection) -> Reply | None:
+def _refusal(chan: Channel, deadline: float) -> Reply | None:
     """The error frame a broker sent a new connection before closing it, if any.
 
     A broker refuses a client past its per-uid connection limit right after
     ``accept`` (``EAGAIN``, "too many connections"); the client's request then
-    meets a closed socket, but the reason is waiting to be read.
+    meets a closed socket, but the reason is waiting to be read (and the broker
+    closed its end: the receive does not wait).
     """
-    sock.setblocking(False)
     try:
-        while True:
-            got = proto.next_frame()
-            if isinstance(got, RawMessage):
-                reply, fd = decode_reply(got)
-                if fd is not None:
-                    os.close(fd)
-                return reply if reply.kind == KIND_ERROR else None
-            if got is CLOSED:
-                return None
-            data, fds, _f, _a = recv_fds(sock, 4096, 1)
-            proto.receive_data(data, fds)
-    except (OSError, FrameError, ProtocolError):
+        return _refused(chan.recv(timeout=max(deadline - time.monotonic(), 0.0)))
+    except (OSError, EOFError):
         return None
 
 
-async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
-    while True:
-        try:
-            data, fds, _f, _a = recv_fds(sock, 4096, 1)
-        except BlockingIOError:
-            await _wait(loop, sock, writable=False)
-            continue
-        except AfunixError as exc:
-            raise BrokerError(exc.errno or errno.EPROTO, str(exc)) from exc
-        except OSError as exc:
-            raise BrokerError(
-                exc.errno or errno.ECONNRESET,
-                f"lost the broker while waiting for the answer: {exc.strerror}",
-            ) from exc
-        return data, fds
-
-
-async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writable: bool) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
+async def _arefusal(chan: AsyncChannel, deadline: float) -> Reply | None:
+    """:func:`_refusal`, awaited."""
     try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        return _refused(await chan.recv(timeout=max(deadline - time.monotonic(), 0.0)))
+    except (OSError, EOFError):
+        return None
+
+
+def _new_lock() -> Any:
+    """A lock of the running event loop: trio's under trio, else asyncio's.
+
+    (Asked of the running task, as :class:`afunix.AsyncChannel` does: trio is
+    imported only by a program that runs it, so this never loads it.)
+    """
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_task():
+        return trio.Lock()
+    import asyncio
+
+    return asyncio.Lock()

@@ -1,9 +1,12 @@
-"""The broker's wire protocol, version 1 (sans-IO: bytes in, events out).
+"""The broker's wire protocol, version 1: request and reply *bodies* (sans-IO).
 
 The full description, for writing a client in another language, is in
-``docs/broker.md``. In short: every message is an afunix frame
-(:mod:`afunix._protocol`: an 8-byte header ``0xAF, flags, nfds, length``,
-network byte order, then ``length`` bytes of body), over a stream socket.
+``docs/broker.md``. In short: every message is an afunix frame over a stream
+socket, an 8-byte header (``0xAF, flags, nfds, length``, network byte order)
+and ``length`` bytes of body. The header is the channel's business: the
+broker and its clients talk through :class:`afunix.Channel` /
+:class:`afunix.AsyncChannel`, which add it, check it and carry the
+descriptors; this module encodes and decodes the bodies.
 
 Request body (client -> broker)::
 
@@ -16,7 +19,7 @@ Request body (client -> broker)::
     12     4    mode      creation mode (0 unless CREATE), at most 0o777
     16     ...  path      the absolute path, raw bytes (no NUL, at most 4095)
 
-A request carries no descriptors (``nfds`` = 0).
+A request carries no descriptors (``nfds`` = 0) and is never a memfd payload.
 
 Reply body (broker -> client)::
 
@@ -41,7 +44,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from .. import ProtocolError
-from .._protocol import HEADER, Event, RawMessage, StreamDecoder, encode_header
 from ..lowlevel import close_fds
 
 __all__ = [
@@ -52,15 +54,17 @@ __all__ = [
     "KIND_OPEN_REPLY",
     "MAX_MESSAGE",
     "MAX_PATH",
+    "MAX_REPLY",
     "VERSION",
     "BadRequest",
-    "Connection",
     "OpenRequest",
     "Reply",
     "decode_reply",
     "decode_request",
     "encode_reply",
     "encode_request",
+    "frame",
+    "next_id",
 ]
 
 VERSION: Final = 1
@@ -77,8 +81,11 @@ BODY: Final = REQUEST.size
 MAX_PATH: Final = 4095
 #: Longest reply message, in bytes.
 MAX_MESSAGE: Final = 1024
-#: Largest frame a broker needs to accept for a request by default.
-DEFAULT_MAX_REQUEST: Final = HEADER.size + BODY + MAX_PATH + 1
+#: The afunix frame header (see :func:`frame`): magic, flags, nfds, length.
+_HEADER: Final = struct.Struct("!BBHI")
+_MAGIC: Final = 0xAF
+#: Longest reply body: the fixed part and the longest message.
+MAX_REPLY: Final = REPLY.size + MAX_MESSAGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,32 +125,46 @@ class BadRequest(ProtocolError):
         self.closing = closing
 
 
+def frame(body: bytes, nfds: int = 0) -> bytes:
+    """*body* as a whole afunix frame (header ``0xAF, 0, nfds, len(body)``, then the body).
+
+    For bytes written without a channel: the error frame the
+    :class:`afunix.Server` sends a connection it refuses right after
+    ``accept`` (``refuse_with``), and clients written against raw sockets
+    (tests, other languages). A channel frames what it sends itself.
+    """
+    return _HEADER.pack(_MAGIC, 0, nfds, len(body)) + body
+
+
+def next_id(rid: int) -> int:
+    """The request id after *rid*: ids count 1, 2, ... 0xFFFFFFFF, then 1 again (0 never:
+    it is the id of a reply to a request that could not be read)."""
+    return rid + 1 if 0 < rid < 0xFFFFFFFF else 1
+
+
 def encode_request(req: OpenRequest) -> bytes:
-    """The frame (header + body) of *req*."""
+    """The body of *req* (the channel frames it)."""
     if not 0 <= req.id <= 0xFFFFFFFF:
         raise ValueError(f"request id {req.id} does not fit 32 bits")
-    body = REQUEST.pack(VERSION, KIND_OPEN, 0, req.id, req.flags, req.mode) + req.path
-    return encode_header(len(body)) + body
+    return REQUEST.pack(VERSION, KIND_OPEN, 0, req.id, req.flags, req.mode) + req.path
 
 
-def decode_request(msg: RawMessage) -> OpenRequest:
-    """One received frame -> :class:`OpenRequest`, or :class:`BadRequest`.
+def decode_request(body: bytes | memoryview, nfds: int = 0) -> OpenRequest:
+    """One received request body -> :class:`OpenRequest`, or :class:`BadRequest`.
 
-    Any descriptor that came with the frame is closed first: requests carry none.
+    *nfds* is how many descriptors came with it. Requests carry none: the
+    broker's channel closes any as they arrive (``discard_fds``), and such a
+    request is refused (``EINVAL``, the connection goes on).
     """
-    if msg.fds:
-        n = len(msg.fds)
-        close_fds(msg.fds)
-        msg.fds.clear()
+    if nfds:
+        n = nfds
         raise BadRequest(
             errno.EINVAL,
             f"requests carry no descriptors; the {n} that came with this one were closed "
             "unused (the broker never resolves paths relative to a client's descriptor)",
-            _peek_id(msg.data),
+            _peek_id(body),
         )
-    if msg.memfd:
-        raise BadRequest(errno.EINVAL, "requests are never sent as memfd payloads", closing=True)
-    data = msg.data
+    data = bytes(body)
     if len(data) < BODY:
         raise BadRequest(
             errno.EBADMSG,
@@ -163,44 +184,40 @@ def decode_request(msg: RawMessage) -> OpenRequest:
         raise BadRequest(errno.ENOSYS, f"unknown request kind {kind:#04x}", rid)
     if reserved:
         raise BadRequest(errno.EINVAL, f"reserved field is {reserved:#06x}, must be 0", rid)
-    return OpenRequest(rid, bytes(data[BODY:]), flags, mode)
+    return OpenRequest(rid, data[BODY:], flags, mode)
 
 
-def _peek_id(data: bytes) -> int:
+def _peek_id(data: bytes | memoryview) -> int:
     return int(struct.unpack_from("!I", data, 4)[0]) if len(data) >= 8 else 0
 
 
 def encode_reply(reply: Reply, *, with_fd: bool = False) -> bytes:
-    """The frame of *reply*; *with_fd* announces the one descriptor that goes with it."""
+    """The body of *reply*; *with_fd* says the one descriptor goes with it (the
+    caller attaches it: ``chan.send(body, [fd])``)."""
     if with_fd != (reply.errno == 0):
         raise ValueError("a reply carries a descriptor exactly when errno is 0")
     text = reply.message.encode("utf-8", "replace")
     if len(text) > MAX_MESSAGE:
         text = text[: MAX_MESSAGE - 3] + b"..."
-    body = (
-        REPLY.pack(
-            VERSION, reply.kind, CLOSING if reply.closing else 0, reply.id & 0xFFFFFFFF, reply.errno
-        )
-        + text
-    )
-    return encode_header(len(body), 1 if with_fd else 0) + body
+    rflags = CLOSING if reply.closing else 0
+    return REPLY.pack(VERSION, reply.kind, rflags, reply.id & 0xFFFFFFFF, reply.errno) + text
 
 
-def decode_reply(msg: RawMessage) -> tuple[Reply, int | None]:
-    """One received frame -> ``(Reply, fd or None)``; the caller owns the fd.
+def decode_reply(body: bytes | memoryview, fds: Sequence[int] = ()) -> tuple[Reply, int | None]:
+    """One received reply body and its descriptors -> ``(Reply, fd or None)``; the
+    caller owns the fd.
 
-    Raises :class:`afunix.ProtocolError` (closing any descriptor) if the frame
-    is not a valid reply.
+    Raises :class:`afunix.ProtocolError` (closing every descriptor in *fds*) if
+    the body is not a valid reply.
     """
-    fds = list(msg.fds)
-    msg.fds.clear()
+    fds = list(fds)
 
     def bad(why: str) -> ProtocolError:
         n = close_fds(fds)
         extra = f"; {n} descriptor(s) that came with it were closed" if n else ""
         return ProtocolError(f"broker sent an invalid reply: {why}{extra}")
 
-    data = msg.data
+    data = bytes(body)
     if len(data) < REPLY.size:
         raise bad(f"{len(data)} bytes, shorter than the {REPLY.size}-byte fixed part")
     version, kind, rflags, rid, err = REPLY.unpack_from(data)
@@ -213,38 +230,6 @@ def decode_reply(msg: RawMessage) -> tuple[Reply, int | None]:
     want = 1 if err == 0 and kind == KIND_OPEN_REPLY else 0
     if len(fds) != want:
         raise bad(f"errno {err} with {len(fds)} descriptor(s), expected {want}")
-    message = bytes(data[REPLY.size :]).decode("utf-8", "replace")
+    message = data[REPLY.size :].decode("utf-8", "replace")
     reply = Reply(rid, err, message, kind, bool(rflags & CLOSING))
     return reply, (fds[0] if fds else None)
-
-
-class Connection:
-    """Per-connection protocol state: a :class:`StreamDecoder` and the next request id.
-
-    Both sides use it. Feed each ``recvmsg`` result to :meth:`receive_data`;
-    take frames with :meth:`next_frame` (a :class:`RawMessage`,
-    :data:`~afunix._protocol.NEED_DATA` or :data:`~afunix._protocol.CLOSED`). Framing errors raise
-    :class:`~afunix._protocol.FrameError` with every descriptor closed.
-    """
-
-    def __init__(self, max_size: int, max_fds: int) -> None:
-        self.decoder = StreamDecoder(max_size=max_size, max_fds=max_fds)
-        self._next_id = 1
-
-    def new_id(self) -> int:
-        rid = self._next_id
-        self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
-        return rid
-
-    def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        self.decoder.receive_data(data, fds)
-
-    def next_frame(self) -> RawMessage | Event:
-        return self.decoder.next_message()
-
-    @property
-    def buffered(self) -> int:
-        return self.decoder.buffered
-
-    def close(self) -> None:
-        self.decoder.close()

@@ -34,11 +34,11 @@ the client spreads the bytes out).
 **Descriptors** are budgeted against ``RLIMIT_NOFILE`` (:class:`DescriptorBudget`):
 a connection holds at most :data:`FDS_PER_CONNECTION`, because the broker
 keeps none of a client's: a request carries no descriptors, and any that
-arrive are closed the moment ``recvmsg`` returns (room for one is given, so
-a client attaching more is cut off by the kernel, ``MSG_CTRUNC``, and
-disconnected). ``max_clients`` and ``connections_per_peer`` are lowered, if
-need be, so that all connections together fit the limit and one uid's fit in
-half of it.
+arrive are closed the moment ``recvmsg`` returns (its channel's
+``discard_fds``; room is made for one, ``fd_room=1``, so a client attaching
+more is cut off by the kernel, ``MSG_CTRUNC``, and disconnected).
+``max_clients`` and ``connections_per_peer`` are lowered, if need be, so that
+all connections together fit the limit and one uid's fit in half of it.
 
 **The audit log** writes every grant (fail-closed) and budgets refusals per
 uid (:meth:`AuditLog.refusal`); what the broker knows of a peer beyond its
@@ -64,7 +64,6 @@ import os
 import resource
 import signal
 import socket
-import struct
 import termios
 import threading
 import time
@@ -72,9 +71,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import AfunixError, PeerCredentials
-from .._protocol import CLOSED, NEED_DATA, FrameError
-from ..lowlevel import AddressLike, close_fds, notify, recv_fds
+from .. import Channel, PeerCredentials, PeerTimeout, ProtocolError
+from ..lowlevel import AddressLike, notify
 from ..server import Connection, Server
 from . import confine
 from . import flags as _flags
@@ -90,13 +88,14 @@ from .policy import (
 )
 from .protocol import (
     KIND_ERROR,
+    MAX_REPLY,
     BadRequest,
     OpenRequest,
     Reply,
     decode_request,
     encode_reply,
+    frame,
 )
-from .protocol import Connection as ProtocolState
 
 __all__ = [
     "FDS_PER_CONNECTION",
@@ -109,15 +108,10 @@ __all__ = [
 
 log = logging.getLogger("afunix.broker")
 
-#: Room for descriptors a client might attach to a request: one, closed as soon as it
-#: arrives. The kernel discards any more (``MSG_CTRUNC``) and the client is cut off.
-_MAX_FDS_IN = 1
-#: A placeholder handed to the decoder for a descriptor already closed: the decoder
-#: checks that headers announce what arrived, and the broker holds nothing meanwhile.
-_CLOSED_FD = -1
-#: Descriptors one connection may hold at once: its socket, the peer's pidfd, one
-#: arriving descriptor (closed at once), and an open in progress (the rule's root, a
-#: step of the ``walk`` resolver, its parent, the file), rounded up.
+#: Descriptors one connection may hold at once: its socket and a duplicate of it (for
+#: the goodbye, see ``Broker._goodbye``), the peer's pidfd, one arriving descriptor
+#: (closed with its request), and an open in progress (the rule's root, a step of the
+#: ``walk`` resolver, its parent, the file).
 FDS_PER_CONNECTION: Final = 8
 #: Descriptors kept for the broker itself on top of those open when it starts (the
 #: listener, its selector, the audit log reopened, a policy re-read, ``/proc`` reads).
@@ -126,16 +120,22 @@ FDS_RESERVE: Final = 32
 BROKER_BACKLOG: Final = 64
 #: Longest fact about a peer (the path of its executable) read, in bytes.
 FACT_BYTES: Final = 4096
+#: Longest wait to write a goodbye (the error reply before a hang-up), in seconds: a
+#: client that does not read cannot hold a handler thread longer than this.
+GOODBYE_TIMEOUT: Final = 0.5
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
-#: The error frame a client past ``connections_per_peer`` gets before the close.
-_TOO_MANY = encode_reply(
-    Reply(
-        0,
-        errno.EAGAIN,
-        "too many connections from your uid (the broker's connections_per_peer); "
-        "close one and retry",
-        KIND_ERROR,
-        closing=True,
+#: The error frame a client past ``connections_per_peer`` gets before the close (the
+#: Server writes it right after ``accept``, with no channel: hence a whole frame).
+_TOO_MANY = frame(
+    encode_reply(
+        Reply(
+            0,
+            errno.EAGAIN,
+            "too many connections from your uid (the broker's connections_per_peer); "
+            "close one and retry",
+            KIND_ERROR,
+            closing=True,
+        )
     )
 )
 
@@ -150,14 +150,14 @@ def _unread_bytes(sock: socket.socket) -> int:
     return buf[0]
 
 
-def _send_reply(sock: socket.socket, frame: bytes, fd: int | None) -> None:
-    """Send *frame* with *fd* attached to its first byte; ``MSG_NOSIGNAL`` (never SIGPIPE)."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))] if fd is not None else []
-    view = memoryview(frame)
-    while view:
-        n = sock.sendmsg([view], anc, socket.MSG_NOSIGNAL)
-        anc = []  # the descriptor went with the first byte
-        view = view[n:]
+def _drained(sock: socket.socket, limits: BrokerLimits) -> bool:
+    """Whether the peer reads what was sent to it (all of it) within ``in_flight_timeout``."""
+    deadline = time.monotonic() + limits.in_flight_timeout
+    while time.monotonic() < deadline:
+        if _unread_bytes(sock) == 0:
+            return True
+        time.sleep(0.005)
+    return False
 
 
 @dataclass(frozen=True)
@@ -521,7 +521,6 @@ class Broker:
 
     # ------------------------------------------------------------- connection
     def _handle(self, conn: Connection) -> None:
-        sock = conn.sock
         try:
             creds = conn.credentials
         except OSError as exc:
@@ -545,159 +544,166 @@ class Broker:
                 errno="EAGAIN",
                 reason=reason,
             )
-            self._goodbye(sock, errno.EAGAIN, reason)
+            self._goodbye(conn.sock, errno.EAGAIN, reason)
             return
         peer["exe"] = _exe(creds)  # once per connection: facts of a peer cost /proc reads
         try:
-            self._serve(sock, creds, peer, state)
+            self._serve(conn, creds, peer, state)
         finally:
             with state.lock:
                 state.connections -= 1
 
-    def _goodbye(self, sock: socket.socket, err: int, reason: str, rid: int = 0) -> None:
-        """Best effort: tell the client why we hang up."""
-        frame = encode_reply(Reply(rid, err, reason, KIND_ERROR, closing=True))
-        with contextlib.suppress(OSError):
-            sock.settimeout(0.5)
-            _send_reply(sock, frame, None)
+    def _goodbye(self, sock: socket.socket, err: int, reason: str) -> None:
+        """Best effort: tell the client why we hang up, within :data:`GOODBYE_TIMEOUT`.
+
+        *sock* is the connection's socket or a duplicate of it, kept for this: a
+        stream channel closes itself on a protocol error, and the client must
+        still hear why. The goodbye goes through a channel of its own whose
+        ``send_timeout`` is the short bound (``SO_SNDTIMEO`` of the one socket
+        both descriptors name); it closes *sock*.
+        """
+        body = encode_reply(Reply(0, err, reason, KIND_ERROR, closing=True))
+        try:
+            with Channel.from_socket(
+                sock, memfd_threshold=None, send_timeout=GOODBYE_TIMEOUT
+            ) as chan:
+                chan.send(body)
+        except OSError as exc:  # gone, or not reading: nobody to tell
+            log.debug("goodbye not delivered: %s", exc)
 
     def _serve(
-        self, sock: socket.socket, creds: PeerCredentials, peer: dict[str, Any], state: _PeerState
+        self, conn: Connection, creds: PeerCredentials, peer: dict[str, Any], state: _PeerState
     ) -> None:
         limits = self.policy.limits
-        proto = ProtocolState(max_size=limits.max_request_bytes, max_fds=_MAX_FDS_IN)
+        spare = conn.sock.dup()  # for the goodbye, whatever becomes of the channel
+        try:
+            chan = conn.channel(
+                # (max_size bounds both ways: room for the longest reply too; a request
+                # longer than max_request_bytes but not than that is refused below)
+                max_size=max(limits.max_request_bytes, MAX_REPLY),
+                maxfds=1,
+                fd_room=1,  # room for one descriptor per recvmsg: more is MSG_CTRUNC, cut off
+                discard_fds=True,  # closed as they arrive, counted against the header
+                max_fds_in_flight=None,
+                memfd_threshold=None,
+                accept_memfd=False,
+                idle_timeout=limits.idle_timeout,
+                message_timeout=limits.request_timeout,
+                send_timeout=limits.in_flight_timeout,
+            )
+        except BaseException:
+            spare.close()
+            raise
         in_flight = 0  # descriptors sent since the client's queue was last seen empty
         try:
             while True:
-                if in_flight and _unread_bytes(sock) == 0:
+                if in_flight and _unread_bytes(chan.socket) == 0:
                     in_flight = 0
-                if in_flight >= limits.fds_in_flight and not self._wait_drained(sock, limits):
+                if in_flight >= limits.fds_in_flight and not _drained(chan.socket, limits):
                     reason = (
                         f"{in_flight} descriptors sent and not read for "
                         f"{limits.in_flight_timeout}s (limit {limits.fds_in_flight} in flight)"
                     )
-                    self._audit_refusal(
-                        creds.uid,
-                        "timeout/in-flight",
-                        "timeout",
-                        peer=peer,
-                        errno="ETIMEDOUT",
-                        reason=reason,
-                    )
-                    self._goodbye(sock, errno.ETIMEDOUT, reason)
+                    self._hang_up(spare, peer, "timeout/in-flight", errno.ETIMEDOUT, reason)
                     return
                 if in_flight >= limits.fds_in_flight:
                     in_flight = 0
-                frame = self._next_frame(sock, proto, limits, peer)
-                if frame is None:
-                    return
-                try:
-                    req = decode_request(frame)
-                except BadRequest as bad:
-                    self._count("invalid")
-                    self._audit_refusal(
-                        creds.uid,
-                        f"open/invalid/{errno_name(bad.errno)}",
-                        "open",
-                        peer=peer,
-                        request={"id": bad.id},
-                        decision="invalid",
-                        errno=errno_name(bad.errno),
-                        reason=bad.strerror,
-                    )
-                    frame_out = encode_reply(
-                        Reply(
-                            bad.id,
-                            bad.errno or errno.EINVAL,
-                            bad.strerror or "",
-                            KIND_ERROR,
-                            closing=bad.closing,
-                        )
-                    )
-                    sock.settimeout(limits.in_flight_timeout)
-                    _send_reply(sock, frame_out, None)
-                    if bad.closing:
+                with chan.recv() as msg:
+                    if len(msg.data) > limits.max_request_bytes:
+                        self._too_large(spare, peer, len(msg.data), limits)
                         return
-                    continue
-                if self._answer(sock, req, creds, peer, state):
+                    try:
+                        req = decode_request(msg.data, len(msg.fds))
+                    except BadRequest as bad:
+                        if self._invalid(chan, peer, bad):
+                            return
+                        continue
+                if self._answer(chan, req, creds, peer, state):
                     in_flight += 1
-        except FrameError as exc:
-            self._audit_refusal(
-                creds.uid,
-                f"protocol-error/{errno_name(exc.errno)}",
-                "protocol-error",
-                peer=peer,
-                errno=errno_name(exc.errno),
-                reason=exc.strerror,
-            )
-            self._goodbye(sock, exc.errno or errno.EPROTO, exc.strerror or "protocol error")
-        except OSError as exc:  # the client went away, or a send timed out
+        except (EOFError, PeerTimeout, ProtocolError) as exc:
+            self._ended(exc, chan, spare, peer, limits)
+        except OSError as exc:  # the client went away, or a reply could not be written
             log.debug("connection from %s ended: %s", creds.describe(), exc)
         finally:
-            proto.close()
+            chan.close()
+            spare.close()
 
-    def _wait_drained(self, sock: socket.socket, limits: BrokerLimits) -> bool:
-        deadline = time.monotonic() + limits.in_flight_timeout
-        while time.monotonic() < deadline:
-            if _unread_bytes(sock) == 0:
-                return True
-            time.sleep(0.005)
-        return False
+    def _ended(
+        self,
+        exc: BaseException,
+        chan: Channel,
+        spare: socket.socket,
+        peer: dict[str, Any],
+        limits: BrokerLimits,
+    ) -> None:
+        """The connection ends on *exc*: today's replies and audit lines.
 
-    def _next_frame(
-        self, sock: socket.socket, proto: ProtocolState, limits: BrokerLimits, peer: dict[str, Any]
-    ) -> Any:
-        """The next request frame, or ``None`` when the client is gone or timed out."""
-        deadline: float | None = None
-        while True:
-            got = proto.next_frame()
-            if got is CLOSED:
-                return None
-            if got is not NEED_DATA:
-                return got
-            if not proto.decoder.quiet():
-                # A message has begun: it must be whole by its deadline, however the
-                # bytes come (a header alone leaves nothing "buffered" yet is begun).
-                if deadline is None:
-                    deadline = time.monotonic() + limits.request_timeout
-                timeout = deadline - time.monotonic()
-            else:
-                timeout = limits.idle_timeout
-            if timeout <= 0:
-                timeout = 0.0
-            sock.settimeout(timeout)
-            try:
-                data, fds, _flags_in, _addr = recv_fds(sock, limits.max_request_bytes, _MAX_FDS_IN)
-            except TimeoutError:
-                if deadline is not None:
-                    reason = f"request not completed within {limits.request_timeout}s"
-                    self._audit_refusal(
-                        peer["uid"],
-                        "timeout/request",
-                        "timeout",
-                        peer=peer,
-                        errno="ETIMEDOUT",
-                        reason=reason,
-                    )
-                    self._goodbye(sock, errno.ETIMEDOUT, reason)
-                return None
-            except FrameError:
-                raise
-            except AfunixError as exc:  # MSG_CTRUNC, unexpected control data (fds closed)
-                raise FrameError(
-                    exc.strerror or "bad control data", exc.errno or errno.EPROTO
-                ) from exc
-            if fds:
-                # Requests carry none: close them now, and let the decoder count
-                # placeholders (it still refuses a request that announced them).
-                close_fds(fds)
-                fds = [_CLOSED_FD] * len(fds)
-            proto.receive_data(data, fds)
+        An idle client, one gone between requests, or one that stopped reading
+        its replies goes silently; one that stalled mid-request hears
+        ``ETIMEDOUT``; a memfd request (the channel refuses it, its framing
+        intact) is an invalid request, answered ``EINVAL``; any other protocol
+        error (a bad header, an oversized request, ``MSG_CTRUNC``, descriptors
+        the header did not announce) is answered with its errno.
+        """
+        if isinstance(exc, PeerTimeout):
+            if exc.expired == "message":
+                reason = f"request not completed within {limits.request_timeout}s"
+                self._hang_up(spare, peer, "timeout/request", errno.ETIMEDOUT, reason)
+            else:  # idle: nothing to say; send: it does not read what we say
+                log.debug("connection from uid %s ended: %s", peer["uid"], exc)
+        elif isinstance(exc, ProtocolError) and not chan.closed:
+            why = "requests are never sent as memfd payloads"
+            with contextlib.suppress(OSError):  # gone already: nobody to tell
+                self._invalid(chan, peer, BadRequest(errno.EINVAL, why, closing=True))
+        elif isinstance(exc, ProtocolError):
+            err = exc.errno or errno.EPROTO
+            kind = f"protocol-error/{errno_name(err)}"
+            self._hang_up(spare, peer, kind, err, exc.strerror or "protocol error")
+
+    def _too_large(
+        self, spare: socket.socket, peer: dict[str, Any], size: int, limits: BrokerLimits
+    ) -> None:
+        """A request body over ``max_request_bytes`` (that its header did not betray)."""
+        reason = (
+            f"request of {size} bytes exceeds the maximum message size of "
+            f"{limits.max_request_bytes} bytes (the broker's max_request_bytes)"
+        )
+        self._hang_up(spare, peer, "protocol-error/EMSGSIZE", errno.EMSGSIZE, reason)
+
+    def _hang_up(
+        self, spare: socket.socket, peer: dict[str, Any], kind: str, err: int, reason: str
+    ) -> None:
+        """Audit a refusal that ends the connection (``timeout/...`` or ``protocol-error/...``)
+        and say goodbye with *err*."""
+        event = kind.split("/", 1)[0]
+        self._audit_refusal(
+            peer["uid"], kind, event, peer=peer, errno=errno_name(err), reason=reason
+        )
+        self._goodbye(spare, err, reason)
+
+    def _invalid(self, chan: Channel, peer: dict[str, Any], bad: BadRequest) -> bool:
+        """Refuse a request that cannot be served as sent; ``True`` if the connection ends."""
+        self._count("invalid")
+        self._audit_refusal(
+            peer["uid"],
+            f"open/invalid/{errno_name(bad.errno)}",
+            "open",
+            peer=peer,
+            request={"id": bad.id},
+            decision="invalid",
+            errno=errno_name(bad.errno),
+            reason=bad.strerror,
+        )
+        reply = Reply(
+            bad.id, bad.errno or errno.EINVAL, bad.strerror or "", KIND_ERROR, bad.closing
+        )
+        chan.send(encode_reply(reply))
+        return bad.closing
 
     # ---------------------------------------------------------------- request
     def _answer(
         self,
-        sock: socket.socket,
+        chan: Channel,
         req: OpenRequest,
         creds: PeerCredentials,
         peer: dict[str, Any],
@@ -706,13 +712,13 @@ class Broker:
         """Serve one request; returns whether a descriptor was sent."""
         inst = self._take_installed()  # one snapshot for the whole request
         try:
-            return self._answer_with(sock, req, creds, peer, state, inst=inst)
+            return self._answer_with(chan, req, creds, peer, state, inst=inst)
         finally:
             inst.roots.release()
 
     def _answer_with(
         self,
-        sock: socket.socket,
+        chan: Channel,
         req: OpenRequest,
         creds: PeerCredentials,
         peer: dict[str, Any],
@@ -745,11 +751,10 @@ class Broker:
                     fd = None
                     out = Outcome("failed", errno.EIO, "the broker cannot write its audit log")
             self._count(out.decision)
-            frame = encode_reply(
+            body = encode_reply(
                 Reply(req.id, out.errno, out.public or out.reason), with_fd=fd is not None
             )
-            sock.settimeout(policy.limits.in_flight_timeout)
-            _send_reply(sock, frame, fd)
+            chan.send(body, () if fd is None else (fd,))  # (within send_timeout)
             return fd is not None
         finally:
             if fd is not None:
