@@ -26,6 +26,7 @@ from .._limits import Limits
 from ._admission import Admission
 from ._connection import AsyncConnection, Datagram, Handler, log_handler_failure, peer_address
 from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
+from ._runner import Runner
 
 __all__ = ["AsyncRunner"]
 
@@ -36,7 +37,7 @@ log = logging.getLogger("afunix.server")
 _Next = tuple[Any, Any]
 
 
-class AsyncRunner:
+class AsyncRunner(Runner):
     """Serves one listener in the running event loop until a stop is requested."""
 
     def __init__(
@@ -49,12 +50,14 @@ class AsyncRunner:
         max_clients: int | None,
         shutdown_timeout: float,
     ) -> None:
-        self.listener = listener
-        self.admission = admission
-        self.handler = handler
-        self.limits = limits
-        self.max_clients = max_clients
-        self.shutdown_timeout = shutdown_timeout
+        super().__init__(
+            listener,
+            admission,
+            handler,
+            limits,
+            max_clients=max_clients,
+            shutdown_timeout=shutdown_timeout,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit: asyncio.Semaphore | None = None
         self._pinger: asyncio.TimerHandle | None = None

@@ -27,6 +27,7 @@ from .._platform import NOSIGNAL
 from ._admission import Admission
 from ._connection import Connection, Datagram, Handler, log_handler_failure, peer_address
 from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
+from ._runner import Runner
 
 __all__ = ["THREAD_MAX_CLIENTS", "ForkRunner", "ThreadRunner"]
 
@@ -61,7 +62,7 @@ def _signals(enabled: bool, listener: ListeningSocket) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-class _Runner(abc.ABC):
+class _Runner(Runner, abc.ABC):
     """The accept loop of both blocking models; subclasses dispatch and drain."""
 
     def __init__(
@@ -74,12 +75,14 @@ class _Runner(abc.ABC):
         max_clients: int | None,
         shutdown_timeout: float,
     ) -> None:
-        self.listener = listener
-        self.admission = admission
-        self.handler = handler
-        self.limits = limits
-        self.max_clients = max_clients
-        self.shutdown_timeout = shutdown_timeout
+        super().__init__(
+            listener,
+            admission,
+            handler,
+            limits,
+            max_clients=max_clients,
+            shutdown_timeout=shutdown_timeout,
+        )
         self._queue_ready = False  # the last accept found a client
         self._tick = 0.25  # longest select wait (watchdog: shorter)
         self._setup()

@@ -32,13 +32,14 @@ from .._limits import Limits
 from ._admission import Admission
 from ._connection import AsyncConnection, Datagram, Handler, log_handler_failure, peer_address
 from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
+from ._runner import Runner
 
 __all__ = ["TrioRunner"]
 
 log = logging.getLogger("afunix.server")
 
 
-class TrioRunner:
+class TrioRunner(Runner):
     """Serves one listener in the running trio run until a stop is requested."""
 
     def __init__(
@@ -51,12 +52,14 @@ class TrioRunner:
         max_clients: int | None,
         shutdown_timeout: float,
     ) -> None:
-        self.listener = listener
-        self.admission = admission
-        self.handler = handler
-        self.limits = limits
-        self.max_clients = max_clients
-        self.shutdown_timeout = shutdown_timeout
+        super().__init__(
+            listener,
+            admission,
+            handler,
+            limits,
+            max_clients=max_clients,
+            shutdown_timeout=shutdown_timeout,
+        )
         self._tasks: set[Any] = set()  # trio.lowlevel.Task of each connection
         self._idle = trio.Event()  # set whenever no connection is being served
         self._idle.set()
