@@ -14,8 +14,6 @@ import errno
 import logging
 import select
 import socket
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from .._backends import wait_readable, wait_writable
 from .._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
 from .._errors import AfunixError, ProtocolError, UnsupportedFeature
 from .._io import TlsSocket
-from .._platform import NOSIGNAL
+from .._platform import NOSIGNAL, PLATFORM
 from ..policy import PeerPolicy
 from ._connection import BUFSIZE, Datagram, peer_address
 
@@ -44,23 +42,12 @@ REFUSAL_LOG_INTERVAL = 10.0
 #: when set, instead): a client that connects and says nothing holds a slot only that long.
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_SO_PEERCRED: int | None = (
-    getattr(socket, "SO_PEERCRED", None) if sys.platform.startswith("linux") else None
-)
-
 
 def _peer_uid(conn: socket.socket) -> int:
-    """The client's effective uid at ``connect`` time.
-
-    On Linux one ``SO_PEERCRED`` ``getsockopt``, no groups, no pidfd: cheap
-    enough to run on every accepted connection before anything else.
-    """
-    if _SO_PEERCRED is not None:
-        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
-        return int(_UCRED.unpack(raw)[1])
-    with peer_credentials(conn, pidfd=False) as creds:  # pragma: no cover - not Linux
-        return creds.uid
+    """The client's effective uid at ``connect`` time (the platform's cheapest call:
+    on Linux one ``SO_PEERCRED``, no groups, no pidfd), run on every accepted
+    connection before anything else."""
+    return PLATFORM.backend.peer_uid(conn)
 
 
 def _hung_up(conn: socket.socket) -> bool:
