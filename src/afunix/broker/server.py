@@ -55,37 +55,39 @@ announced as systemd's ``Type=notify-reload`` expects: ``RELOADING=1`` with
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import resource
 import signal
 import socket
-import termios
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .. import Channel, PeerCredentials, PeerTimeout, ProtocolError
 from ..lowlevel import AddressLike, notify
 from ..server import Connection, Server
 from . import confine
-from . import flags as _flags
-from .appends import AppendLimit, AppendPipes
-from .audit import MAX_SHOWN, AuditError, AuditLog, errno_name, text
-from .policy import (
-    BrokerLimits,
-    PathRefused,
-    Policy,
-    PolicyFileError,
-    load_policy,
-    split_path,
+from ._budget import FDS_PER_CONNECTION as FDS_PER_CONNECTION
+from ._budget import FDS_RESERVE as FDS_RESERVE
+from ._budget import DescriptorBudget as DescriptorBudget
+from ._budget import PeerState, drained, unread_bytes
+from ._budget import descriptor_budget as descriptor_budget
+from ._decide import (
+    Installed,
+    decide,
+    hold_roots,
+    peer_exe,
+    peer_record,
+    rate_limited,
+    request_record,
 )
+from ._decide import Outcome as Outcome
+from .appends import AppendPipes
+from .audit import AuditError, AuditLog, errno_name
+from .policy import BrokerLimits, Policy, PolicyFileError, load_policy
 from .protocol import (
     KIND_ERROR,
     MAX_REPLY,
@@ -108,22 +110,11 @@ __all__ = [
 
 log = logging.getLogger("afunix.broker")
 
-#: Descriptors one connection may hold at once: its socket and a duplicate of it (for
-#: the goodbye, see ``Broker._goodbye``), the peer's pidfd, one arriving descriptor
-#: (closed with its request), and an open in progress (the rule's root, a step of the
-#: ``walk`` resolver, its parent, the file).
-FDS_PER_CONNECTION: Final = 8
-#: Descriptors kept for the broker itself on top of those open when it starts (the
-#: listener, its selector, the audit log reopened, a policy re-read, ``/proc`` reads).
-FDS_RESERVE: Final = 32
 #: The broker's listen queue (see the Server construction in :class:`Broker`).
 BROKER_BACKLOG: Final = 64
-#: Longest fact about a peer (the path of its executable) read, in bytes.
-FACT_BYTES: Final = 4096
 #: Longest wait to write a goodbye (the error reply before a hang-up), in seconds: a
 #: client that does not read cannot hold a handler thread longer than this.
 GOODBYE_TIMEOUT: Final = 0.5
-_SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
 #: The error frame a client past ``connections_per_peer`` gets before the close (the
 #: Server writes it right after ``accept``, with no channel: hence a whole frame).
 _TOO_MANY = frame(
@@ -138,142 +129,6 @@ _TOO_MANY = frame(
         )
     )
 )
-
-
-def _unread_bytes(sock: socket.socket) -> int:
-    """Bytes we sent that the peer has not read yet (``SIOCOUTQ``)."""
-    buf = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), _SIOCOUTQ, buf, True)
-    except OSError:
-        return 0
-    return buf[0]
-
-
-def _drained(sock: socket.socket, limits: BrokerLimits) -> bool:
-    """Whether the peer reads what was sent to it (all of it) within ``in_flight_timeout``."""
-    deadline = time.monotonic() + limits.in_flight_timeout
-    while time.monotonic() < deadline:
-        if _unread_bytes(sock) == 0:
-            return True
-        time.sleep(0.005)
-    return False
-
-
-@dataclass(frozen=True)
-class DescriptorBudget:
-    """How many connections fit the descriptor limit (see :func:`descriptor_budget`)."""
-
-    #: The soft ``RLIMIT_NOFILE`` the budget was made for.
-    nofile: int
-    #: Descriptors kept for the broker itself.
-    reserve: int
-    #: Connections served at once (``max_clients``, lowered to fit).
-    clients: int
-    #: Most connections one uid may hold: half of those that fit.
-    per_uid: int
-    #: Append pipes open at once in all (two descriptors each: the pipe's read end and
-    #: the file), within an eighth of the descriptors left after the reserve.
-    appends: int = 0
-
-    def per_peer(self, limits: BrokerLimits) -> int:
-        """``connections_per_peer`` of *limits* (a reloaded policy too), within the budget."""
-        return min(limits.connections_per_peer, self.per_uid)
-
-    def append_pipes(self, limits: BrokerLimits) -> tuple[int, int]:
-        """``(append_pipes_per_peer, max_append_pipes)`` of *limits*, within the budget:
-        one uid gets at most half of the append pipes there is room for."""
-        total = min(limits.max_append_pipes, self.appends)
-        return min(limits.append_pipes_per_peer, max(1, total // 2)), total
-
-
-def _open_descriptors() -> int:
-    for where in ("/proc/self/fd", "/dev/fd"):
-        with contextlib.suppress(OSError):
-            return len(os.listdir(where)) - 1  # less the one listdir used
-    return 0
-
-
-def descriptor_budget(
-    limits: BrokerLimits, *, rules: int = 0, nofile: int | None = None, open_now: int | None = None
-) -> DescriptorBudget:
-    """Fit *limits* to the descriptor limit.
-
-    ``reserve = open_now + FDS_RESERVE + rules`` (one descriptor per rule, for
-    its root); append pipes get at most an eighth of the rest,
-    ``appends = min(max_append_pipes, (nofile - reserve) // 16)`` (two descriptors
-    each); ``room = (nofile - reserve - 2 * appends) // FDS_PER_CONNECTION``
-    connections fit;
-    ``clients = min(max_clients, room)`` and ``per_uid = room // 2``
-    (:meth:`DescriptorBudget.per_peer` gives ``min(connections_per_peer, per_uid)``):
-    one uid never holds more than half of the descriptors there are room for.
-    *nofile* defaults to the soft ``RLIMIT_NOFILE``, *open_now* to the descriptors
-    open now.
-
-    Raises ``OSError(EMFILE)`` if fewer than 2 connections fit: the limit is too
-    low to run a broker at all.
-    """
-    if nofile is None:
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if nofile == resource.RLIM_INFINITY:
-            nofile = 1 << 30
-    if open_now is None:
-        open_now = _open_descriptors()
-    reserve = open_now + FDS_RESERVE + rules
-    appends = max(0, min(limits.max_append_pipes, (nofile - reserve) // 16))
-    room = (nofile - reserve - 2 * appends) // FDS_PER_CONNECTION
-    if room < 2:
-        need = reserve + 2 * FDS_PER_CONNECTION + 2  # and one append pipe
-        raise OSError(
-            errno.EMFILE,
-            f"the descriptor limit (RLIMIT_NOFILE {nofile}) is too low for the broker: it "
-            f"keeps {reserve} for itself and needs {FDS_PER_CONNECTION} per connection; "
-            f"raise it to at least {need} (ulimit -n, or LimitNOFILE= under systemd)",
-        )
-    return DescriptorBudget(
-        nofile,
-        reserve,
-        min(limits.max_clients, room),
-        max(1, room // 2),
-        appends,
-    )
-
-
-@dataclass
-class _PeerState:
-    """Per-uid accounting: open connections and a token bucket."""
-
-    tokens: float
-    stamp: float
-    connections: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def take(self, limits: BrokerLimits) -> bool:
-        with self.lock:
-            now = time.monotonic()
-            self.tokens = min(
-                float(limits.burst), self.tokens + (now - self.stamp) * limits.requests_per_second
-            )
-            self.stamp = now
-            if self.tokens < 1.0:
-                return False
-            self.tokens -= 1.0
-            return True
-
-
-@dataclass
-class Outcome:
-    """What happened to one request (for the reply and the audit line)."""
-
-    decision: str
-    errno: int
-    reason: str
-    rule: str | None = None
-    opened: confine.Opened | None = None
-    #: What the client is told, if less than ``reason`` (which names rules).
-    public: str | None = None
-    #: ``opened.fd`` is the write end of a pipe drained into the file (an append grant).
-    pipe: bool = False
 
 
 class Broker:
@@ -312,7 +167,7 @@ class Broker:
             policy = load_policy(self.policy_path)
         # RLock: reload() runs in a signal handler, on a thread that may hold it.
         self._installed_lock = threading.RLock()
-        self._installed = _Installed(policy, _hold_roots(policy))
+        self._installed = Installed(policy, hold_roots(policy))
         try:
             self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
         except BaseException:
@@ -345,7 +200,7 @@ class Broker:
                 self.budget.reserve,
                 per_peer,
             )
-        self._peers: dict[int, _PeerState] = {}
+        self._peers: dict[int, PeerState] = {}
         self._peers_lock = threading.Lock()
         #: Requests answered, by decision (granted, denied, failed, invalid, limited).
         self.counts: dict[str, int] = {}
@@ -418,7 +273,7 @@ class Broker:
             return False, "nothing to reload: the policy was given as an object; audit log reopened"
         try:
             new = load_policy(self.policy_path)
-            roots = _hold_roots(new)
+            roots = hold_roots(new)
         except Exception as exc:  # PolicyFileError, or a bug: keep the old policy
             if not isinstance(exc, PolicyFileError):
                 why = f"unexpected {type(exc).__name__}: {exc}"
@@ -427,7 +282,7 @@ class Broker:
             self._audit_event("reload-failed", reason=exc.strerror, line=exc.line)
             return False, f"reload failed, old policy kept: {exc}"
         with self._installed_lock:
-            old, self._installed = self._installed, _Installed(new, roots)
+            old, self._installed = self._installed, Installed(new, roots)
         old.roots.retire()  # closed once the requests still using them are done
         self.server.max_clients_per_uid = self.budget.per_peer(new.limits)
         log.info("policy reloaded from %s: %d rule(s)", self.policy_path, len(new.rules))
@@ -501,14 +356,14 @@ class Broker:
         if self.audit.lost <= 1:  # once per run of lost lines, not once per line
             log.error("%s (lines are counted until it can be written again)", exc)
 
-    def _peer_state(self, uid: int, limits: BrokerLimits) -> _PeerState:
+    def _peer_state(self, uid: int, limits: BrokerLimits) -> PeerState:
         with self._peers_lock:
             state = self._peers.get(uid)
             if state is None:
-                state = self._peers[uid] = _PeerState(float(limits.burst), time.monotonic())
+                state = self._peers[uid] = PeerState(float(limits.burst), time.monotonic())
             return state
 
-    def _take_installed(self) -> _Installed:
+    def _take_installed(self) -> Installed:
         """The policy in force and its roots, acquired: give them back with ``roots.release()``."""
         with self._installed_lock:
             inst = self._installed
@@ -533,7 +388,7 @@ class Broker:
             over = state.connections >= per_peer
             if not over:
                 state.connections += 1
-        peer = _peer_record(creds)
+        peer = peer_record(creds)
         if over:
             reason = f"too many connections from uid {creds.uid} (limit {per_peer})"
             self._audit_refusal(
@@ -546,7 +401,7 @@ class Broker:
             )
             self._goodbye(conn.sock, errno.EAGAIN, reason)
             return
-        peer["exe"] = _exe(creds)  # once per connection: facts of a peer cost /proc reads
+        peer["exe"] = peer_exe(creds)  # once per connection: facts of a peer cost /proc reads
         try:
             self._serve(conn, creds, peer, state)
         finally:
@@ -572,7 +427,7 @@ class Broker:
             log.debug("goodbye not delivered: %s", exc)
 
     def _serve(
-        self, conn: Connection, creds: PeerCredentials, peer: dict[str, Any], state: _PeerState
+        self, conn: Connection, creds: PeerCredentials, peer: dict[str, Any], state: PeerState
     ) -> None:
         limits = self.policy.limits
         spare = conn.sock.dup()  # for the goodbye, whatever becomes of the channel
@@ -597,9 +452,9 @@ class Broker:
         in_flight = 0  # descriptors sent since the client's queue was last seen empty
         try:
             while True:
-                if in_flight and _unread_bytes(chan.socket) == 0:
+                if in_flight and unread_bytes(chan.socket) == 0:
                     in_flight = 0
-                if in_flight >= limits.fds_in_flight and not _drained(chan.socket, limits):
+                if in_flight >= limits.fds_in_flight and not drained(chan.socket, limits):
                     reason = (
                         f"{in_flight} descriptors sent and not read for "
                         f"{limits.in_flight_timeout}s (limit {limits.fds_in_flight} in flight)"
@@ -707,7 +562,7 @@ class Broker:
         req: OpenRequest,
         creds: PeerCredentials,
         peer: dict[str, Any],
-        state: _PeerState,
+        state: PeerState,
     ) -> bool:
         """Serve one request; returns whether a descriptor was sent."""
         inst = self._take_installed()  # one snapshot for the whole request
@@ -722,23 +577,18 @@ class Broker:
         req: OpenRequest,
         creds: PeerCredentials,
         peer: dict[str, Any],
-        state: _PeerState,
+        state: PeerState,
         *,
-        inst: _Installed,
+        inst: Installed,
     ) -> bool:
         policy = inst.policy
         if not state.take(policy.limits):
-            out = Outcome(
-                "limited",
-                errno.EAGAIN,
-                f"rate limit: uid {creds.uid} may make {policy.limits.requests_per_second:g} "
-                f"requests/s (burst {policy.limits.burst}); retry later",
-            )
+            out = rate_limited(creds, policy.limits)
         else:
             out = self._decide(req, creds, policy, inst.roots)
         fd = out.opened.fd if out.opened is not None else None
         try:
-            record = self._request_record(req, peer, out, creds)
+            record = request_record(req, peer, out)
             if fd is None:  # a refusal: budgeted per uid; it stands even if unwritten
                 kind = f"open/{out.decision}/{errno_name(out.errno)}"
                 self._audit_refusal(creds.uid, kind, "open", **record)
@@ -784,118 +634,15 @@ class Broker:
         policy: Policy,
         roots: confine.HeldRoots | None,
     ) -> Outcome:
-        try:
-            _flags.check(req.flags, req.mode)
-        except _flags.FlagError as exc:
-            return Outcome("denied", exc.errno or errno.EINVAL, f"flags refused: {exc.reason}")
-        try:
-            comps = split_path(req.path)
-        except PathRefused as exc:
-            return Outcome("denied", exc.errno or errno.EINVAL, f"path refused: {exc.reason}")
-        decision = policy.decide(creds, comps, req.flags)
-        rule = decision.rule
-        if rule is None:
-            return Outcome(
-                "denied", decision.errno, decision.reason, public="not granted by the policy"
-            )
-        owner = (creds.uid, creds.gid) if rule.create_owner == "peer" else None
-        pipe = rule.appends_through_pipe(_flags.operations(req.flags))
-        limits = self.budget.append_pipes(policy.limits)
-        try:
-            if pipe:  # refuse before creating anything; and earlier bytes go in first
-                self._appends.check_room(creds.uid, *limits)
-                self._appends.flush(creds.uid)
-            opened = confine.open_beneath(
-                rule.root if roots is None else roots.fd(rule.root),
-                decision.rel,
-                req.flags,
-                req.mode & rule.create_mode,
-                no_symlinks=rule.no_symlinks,
-                owner=owner,
-                resolver=self.resolver,
-            )
-        except AppendLimit as exc:
-            return Outcome("limited", exc.errno or errno.EAGAIN, exc.strerror or "", rule.name)
-        except confine.ConfinementError as exc:
-            kernel = f" (kernel: {errno_name(exc.kernel_errno)})" if exc.kernel_errno else ""
-            return Outcome(
-                "denied",
-                exc.errno or errno.EACCES,
-                f"confinement: {exc.strerror}{kernel}",
-                rule.name,
-            )
-        except OSError as exc:
-            err = exc.errno or errno.EIO
-            return Outcome(
-                "failed", err, f"open failed: {exc.strerror or os.strerror(err)}", rule.name
-            )
-        if pipe:
-            what = {"peer": {"pid": creds.pid, "uid": creds.uid}, "rule": rule.name}
-            what["file"] = {"dev": opened.dev, "ino": opened.ino, "path": text(opened.path)}
-            try:
-                opened.fd = self._appends.start(
-                    creds.uid,
-                    opened.fd,
-                    what,
-                    nonblock=bool(req.flags & _flags.Wire.NONBLOCK),
-                    limits=limits,
-                )
-            except OSError as exc:  # the file descriptor is closed by start()
-                return Outcome(
-                    "limited" if isinstance(exc, AppendLimit) else "failed",
-                    exc.errno or errno.EAGAIN,
-                    exc.strerror or str(exc),
-                    rule.name,
-                )
-        reason = decision.reason + (" (append through a pipe)" if pipe else "")
-        return Outcome("granted", 0, reason, rule.name, opened, public="granted", pipe=pipe)
-
-    def _request_record(
-        self, req: OpenRequest, peer: dict[str, Any], out: Outcome, creds: PeerCredentials
-    ) -> dict[str, Any]:
-        rec: dict[str, Any] = {
-            "peer": peer,
-            "request": {
-                "id": req.id,
-                "path": text(req.path),
-                "flags": _flags.describe(req.flags),
-                "mode": f"{req.mode:04o}",
-            },
-            "decision": out.decision,
-            "errno": errno_name(out.errno),
-            "reason": out.reason,
-        }
-        if out.rule is not None:
-            rec["rule"] = out.rule
-        if out.opened is not None:
-            rec["file"] = {
-                "dev": out.opened.dev,
-                "ino": out.opened.ino,
-                "path": text(out.opened.path),
-                "created": out.opened.created,
-            }
-            if out.pipe:
-                rec["file"]["via"] = "pipe"
-            rec["resolver"] = out.opened.resolver
-        return rec
-
-
-@dataclass(frozen=True)
-class _Installed:
-    """A policy together with its rules' roots, opened once (replaced whole on reload)."""
-
-    policy: Policy
-    roots: confine.HeldRoots
-
-
-def _hold_roots(policy: Policy) -> confine.HeldRoots:
-    """Open every rule's root without following symlinks, or raise :class:`PolicyFileError`."""
-    try:
-        return confine.HeldRoots.open(
-            (rule.root, rule.root_line or rule.line) for rule in policy.rules
+        return decide(
+            req,
+            creds,
+            policy,
+            roots,
+            appends=self._appends,
+            append_limits=self.budget.append_pipes(policy.limits),
+            resolver=self.resolver,
         )
-    except confine.RootError as exc:
-        raise PolicyFileError(policy.source, exc.line, exc.reason) from None
 
 
 def _notify_quietly(fields: dict[str, str | int]) -> None:
@@ -904,45 +651,3 @@ def _notify_quietly(fields: dict[str, str | int]) -> None:
         notify({k: str(v).replace("\n", " ") for k, v in fields.items()})
     except OSError as exc:
         log.warning("could not notify the service manager: %s", exc)
-
-
-def _peer_record(creds: PeerCredentials) -> dict[str, Any]:
-    return {
-        "pid": creds.pid,
-        "uid": creds.uid,
-        "gid": creds.gid,
-        "groups": None if creds.groups is None else list(creds.groups),
-    }
-
-
-def _exe(creds: PeerCredentials) -> str | None:
-    """The peer's executable as bounded text, or ``None`` if unknown or gone.
-
-    The path is whatever bytes the client's executable has (newlines, bytes
-    that are not UTF-8, up to ``PATH_MAX``): it is read as bytes, at most
-    :data:`FACT_BYTES`, and written with ``\\xNN`` escapes, cut at
-    :data:`~afunix.broker.audit.MAX_SHOWN` characters. Where the kernel gives a
-    pidfd it is checked *after* reading that the peer still lives, so the path
-    cannot be that of a process that reused its pid. Nothing here raises: a
-    client cannot make its own handler fail by how it was started.
-    """
-    if creds.pid is None:
-        return None
-    try:
-        raw = os.readlink(f"/proc/{creds.pid}/exe".encode())
-    except FileNotFoundError:
-        if os.path.exists("/proc/self/exe"):
-            return None  # gone
-        try:  # no /proc: whatever this system offers
-            exe = creds.facts().exe
-        except (OSError, ValueError):
-            return None
-        return None if exe is None else text(exe[:FACT_BYTES])
-    except (OSError, ValueError):
-        return None
-    try:
-        if creds.pidfd is not None and creds.exited():
-            return None
-    except OSError:
-        return None
-    return text(raw[:FACT_BYTES], MAX_SHOWN)
