@@ -21,6 +21,7 @@ import warnings as _warnings
 from ._address import Address as Address
 from ._address import AddressKind as AddressKind
 from ._cmsg import ControlTruncated as ControlTruncated
+from ._connect import connect as connect
 from ._creds import PeerCredentials as PeerCredentials
 from ._creds import PeerGone as PeerGone
 from ._creds import peer_credentials as peer_credentials
@@ -41,7 +42,6 @@ from ._fds import TooManyFds as TooManyFds
 from ._peer import TlsPeer as TlsPeer
 from ._sockets import DatagramSocket as DatagramSocket
 from ._sockets import Socket as Socket
-from ._sockets import connect as connect
 from ._sockets import listen as listen
 from ._sockets import pair as pair
 from .channel import Channel as Channel

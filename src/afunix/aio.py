@@ -35,6 +35,7 @@ from ._address import Address, AddressLike
 from ._backends import in_trio, new_lock, notify_closing, to_thread, wait_writable
 from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
+from ._connect import check_tls, connect, connect_nowait, connect_tls
 from ._errors import AfunixError, PeerTimeout
 from ._io import TlsSocket, protocol_for, receiver_for, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
@@ -43,16 +44,7 @@ from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.machine import RECV_BUFSIZE, ChannelProtocol
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
-from ._sockets import (
-    SocketTypeLike,
-    check_tls,
-    connect,
-    connect_nowait,
-    connect_tls,
-    listen,
-    pair,
-    type_name,
-)
+from ._sockets import SocketTypeLike, listen, pair, type_name
 
 if TYPE_CHECKING:
     import ssl as _ssl

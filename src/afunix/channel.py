@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._address import Address, AddressLike
 from ._cmsg import SCM_MAX_FD, FdLike
+from ._connect import check_tls, connect, connect_tls, requires_client_certificates, tcp_of
 from ._errors import PeerTimeout
 from ._io import TlsSocket, protocol_for, receiver_for, set_timeout, try_frame, write_some
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
@@ -52,19 +53,7 @@ from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.machine import RECV_BUFSIZE
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
-from ._sockets import (
-    SocketTypeLike,
-    check_tls,
-    connect,
-    connect_tls,
-    listen,
-    pair,
-    refuse_exposed,
-    requires_client_certificates,
-    socket_type,
-    tcp_of,
-    type_name,
-)
+from ._sockets import SocketTypeLike, listen, pair, refuse_exposed, socket_type, type_name
 
 if TYPE_CHECKING:
     import ssl as _ssl

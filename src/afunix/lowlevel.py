@@ -38,6 +38,7 @@ from ._cmsg import ControlError as ControlError
 from ._cmsg import FdLike as FdLike
 from ._cmsg import UnexpectedControl as UnexpectedControl
 from ._cmsg import close_fds as close_fds
+from ._connect import connect_tls as connect_tls
 from ._creds import CredentialsMessage as CredentialsMessage
 from ._creds import CredentialsRefused as CredentialsRefused
 from ._creds import ProcessFacts as ProcessFacts
@@ -60,7 +61,6 @@ from ._notify import notify as notify
 from ._platform import PLATFORM as PLATFORM
 from ._platform import Platform as Platform
 from ._sockets import SocketTypeLike as SocketTypeLike
-from ._sockets import connect_tls as connect_tls
 from ._sockets import socket_type as socket_type
 from ._sockets import type_name as type_name
 from .opener import HelperError as HelperError

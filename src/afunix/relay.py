@@ -33,10 +33,11 @@ from typing import Any, Final
 
 from ._address import Address, AddressLike
 from ._cmsg import ControlTruncated, close_fds
+from ._connect import connect
 from ._creds import PeerCredentials, enable_credentials, message_credentials, peer_credentials
 from ._fds import describe_fd, recv_fds, recvmsg_items, sendall_fds
 from ._protocol import FLAG_MEMFD, HEADER, SCM_MAX_FD, FrameError, decode_header
-from ._sockets import Socket, SocketTypeLike, connect, listen, socket_type, type_name
+from ._sockets import Socket, SocketTypeLike, listen, socket_type, type_name
 
 __all__ = [
     "SCHEMA",

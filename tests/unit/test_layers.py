@@ -53,6 +53,7 @@ LAYERS: dict[str, list[str]] = {
         "_backends.*",
         "_fds",
         "_sockets",
+        "_connect",
         "_remote",
         "_bind",
         "_creds",

@@ -4,8 +4,8 @@
 session pays for; the design guide (section 9, Phase 2 step 5) keeps them
 cheap: the command line lists its commands from a static table and imports
 only the one it runs, ``afunix.bench`` imports its parts on first use, and
-``afunix._sockets`` imports ``tempfile``, ``shutil`` and the ``ssh://``
-transport where they are used. The figures are in docs/benchmarks.md.
+``afunix._sockets`` and ``afunix._connect`` import ``tempfile``, ``shutil`` and
+the ``ssh://`` transport where they are used. The figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

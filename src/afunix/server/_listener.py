@@ -23,17 +23,11 @@ from typing import Any
 
 from .._activation import listen_fds, watchdog_interval
 from .._address import Address, AddressLike
+from .._connect import check_tls, requires_client_certificates, tcp_of
 from .._errors import AfunixError
 from .._handoff import Takeover, offer, reap_failed, spawn_successor, take_over
 from .._notify import notify
-from .._sockets import (
-    Socket,
-    check_tls,
-    listen,
-    refuse_exposed,
-    requires_client_certificates,
-    tcp_of,
-)
+from .._sockets import Socket, listen, refuse_exposed
 
 __all__ = ["PAUSE_ERRNOS", "ListeningSocket", "somaxconn", "watchdog_period", "watchdog_ping"]
 
