@@ -22,10 +22,8 @@ from typing import Any
 
 from .._address import Address
 from .._creds import PeerCredentials
-from .._limits import Limits
-from ._admission import Admission
-from ._connection import AsyncConnection, Datagram, Handler, log_handler_failure, peer_address
-from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
+from ._connection import AsyncConnection, Datagram, log_handler_failure, peer_address
+from ._listener import PAUSE_ERRNOS, watchdog_period, watchdog_ping
 from ._runner import Runner
 
 __all__ = ["AsyncRunner"]
@@ -40,24 +38,7 @@ _Next = tuple[Any, Any]
 class AsyncRunner(Runner):
     """Serves one listener in the running event loop until a stop is requested."""
 
-    def __init__(
-        self,
-        listener: ListeningSocket,
-        admission: Admission,
-        handler: Handler,
-        limits: Limits,
-        *,
-        max_clients: int | None,
-        shutdown_timeout: float,
-    ) -> None:
-        super().__init__(
-            listener,
-            admission,
-            handler,
-            limits,
-            max_clients=max_clients,
-            shutdown_timeout=shutdown_timeout,
-        )
+    def _setup(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit: asyncio.Semaphore | None = None
         self._pinger: asyncio.TimerHandle | None = None

@@ -4,7 +4,7 @@ A runner serves one listener until a stop is requested: the thread and fork
 runners (:mod:`._threads`) with a blocking accept loop, the asyncio runner
 (:mod:`._async`) and the trio runner (:mod:`._trio`) in the caller's event
 loop. Each gets the same parts from the server that builds it; this class
-holds them, so that a runner's own ``__init__`` says only what is its own.
+holds them, and a runner makes its own state in :meth:`Runner._setup`.
 """
 
 from __future__ import annotations
@@ -36,3 +36,7 @@ class Runner:
         self.limits = limits
         self.max_clients = max_clients
         self.shutdown_timeout = shutdown_timeout
+        self._setup()
+
+    def _setup(self) -> None:
+        """The runner's own state, made when it is constructed (override it)."""

@@ -22,10 +22,8 @@ from collections.abc import Iterator
 
 from .._address import Address
 from .._creds import PeerCredentials
-from .._limits import Limits
 from .._platform import NOSIGNAL
-from ._admission import Admission
-from ._connection import Connection, Datagram, Handler, log_handler_failure, peer_address
+from ._connection import Connection, Datagram, log_handler_failure, peer_address
 from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
 from ._runner import Runner
 
@@ -65,31 +63,14 @@ def _signals(enabled: bool, listener: ListeningSocket) -> Iterator[None]:
 class _Runner(Runner, abc.ABC):
     """The accept loop of both blocking models; subclasses dispatch and drain."""
 
-    def __init__(
-        self,
-        listener: ListeningSocket,
-        admission: Admission,
-        handler: Handler,
-        limits: Limits,
-        *,
-        max_clients: int | None,
-        shutdown_timeout: float,
-    ) -> None:
-        super().__init__(
-            listener,
-            admission,
-            handler,
-            limits,
-            max_clients=max_clients,
-            shutdown_timeout=shutdown_timeout,
-        )
-        self._queue_ready = False  # the last accept found a client
-        self._tick = 0.25  # longest select wait (watchdog: shorter)
-        self._setup()
+    #: The last accept found a client (another may wait: accept again at once).
+    _queue_ready = False
+    #: Longest select wait (with a watchdog: shorter).
+    _tick = 0.25
 
     @abc.abstractmethod
     def _setup(self) -> None:
-        """The model's own state (called by ``__init__``)."""
+        """The model's own state (called by ``Runner.__init__``)."""
 
     def run(self, handle_signals: bool) -> None:
         """Serve until a stop is requested; then stop accepting and drain."""

@@ -28,10 +28,8 @@ import trio
 
 from .._address import Address
 from .._creds import PeerCredentials
-from .._limits import Limits
-from ._admission import Admission
-from ._connection import AsyncConnection, Datagram, Handler, log_handler_failure, peer_address
-from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
+from ._connection import AsyncConnection, Datagram, log_handler_failure, peer_address
+from ._listener import PAUSE_ERRNOS, watchdog_period, watchdog_ping
 from ._runner import Runner
 
 __all__ = ["TrioRunner"]
@@ -42,28 +40,11 @@ log = logging.getLogger("afunix.server")
 class TrioRunner(Runner):
     """Serves one listener in the running trio run until a stop is requested."""
 
-    def __init__(
-        self,
-        listener: ListeningSocket,
-        admission: Admission,
-        handler: Handler,
-        limits: Limits,
-        *,
-        max_clients: int | None,
-        shutdown_timeout: float,
-    ) -> None:
-        super().__init__(
-            listener,
-            admission,
-            handler,
-            limits,
-            max_clients=max_clients,
-            shutdown_timeout=shutdown_timeout,
-        )
+    def _setup(self) -> None:
         self._tasks: set[Any] = set()  # trio.lowlevel.Task of each connection
         self._idle = trio.Event()  # set whenever no connection is being served
         self._idle.set()
-        self._limit = trio.Semaphore(max_clients) if max_clients else None
+        self._limit = trio.Semaphore(self.max_clients) if self.max_clients else None
         self._replying = trio.Lock()  # one task at a time waits to write the socket
 
     @property
