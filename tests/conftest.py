@@ -213,3 +213,13 @@ except (ConnectionResetError, BrokenPipeError):  # closed before or after it wro
     got = b""
 print("refused" if got == b"" else f"served {got!r}")
 """
+
+
+def simple_payload(item: object) -> bytes:
+    """The payload of a plain frame that ``StreamDecoder.next_fast`` gave: a
+    ``Message`` (made by the core's ``scan_plain``) or its ``bytes``."""
+    if isinstance(item, bytes):
+        return item
+    data = item.data  # type: ignore[attr-defined]
+    assert isinstance(data, bytes) and not item.fds  # type: ignore[attr-defined]
+    return data

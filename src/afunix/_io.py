@@ -27,12 +27,22 @@ from collections.abc import Callable
 from typing import Any
 
 from ._address import Address
-from ._cmsg import INT_SIZE, MSG_CMSG_CLOEXEC, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET
+from ._cmsg import (
+    INT_SIZE,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
+    SCM_MAX_FD,
+    SCM_RIGHTS,
+    SOL_SOCKET,
+    Triple,
+)
+from ._core import ccore
 from ._creds import enable_credentials
 from ._errors import AfunixError, UnsupportedFeature
 from ._peer import TlsPeer
 from ._platform import NOSIGNAL
 from ._protocol import Event
+from ._protocol.framing import HEADER, MAGIC
 from ._protocol.machine import PACKET_MIN, PLAIN_WORD, WORD, ChannelProtocol
 from ._protocol.message import Message
 from ._protocol.write import OPEN as OPEN_STATE
@@ -41,12 +51,17 @@ from ._protocol.write import Write
 __all__ = [
     "BUFFERED_ONLY",
     "TlsSocket",
+    "frame_limit",
     "prepare",
     "protocol_for",
+    "py_recv_frame",
+    "py_send_frame",
     "read_once",
     "receive",
     "receive_tls",
     "receiver_for",
+    "recv_frame",
+    "send_frame",
     "set_timeout",
     "tls_error",
     "try_frame",
@@ -57,6 +72,8 @@ _CLOEXEC = MSG_CMSG_CLOEXEC
 _KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
 _unpack_word = WORD.unpack_from
 _TIMEVAL = struct.Struct("@ll")
+_pack_header = HEADER.pack
+_INT_MAX = 2**31 - 1
 _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
 
@@ -192,27 +209,92 @@ def receive(sock: socket.socket, proto: ChannelProtocol) -> Message | Event:
     """One receive: a message, :data:`NEED_DATA` (read again) or ``CLOSED``.
 
     When the protocol is idle (a stream on a frame boundary, nothing buffered)
-    and exactly one whole simple frame comes (magic, no flags, a length within
-    ``max_size``, its descriptors in one well-formed ``SCM_RIGHTS``, no
-    ``MSG_CTRUNC``), the message is made here; anything else is the decoder's.
+    the core's :func:`recv_frame` reads, and makes the message when exactly one
+    whole simple frame came; anything else is the decoder's.
     """
     view: Any = proto.rview
     if proto.idle and view is not None:
-        n, anc, flags, _ = sock.recvmsg_into([view], proto.control_space, _CLOEXEC)
-        if 8 <= n < len(view):
-            word, length = _unpack_word(view)
-            if n == 8 + length and length <= proto.max_size:
-                if word == PLAIN_WORD and not anc and not flags & MSG_CTRUNC:
-                    return Message(bytes(view[8:n]))
-                nfds = word - PLAIN_WORD
-                if 0 < nfds <= proto.maxfds and len(anc) == 1 and not flags & MSG_CTRUNC:
-                    level, kind, data = anc[0]
-                    if level == SOL_SOCKET and kind == SCM_RIGHTS and len(data) == INT_SIZE * nfds:
-                        return Message(bytes(view[8:n]), list(struct.unpack(f"{nfds}i", data)))
-        proto.received(n, anc, flags, None)
+        got = recv_frame(sock, view, proto.control_space, proto.max_size, proto.maxfds)
+        if type(got) is tuple:
+            proto.received(got[0], got[1], got[2], None)
+        elif got is None:  # (compiled core) a socket with a timeout: its own call waits
+            read_once(sock, proto)
+        else:
+            return got  # type: ignore[no-any-return]
     else:
         read_once(sock, proto)
     return proto.next_event()
+
+
+def frame_limit(sock: Any, proto: ChannelProtocol) -> int:
+    """The largest payload a shell may give :func:`send_frame` on *sock* (``-1``: none).
+
+    Streams only (a packet may need the memfd resend), never ``tls://`` (the
+    core writes to the descriptor), up to the protocol's plain limit.
+    """
+    return -1 if not proto.stream or isinstance(sock, TlsSocket) else proto.plain_limit
+
+
+def py_recv_frame(
+    sock: socket.socket, buf: Any, ancbufsize: int, max_size: int, maxfds: int
+) -> Message | tuple[int, list[Triple], int]:
+    """One ``recvmsg_into`` into *buf*: the message when exactly one whole simple frame came.
+
+    Simple: magic, no flags, a length within *max_size* and *buf* not filled
+    (more may be waiting), its ``0 < n <= maxfds`` descriptors in one
+    well-formed ``SCM_RIGHTS``, no ``MSG_CTRUNC``. Anything else is returned raw,
+    ``(nbytes, ancdata, msg_flags)``, for :meth:`ChannelProtocol.received`. The
+    reference of the compiled core's ``recv_frame``, which replaces it when it runs
+    (and which returns ``None``, having read nothing, where a socket in non-blocking
+    mode, one with a timeout, has nothing: the Python socket's own call then waits
+    as its timeout says, as it does here).
+    """
+    n, anc, flags, _ = sock.recvmsg_into([buf], ancbufsize, _CLOEXEC)
+    if 8 <= n < len(buf):
+        word, length = _unpack_word(buf)
+        if n == 8 + length and length <= max_size and not flags & MSG_CTRUNC:
+            if word == PLAIN_WORD:
+                if not anc:
+                    return Message(bytes(buf[8:n]))
+            elif 0 < (nfds := word - PLAIN_WORD) <= maxfds and len(anc) == 1:
+                level, kind, data = anc[0]
+                if level == SOL_SOCKET and kind == SCM_RIGHTS and len(data) == INT_SIZE * nfds:
+                    return Message(bytes(buf[8:n]), list(struct.unpack(f"{nfds}i", data)))
+    return n, anc, flags
+
+
+def py_send_frame(sock: socket.socket, data: Any, fds: Any, limit: int) -> int:
+    """Send one small plain frame of *data* with descriptor numbers *fds*: the bytes sent.
+
+    Only when *data* is ``bytes`` or ``bytearray`` of at most *limit* bytes and
+    *fds* a tuple or list of at most 253 non-negative ``int`` s; else ``-1`` and
+    nothing is done (the protocol takes the message: files, sockets, checks and
+    errors). One ``send``/``sendmsg`` with ``MSG_NOSIGNAL``, the descriptors with
+    its first byte. The reference of the compiled core's ``send_frame`` (which also
+    answers ``-1`` where a socket in non-blocking mode has no room: the protocol's
+    path then sends, waiting as the socket's timeout says).
+    """
+    kind = type(data)
+    if (kind is not bytes and kind is not bytearray) or len(data) > limit:
+        return -1
+    kind = type(fds)
+    if (kind is not tuple and kind is not list) or len(fds) > SCM_MAX_FD:
+        return -1
+    for fd in fds:
+        if type(fd) is not int or not 0 <= fd <= _INT_MAX:
+            return -1
+    header = _pack_header(MAGIC, 0, len(fds), len(data))
+    if fds:
+        rights = (SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))
+        return sock.sendmsg([header, data], [rights], NOSIGNAL)
+    return sock.send(header + data, NOSIGNAL)
+
+
+#: The core's functions: compiled where built (see :mod:`afunix._core`), else the above.
+recv_frame: Callable[..., Any] = py_recv_frame
+send_frame: Callable[[Any, Any, Any, int], int] = py_send_frame
+if ccore is not None:
+    recv_frame, send_frame = ccore.recv_frame, ccore.send_frame
 
 
 # -- tls:// ------------------------------------------------------------------------------

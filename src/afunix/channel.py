@@ -45,11 +45,20 @@ from ._address import Address, AddressLike
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_tls, requires_client_certificates, tcp_of
 from ._errors import PeerTimeout
-from ._io import TlsSocket, protocol_for, receiver_for, set_timeout, try_frame, write_some
+from ._io import (
+    TlsSocket,
+    frame_limit,
+    protocol_for,
+    receiver_for,
+    send_frame,
+    set_timeout,
+    try_frame,
+    write_some,
+)
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._peer import TlsPeer
 from ._platform import PLATFORM
-from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
+from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA, encode_header
 from ._protocol.machine import RECV_BUFSIZE
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
@@ -168,6 +177,9 @@ class Channel:
         )
         self._sock = sock
         self._receive = receiver_for(sock)
+        #: Largest payload the core's send_frame takes (-1: none), and whether with descriptors.
+        self._frame_limit = frame_limit(sock, self._proto)
+        self._fds_fast = self._proto.carries_fds
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._timed = idle_timeout is not None or message_timeout is not None
@@ -316,7 +328,21 @@ class Channel:
         is ever held back.
         """
         with self._send_lock:
-            out = self._proto.send(data, fds, memfd=memfd, address=address, more=more)
+            proto = self._proto
+            if (
+                not more
+                and memfd is None
+                and address is None
+                and proto.state is OPEN
+                and not proto.holding
+                and (self._fds_fast or not fds)
+            ):  # One small frame of ints: the core sends it, or says -1 (not its case).
+                sent = send_frame(self._sock, data, fds, self._frame_limit)
+                if sent >= 0:
+                    if sent < len(data) + 8:
+                        self._rest(data, fds, sent)
+                    return
+            out = proto.send(data, fds, memfd=memfd, address=address, more=more)
             if type(out) is bytes:
                 try:
                     out = try_frame(self._sock, out, self._proto)
@@ -324,6 +350,12 @@ class Channel:
                     raise self._timed_out(exc, sending=True) from exc
             if out is not None:
                 self._write(out)  # type: ignore[arg-type]
+
+    def _rest(self, data: Any, fds: Any, sent: int) -> None:
+        """Write the rest of a frame :func:`send_frame` sent *sent* bytes of (descriptors
+        went with the first byte)."""
+        frame = encode_header(len(data), len(fds)) + bytes(data)
+        self._write(self._proto.rest_of(frame, sent))
 
     def send_buffer(
         self, buf: MemfdBuffer, length: int, fds: Iterable[FdLike] = (), *, address: Any = None

@@ -45,7 +45,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: (without the leading ``afunix.``; the package itself is ``__init__``).
 LAYERS: dict[str, list[str]] = {
     "base": ["_errors", "_credstructs", "_limits"],
-    "platform": ["_platform", "_platform.*", "_peer"],
+    "platform": ["_platform", "_platform.*", "_peer", "_core"],
     "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol", "_protocol.*"],
     "io": [
         "_io",

@@ -27,7 +27,7 @@ from afunix import _cmsg as anc
 from afunix._fds import recv_fds, send_fds, sendall_fds
 from afunix._protocol import CLOSED, NEED_DATA, RawMessage, StreamDecoder, encode_header
 
-from ..conftest import fd_baseline
+from ..conftest import fd_baseline, simple_payload
 
 SETTINGS = settings(
     max_examples=60,
@@ -88,7 +88,7 @@ def test_random_frames_random_splits(
             item = dec.next_fast()
             if item is None:
                 return dec.next_message()
-            body, fds = (item, []) if isinstance(item, bytes) else item
+            body, fds = item if type(item) is tuple else (simple_payload(item), [])
             return RawMessage(body, fds, 0, len(body))
 
         try:

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, NoReturn, TypeAlias
 
 from .._cmsg import SCM_MAX_FD, close_fds
+from .._core import ccore
 from .framing import (
     CLOSED,
     DEFAULT_MAX_SIZE,
@@ -58,6 +59,7 @@ from .framing import (
     frame_error,
     header_problem,
 )
+from .message import Message, scan_plain
 
 #: The headers that take a batch's descriptors start within this many bytes of the
 #: end of the batch's bytes. (afunix holds at most 64 KiB of frames per batch.) A
@@ -83,8 +85,13 @@ class _Refused(Exception):
     """:meth:`StreamDecoder._claim` refuses a header; the message says why."""
 
 
-#: A simple frame, decoded ahead: its payload, or ``(payload, fds)``.
-Simple: TypeAlias = bytes | tuple[bytes, list[int]]
+#: A simple frame, decoded ahead: a plain one as a :class:`Message` (made by
+#: :func:`~afunix._protocol.message.scan_plain`) or its payload, else ``(payload, fds)``.
+Simple: TypeAlias = Message | bytes | tuple[bytes, list[int]]
+
+#: Many small frames in a view: decode them from a copy (slicing ``bytes`` is cheaper
+#: than slicing a view in Python); the compiled core reads the view in place.
+_COPY_RUNS = ccore is None
 
 
 class StreamDecoder:
@@ -128,7 +135,7 @@ class StreamDecoder:
     def buffered(self) -> int:
         """Bytes received but not yet returned in a message."""
         return len(self._buf) + sum(
-            HEADER.size + len(d if isinstance(d, bytes) else d[0]) for d in self._ready
+            HEADER.size + len(d if type(d) is not tuple else d[0]) for d in self._ready
         )
 
     @property
@@ -241,10 +248,11 @@ class StreamDecoder:
             if not ready:
                 return self._at_end() if self._eof else NEED_DATA
         item = ready.popleft()
-        if isinstance(item, bytes):
-            return self._make(item, [], 0, len(item), None)
-        data, fds = item
-        return self._make(data, fds, 0, len(data), None)
+        if isinstance(item, tuple):
+            data, fds = item
+            return self._make(data, fds, 0, len(data), None)
+        data = item if isinstance(item, bytes) else bytes(item.data)
+        return self._make(data, [], 0, len(data), None)
 
     def close(self) -> None:
         """Close every descriptor held (the connection is going away)."""
@@ -273,7 +281,8 @@ class StreamDecoder:
             buf += data
             src = view = memoryview(buf)
         elif (
-            type(data) is not bytes
+            _COPY_RUNS
+            and type(data) is not bytes
             and len(data) >= 128
             and len(data) >= 4 * (HEADER.size + WORDS.unpack_from(data)[1])
         ):
@@ -294,6 +303,11 @@ class StreamDecoder:
                         if word == low:
                             self._direct = (base + pos, length)
                         break
+                    if word == low and not batches:  # a run of plain frames: the core's loop
+                        made: list[Message] = []
+                        pos = scan_plain(src, pos, limit, made)
+                        ready.extend(made)
+                        continue
                     payload = bytes(src[pos + size : stop]) if length else b""
                     if word == low:
                         if batches:

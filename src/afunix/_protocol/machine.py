@@ -487,9 +487,9 @@ class ChannelProtocol:
             return CLOSED if self._eof else NEED_DATA
         item = decoder.next_fast()  # simple frames: no memfd, no credentials
         if item is not None:
-            if isinstance(item, bytes):
-                return Message(item)
-            return self._deliver(item[0], item[1], None, None, None)
+            if type(item) is tuple:
+                return self._deliver(item[0], item[1], None, None, None)
+            return Message(item) if type(item) is bytes else item  # type: ignore[return-value]
         if not decoder.quiet():
             if self._direct is None:
                 length = decoder.start_direct(DIRECT_MIN)

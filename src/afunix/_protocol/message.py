@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from .._cmsg import close_fds
+from .._core import MessageBase, ccore
 from .._memfd import SealedPayload
 from .._peer import PeerCredentials
+from .framing import PLAIN_WORD, WORDS
 
-__all__ = ["Message"]
+__all__ = ["Message", "scan_plain"]
 
 
 class _Fds(list[int]):
@@ -55,7 +57,7 @@ class _Fds(list[int]):
             )
 
 
-class Message:
+class Message(MessageBase):
     """A received message: ``data`` plus the descriptors that came with it.
 
     The message *owns* its descriptors. Take the ones you keep with
@@ -66,7 +68,7 @@ class Message:
     held, by position; a taken one shows as ``-1``.
     """
 
-    __slots__ = ("_fds", "_payload", "address", "credentials", "data")
+    __slots__ = ()  # the five slots are MessageBase's (in C with the compiled core)
 
     def __init__(
         self,
@@ -195,3 +197,32 @@ def counted_message(
     assert isinstance(held, _Fds)
     held.release = release
     return msg
+
+
+_unpack_words = WORDS.unpack_from
+
+
+def scan_plain(src: bytes | bytearray | memoryview, pos: int, max_size: int, out: list[Any]) -> int:
+    """The whole plain frames of *src* from offset *pos*, as messages appended to *out*.
+
+    Plain: no flags, no descriptors, a length within *max_size*. Stops at the
+    first frame that is anything else or not whole; returns its offset. The
+    reference of the compiled core's ``scan_plain`` (which replaces this one
+    when it runs): the stream decoder's loop over a busy ``recvmsg``.
+    """
+    end = len(src)
+    while end - pos >= 8:
+        word, length = _unpack_words(src, pos)
+        stop = pos + 8 + length
+        if word != PLAIN_WORD or length > max_size or stop > end:
+            break
+        out.append(Message(bytes(src[pos + 8 : stop])))
+        pos = stop
+    return pos
+
+
+#: The pure-Python twin, kept for the tests that run both cores on the same bytes.
+py_scan_plain = scan_plain
+if ccore is not None:
+    ccore.set_types(Message, _Fds)
+    scan_plain = ccore.scan_plain
