@@ -63,6 +63,7 @@ typedef struct {
     PyObject *message_type; /* afunix._protocol.message.Message */
     PyObject *fds_type;     /* afunix._protocol.message._Fds */
     PyObject *base_type;    /* MessageBase */
+    PyObject *fileno_name;  /* "fileno" */
 } core_state;
 
 typedef struct {
@@ -187,6 +188,26 @@ put_be32(unsigned char *p, uint32_t v)
     p[1] = (unsigned char)(v >> 16);
     p[2] = (unsigned char)(v >> 8);
     p[3] = (unsigned char)v;
+}
+
+/* The descriptor of a socket object (its fileno()); a closed one (-1) is EBADF, as the
+ * socket's own calls say. */
+static int
+sock_fd(core_state *st, PyObject *sock)
+{
+    PyObject *num = PyObject_CallMethodObjArgs(sock, st->fileno_name, NULL);
+    if (num == NULL)
+        return -1;
+    long fd = PyLong_AsLong(num);
+    Py_DECREF(num);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT32_MAX) {
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return (int)fd;
 }
 
 static int
@@ -358,7 +379,7 @@ core_recv_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "ancbufsize out of range");
         return NULL;
     }
-    int fd = PyObject_AsFileDescriptor(args[0]);
+    int fd = sock_fd(st, args[0]);
     if (fd < 0)
         return NULL;
     Py_buffer view;
@@ -511,7 +532,6 @@ plain_fds(PyObject *fds, int *out)
 static PyObject *
 core_send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    (void)module;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "send_frame(sock, data, fds, limit) takes 4 arguments");
         return NULL;
@@ -529,7 +549,7 @@ core_send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t nfds = plain_fds(args[2], numbers);
     if (nfds < 0)
         return PyLong_FromLong(-1);
-    int fd = PyObject_AsFileDescriptor(args[0]);
+    int fd = sock_fd(state_of(module), args[0]);
     if (fd < 0)
         return NULL;
     Py_buffer view;
@@ -628,6 +648,9 @@ static int
 core_exec(PyObject *module)
 {
     core_state *st = state_of(module);
+    st->fileno_name = PyUnicode_InternFromString("fileno");
+    if (st->fileno_name == NULL)
+        return -1;
     st->base_type = PyType_FromModuleAndSpec(module, &mb_spec, NULL);
     if (st->base_type == NULL)
         return -1;
@@ -645,6 +668,7 @@ core_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->message_type);
     Py_VISIT(st->fds_type);
     Py_VISIT(st->base_type);
+    Py_VISIT(st->fileno_name);
     return 0;
 }
 
@@ -655,6 +679,7 @@ core_clear(PyObject *module)
     Py_CLEAR(st->message_type);
     Py_CLEAR(st->fds_type);
     Py_CLEAR(st->base_type);
+    Py_CLEAR(st->fileno_name);
     return 0;
 }
 
