@@ -1,9 +1,11 @@
 /*
  * afunix._ccore: the optional compiled core of a channel (issue 16, DESIGN.md section 8).
  *
- * Three functions, each the twin of a pure-Python reference in afunix/_pycore.py with
- * the same contract (the reference decides what is right; tests/unit/test_ccore.py runs
- * both on the same bytes and descriptors and demands the same answers):
+ * Four functions, each the twin of a pure-Python reference with the same contract
+ * (afunix._io.py_recv_frame and py_send_frame, afunix._protocol.message.py_scan_plain,
+ * afunix._protocol.framing.py_hold_frame): the reference decides what is right, and
+ * tests/unit/test_ccore.py runs both on the same bytes and descriptors and demands the
+ * same answers.
  *
  *   recv_frame(sock, buf, ancbufsize, max_size, maxfds)
  *       one recvmsg (MSG_CMSG_CLOEXEC) into the writable buffer *buf*; when exactly one
@@ -23,6 +25,11 @@
  *       descriptors in SCM_RIGHTS; returns the bytes of the frame that went. Else -1,
  *       nothing done: the Python protocol takes the message (also when a socket in
  *       non-blocking mode has no room: the Python socket's own call waits as it should).
+ *
+ *   hold_frame(held, data, limit) -> int
+ *       when *data* is bytes or bytearray of at most *limit* bytes: its plain frame is
+ *       appended to the bytearray *held* (what send(..., more=True) holds); the new length
+ *       of *held*. Else -1, nothing done.
  *
  * Plus set_types(Message, Fds): the classes received messages are made of. Message is a
  * subclass of MessageBase (defined here: five slots), so a message is one allocation.
@@ -605,6 +612,45 @@ core_send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t((Py_ssize_t)sent);
 }
 
+/* -- hold_frame ------------------------------------------------------------------------- */
+
+static PyObject *
+core_hold_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "hold_frame(held, data, limit) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *held = args[0], *data = args[1];
+    if (!PyByteArray_Check(held)) {
+        PyErr_SetString(PyExc_TypeError, "hold_frame: held must be a bytearray");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(data) && !PyByteArray_CheckExact(data))
+        return PyLong_FromLong(-1);
+    long limit = PyLong_AsLong(args[2]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t size = PyBytes_CheckExact(data) ? PyBytes_Size(data) : PyByteArray_Size(data);
+    if (size > limit || size > (Py_ssize_t)UINT32_MAX)
+        return PyLong_FromLong(-1);
+    if (held == data) { /* (appending a bytearray to itself: the Python way copes) */
+        PyErr_SetString(PyExc_ValueError, "hold_frame: data is held");
+        return NULL;
+    }
+    Py_ssize_t at = PyByteArray_Size(held);
+    if (PyByteArray_Resize(held, at + HEADER_SIZE + size) < 0)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyByteArray_AsString(held) + at;
+    put_be32(out, PLAIN_WORD);
+    put_be32(out + 4, (uint32_t)size);
+    const char *src = PyBytes_CheckExact(data) ? PyBytes_AsString(data) : PyByteArray_AsString(data);
+    if (size)
+        memcpy(out + HEADER_SIZE, src, (size_t)size);
+    return PyLong_FromSsize_t(at + HEADER_SIZE + size);
+}
+
 /* -- set_types -------------------------------------------------------------------------- */
 
 static PyObject *
@@ -639,6 +685,9 @@ static PyMethodDef core_methods[] = {
      "appended to out; the new pos."},
     {"send_frame", (PyCFunction)(void (*)(void))core_send_frame, METH_FASTCALL,
      "send_frame(sock, data, fds, limit): bytes of the frame sent, or -1 (not for this path)."},
+    {"hold_frame", (PyCFunction)(void (*)(void))core_hold_frame, METH_FASTCALL,
+     "hold_frame(held, data, limit): append the plain frame of data to the bytearray held; "
+     "its new length, or -1 (not for this path)."},
     {"set_types", core_set_types, METH_VARARGS,
      "set_types(Message, Fds): the classes received messages are made of."},
     {NULL, NULL, 0, NULL},
@@ -697,7 +746,7 @@ static PyModuleDef_Slot core_slots[] = {
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT,
     "afunix._ccore",
-    "The optional compiled core of afunix channels (see afunix/_pycore.py, the reference).",
+    "The optional compiled core of afunix channels (see afunix._core: which core runs).",
     sizeof(core_state),
     core_methods,
     core_slots,

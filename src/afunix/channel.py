@@ -59,7 +59,8 @@ from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._peer import TlsPeer
 from ._platform import PLATFORM
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA, encode_header
-from ._protocol.machine import RECV_BUFSIZE
+from ._protocol.framing import hold_frame
+from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import SocketTypeLike, listen, pair, refuse_exposed, socket_type, type_name
@@ -329,18 +330,23 @@ class Channel:
         """
         with self._send_lock:
             proto = self._proto
-            if (
-                not more
-                and memfd is None
-                and address is None
-                and proto.state is OPEN
-                and not proto.holding
-                and (self._fds_fast or not fds)
-            ):  # One small frame of ints: the core sends it, or says -1 (not its case).
-                sent = send_frame(self._sock, data, fds, self._frame_limit)
-                if sent >= 0:
-                    if sent < len(data) + 8:
-                        self._rest(data, fds, sent)
+            if memfd is None and address is None and proto.state is OPEN:
+                # One small frame: the core sends it (of ints) or holds it (without
+                # descriptors), or says -1 (not its case: the protocol takes it).
+                if not more:
+                    if not proto.holding and (self._fds_fast or not fds):
+                        try:
+                            sent = send_frame(self._sock, data, fds, self._frame_limit)
+                        except BlockingIOError as exc:  # SO_SNDTIMEO ran out: nothing went
+                            raise self._timed_out(exc, sending=True) from exc
+                        if sent >= 0:
+                            if sent < len(data) + 8:
+                                self._rest(data, fds, sent)
+                            return
+                elif not fds and (held := hold_frame(proto.held, data, self._frame_limit)) >= 0:
+                    proto.holding = True
+                    if held >= HOLD_MAX:
+                        self._flush_locked()
                     return
             out = proto.send(data, fds, memfd=memfd, address=address, more=more)
             if type(out) is bytes:
@@ -371,9 +377,13 @@ class Channel:
     def flush(self) -> None:
         """Write the messages held by ``send(..., more=True)`` now."""
         with self._send_lock:
-            out = self._proto.flush()
-            if out is not None:
-                self._write(out)
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """:meth:`flush` with the send lock held."""
+        out = self._proto.flush()
+        if out is not None:
+            self._write(out)
 
     def _write(self, out: Write) -> None:
         """Write *out* and what is queued behind it (the send lock is held)."""
@@ -411,6 +421,11 @@ class Channel:
         proto = self._proto
         if proto.holding:
             self.flush()  # a reply may depend on what we hold
+        if proto.ready and timeout is None:  # decoded already (a busy stream): no lock needed
+            try:
+                return proto.ready.popleft()
+            except IndexError:  # (another thread's receive took it)
+                pass
         until = None
         if timeout is not None:
             if not timeout >= 0:

@@ -203,7 +203,12 @@ def test_the_reference_makes_the_simple_cases_messages(files: list[int]) -> None
         data, nfds, opts = CASES[name]
         (kind, *_), _ = run_case(py_recv_frame, data, nfds, files, opts, creds=False)
         assert kind == "message", name
-    for name in ("two frames", "over max_size", "fds on a plain header", "control cut (MSG_CTRUNC)"):
+    for name in (
+        "two frames",
+        "over max_size",
+        "fds on a plain header",
+        "control cut (MSG_CTRUNC)",
+    ):
         data, nfds, opts = CASES[name]
         (kind, *_), _ = run_case(py_recv_frame, data, nfds, files, opts, creds=False)
         assert kind == "raw", name
@@ -425,7 +430,7 @@ def test_a_signal_handler_that_raises_interrupts_a_waiting_receive() -> None:
             main = threading.get_ident()
             stop = threading.Event()
 
-            def poke() -> None:
+            def poke(stop: threading.Event = stop, main: int = main) -> None:
                 while not stop.wait(0.05):
                     signal.pthread_kill(main, signal.SIGUSR1)
 
@@ -452,9 +457,8 @@ def test_a_signal_whose_handler_returns_does_not_end_the_receive() -> None:
             a, b = socket.socketpair()
             main = threading.get_ident()
 
-            def later() -> None:
+            def later(main: int = main, a: socket.socket = a) -> None:
                 signal.pthread_kill(main, signal.SIGUSR1)
-                time.sleep(0.05)  # (a second signal while the receive waits on)
                 signal.pthread_kill(main, signal.SIGUSR1)
                 a.send(header(2) + b"ok")
 

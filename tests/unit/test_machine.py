@@ -480,7 +480,7 @@ def test_descriptors_and_memfds_are_refused_before_anything_is_queued(
     assert "over TCP (tcp://127.0.0.1:7000)" in str(info.value)
     assert "nothing was sent and the channel is still usable" in str(info.value)
     assert proto.state is State.OPEN and not proto.queued
-    assert proto.held == [frame(b"held")] and proto.held_fds == []  # the batch, untouched
+    assert proto.held == frame(b"held") and proto.held_fds == []  # the batch, untouched
     assert is_open(r)
     out = proto.send(b"next")  # the channel goes on: the batch, then the next message
     assert isinstance(out, Write) and payload(out) == frame(b"held") + frame(b"next")

@@ -114,8 +114,12 @@ class StreamDecoder:
         max_fds: int = SCM_MAX_FD,
         *,
         factory: MessageFactory = RawMessage,
+        done: deque[Any] | None = None,
     ) -> None:
         self.max_size = max_size
+        #: Where plain messages go when nothing is queued before them (their owner's
+        #: queue of finished messages); ``None``: the decoder's own queue.
+        self._done = done
         self.max_fds = max_fds
         self._high = PLAIN_WORD | min(max_fds, SCM_MAX_FD)  # the highest simple first word
         self._make = factory
@@ -306,7 +310,7 @@ class StreamDecoder:
                     if word == low and not batches:  # a run of plain frames: the core's loop
                         made: list[Message] = []
                         pos = scan_plain(src, pos, limit, made)
-                        ready.extend(made)
+                        (ready if ready or self._done is None else self._done).extend(made)
                         continue
                     payload = bytes(src[pos + size : stop]) if length else b""
                     if word == low:

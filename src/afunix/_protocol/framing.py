@@ -25,9 +25,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 from .._cmsg import SCM_MAX_FD, close_fds
+from .._core import ccore
 from .._errors import ProtocolError
 
 MAGIC: Final = 0xAF
@@ -95,6 +96,25 @@ def encode_header(length: int, nfds: int = 0, flags: int = 0) -> bytes:
     if flags & FLAG_MEMFD and nfds == 0:
         raise ValueError("a MEMFD message carries its memfd as a descriptor, so nfds >= 1")
     return HEADER.pack(MAGIC, flags, nfds, length)
+
+
+def py_hold_frame(held: bytearray, data: Any, limit: int) -> int:
+    """Append the plain frame of *data* to *held*: its new length, or ``-1`` (nothing done)
+    unless *data* is ``bytes`` or ``bytearray`` of at most *limit* bytes.
+
+    What ``send(..., more=True)`` does with a small message (the channel then
+    holds *held*). The reference of the compiled core's ``hold_frame``.
+    """
+    kind = type(data)
+    if (kind is not bytes and kind is not bytearray) or len(data) > limit:
+        return -1
+    held += HEADER.pack(MAGIC, 0, 0, len(data))
+    held += data
+    return len(held)
+
+
+#: The compiled core's twin where it runs (see :mod:`afunix._core`).
+hold_frame = py_hold_frame if ccore is None else ccore.hold_frame
 
 
 def header_problem(

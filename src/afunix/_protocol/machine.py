@@ -80,7 +80,7 @@ from .framing import (
 from .message import Message, counted_message
 from .write import BROKEN, CLOSED_STATE, OPEN, Write
 
-__all__ = ["RECV_BUFSIZE", "ChannelProtocol"]
+__all__ = ["HOLD_MAX", "RECV_BUFSIZE", "ChannelProtocol"]
 
 #: Bytes asked for per stream ``recvmsg``, into one buffer kept by the channel: a
 #: fresh 256 KiB ``bytes`` per call is mapped and unmapped by malloc every time,
@@ -185,10 +185,13 @@ class ChannelProtocol:
             threshold = self.memfd_threshold
             below = PLAIN_MAX if threshold is None else threshold - 1
             self.plain_limit = min(PLAIN_MAX, max_size, below)
-        self.decoder = StreamDecoder(max_size, maxfds) if stream else None
+        #: Finished messages, in order, ahead of anything the decoder holds: a shell
+        #: may pop the first without asking (plain ones come straight from the decoder).
+        self.ready: deque[Message] = deque()
+        self.decoder = StreamDecoder(max_size, maxfds, done=self.ready) if stream else None
         #: Messages held by more=True, and duplicates of their descriptors (ours).
-        self.held: list[bytes] = []
-        self.held_size = 0
+        #: (The shells append small plain frames with the core's hold_frame, then set holding.)
+        self.held = bytearray()
         self.held_fds: list[int] = []
         self.holding = False
         self._queue: deque[Write] = deque()
@@ -205,7 +208,6 @@ class ChannelProtocol:
         self._header_next = False
         self._direct: memoryview | None = None
         self._direct_got = 0
-        self._ready: deque[Message] = deque()
         self._eof = False
         self._released: deque[int] = deque()
         self._in_flight = 0
@@ -278,9 +280,9 @@ class ChannelProtocol:
         """The held messages as one :class:`Write` (``None`` if nothing is held)."""
         if not self.holding:
             return None
-        held, self.held, self.held_size, self.holding = self.held, [], 0, False
+        held, self.held, self.holding = self.held, bytearray(), False
         fds, self.held_fds = self.held_fds, []
-        return Write([held[0] if len(held) == 1 else b"".join(held)], fds, owned=fds)
+        return Write([held], fds, owned=fds)
 
     def next_write(self) -> Write | None:
         """The next write queued behind the last one, in order."""
@@ -339,11 +341,10 @@ class ChannelProtocol:
         first = None
         if len(self.held_fds) + len(dups) > SCM_MAX_FD:
             first = self.flush()  # one sendmsg carries at most SCM_MAX_FD
-        self.held.append(frame)
-        self.held_size += len(frame)
+        self.held += frame
         self.held_fds += dups
         self.holding = True
-        if self.held_size < HOLD_MAX and len(self.held_fds) < SCM_MAX_FD and more:
+        if len(self.held) < HOLD_MAX and len(self.held_fds) < SCM_MAX_FD and more:
             return first
         out = self.flush()
         if first is None:
@@ -478,8 +479,8 @@ class ChannelProtocol:
 
     def next_event(self) -> Message | Event:
         """The next whole message, :data:`NEED_DATA` or :data:`CLOSED`."""
-        if self._ready:
-            return self._ready.popleft()
+        if self.ready:
+            return self.ready.popleft()
         if self.state is not OPEN:
             raise self._unusable()
         decoder = self.decoder
@@ -519,7 +520,7 @@ class ChannelProtocol:
 
     def push_back(self, msg: Message) -> None:
         """Make *msg* the next message again (its receiver was cancelled before it ran)."""
-        self._ready.appendleft(msg)
+        self.ready.appendleft(msg)
         self.idle = False
 
     @property
@@ -538,7 +539,7 @@ class ChannelProtocol:
         self.state = CLOSED_STATE
         self.idle = False
         self.holding = False
-        self.held, self.held_size = [], 0  # frames held by more=True die with it
+        self.held = bytearray()  # frames held by more=True die with it
         n = 0
         if self.held_fds:
             n = close_fds(self.held_fds)
@@ -546,8 +547,8 @@ class ChannelProtocol:
         if self._queue:
             self._drop_queue()
         self._direct = None
-        while self._ready:
-            self._ready.popleft().close()
+        while self.ready:
+            self.ready.popleft().close()
         decoder = self.decoder
         if decoder is not None and not decoder.quiet():  # quiet: it holds nothing
             decoder.close()
@@ -590,7 +591,7 @@ class ChannelProtocol:
             return
         truncated = bool(msg_flags & _MSG_TRUNC)
         raw = decode_packet(data, fds, truncated=truncated, max_size=self.max_size, tag=tag)
-        self._ready.append(self._raw(raw, address))
+        self.ready.append(self._raw(raw, address))
 
     def _direct_read(self, n: int, ancdata: list[Triple], msg_flags: int) -> None:
         view = self._direct
@@ -613,7 +614,7 @@ class ChannelProtocol:
         # On a frame boundary with nothing buffered: if large messages keep coming,
         # reading just the next header lets its payload land in place too.
         self._header_next = True
-        self._ready.append(Message(view.toreadonly()))
+        self.ready.append(Message(view.toreadonly()))
 
     def _raw(self, raw: RawMessage, address: Any) -> Message:
         fds = raw.fds
