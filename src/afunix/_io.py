@@ -270,9 +270,10 @@ def py_send_frame(sock: socket.socket, data: Any, fds: Any, limit: int) -> int:
     *fds* a tuple or list of at most 253 non-negative ``int`` s; else ``-1`` and
     nothing is done (the protocol takes the message: files, sockets, checks and
     errors). One ``send``/``sendmsg`` with ``MSG_NOSIGNAL``, the descriptors with
-    its first byte. The reference of the compiled core's ``send_frame`` (which also
-    answers ``-1`` where a socket in non-blocking mode has no room: the protocol's
-    path then sends, waiting as the socket's timeout says).
+    its first byte; ``-1`` too where a non-blocking socket has no room (the
+    protocol's path then waits for it). The reference of the compiled core's
+    ``send_frame`` (which answers ``-1`` for any socket in non-blocking mode, one
+    with a timeout too: the protocol's path then waits as the timeout says).
     """
     kind = type(data)
     if (kind is not bytes and kind is not bytearray) or len(data) > limit:
@@ -284,10 +285,15 @@ def py_send_frame(sock: socket.socket, data: Any, fds: Any, limit: int) -> int:
         if type(fd) is not int or not 0 <= fd <= _INT_MAX:
             return -1
     header = _pack_header(MAGIC, 0, len(fds), len(data))
-    if fds:
-        rights = (SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))
-        return sock.sendmsg([header, data], [rights], NOSIGNAL)
-    return sock.send(header + data, NOSIGNAL)
+    try:
+        if fds:
+            rights = (SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))
+            return sock.sendmsg([header, data], [rights], NOSIGNAL)
+        return sock.send(header + data, NOSIGNAL)
+    except BlockingIOError:
+        if sock.gettimeout() == 0.0:  # non-blocking: the protocol's path waits for room
+            return -1
+        raise  # SO_SNDTIMEO ran out
 
 
 #: The core's functions: compiled where built (see :mod:`afunix._core`), else the above.

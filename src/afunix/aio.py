@@ -37,11 +37,20 @@ from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_nowait, connect_tls
 from ._errors import AfunixError, PeerTimeout
-from ._io import TlsSocket, protocol_for, receiver_for, try_frame, write_some
+from ._io import (
+    TlsSocket,
+    frame_limit,
+    protocol_for,
+    receiver_for,
+    send_frame,
+    try_frame,
+    write_some,
+)
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._peer import TlsPeer
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
-from ._protocol.machine import RECV_BUFSIZE, ChannelProtocol
+from ._protocol.framing import hold_frame
+from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE, ChannelProtocol
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import SocketTypeLike, listen, pair, type_name
@@ -116,6 +125,9 @@ class AsyncChannel:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
+        #: Largest payload the core's send_frame takes (-1: none), and whether with descriptors.
+        self._frame_limit = frame_limit(sock, proto)
+        self._fds_fast = proto.carries_fds
         self._waiter = Waiter(self._fd, _attempt(sock, proto))
         if isinstance(sock, TlsSocket) and sock.buffered:
             # Records that came with the handshake (or before a byte-level reader
@@ -238,6 +250,21 @@ class AsyncChannel:
         if self._senders:  # someone is writing: in line behind them
             await self._write(None, (data, fds, memfd, address, more))
             return
+        if memfd is None and address is None and proto.state is OPEN:
+            # One small frame: the core sends it (of ints) or holds it (without
+            # descriptors), or says -1 (not its case, or no room: the protocol takes it).
+            if not more:
+                if not proto.holding and (self._fds_fast or not fds):
+                    sent = send_frame(self._sock, data, fds, self._frame_limit)
+                    if sent >= 0:
+                        if sent < len(data) + 8:  # (descriptors went with the first byte)
+                            await self._write(proto.rest_of(data, sent, len(fds)))  # type: ignore[arg-type]
+                        return
+            elif not fds and (held := hold_frame(proto.held, data, self._frame_limit)) >= 0:
+                proto.holding = True
+                if held >= HOLD_MAX:
+                    await self.flush()
+                return
         out = proto.send(data, fds, memfd=memfd, address=address, more=more)
         if isinstance(out, bytes):  # uncontended small message: one send, no lock
             frame = out

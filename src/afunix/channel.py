@@ -58,7 +58,7 @@ from ._io import (
 from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._peer import TlsPeer
 from ._platform import PLATFORM
-from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA, encode_header
+from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.framing import hold_frame
 from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE
 from ._protocol.message import Message
@@ -340,8 +340,8 @@ class Channel:
                         except BlockingIOError as exc:  # SO_SNDTIMEO ran out: nothing went
                             raise self._timed_out(exc, sending=True) from exc
                         if sent >= 0:
-                            if sent < len(data) + 8:
-                                self._rest(data, fds, sent)
+                            if sent < len(data) + 8:  # (descriptors went with the first byte)
+                                self._write(proto.rest_of(data, sent, len(fds)))  # type: ignore[arg-type]
                             return
                 elif not fds and (held := hold_frame(proto.held, data, self._frame_limit)) >= 0:
                     proto.holding = True
@@ -356,12 +356,6 @@ class Channel:
                     raise self._timed_out(exc, sending=True) from exc
             if out is not None:
                 self._write(out)  # type: ignore[arg-type]
-
-    def _rest(self, data: Any, fds: Any, sent: int) -> None:
-        """Write the rest of a frame :func:`send_frame` sent *sent* bytes of (descriptors
-        went with the first byte)."""
-        frame = encode_header(len(data), len(fds)) + bytes(data)
-        self._write(self._proto.rest_of(frame, sent))
 
     def send_buffer(
         self, buf: MemfdBuffer, length: int, fds: Iterable[FdLike] = (), *, address: Any = None

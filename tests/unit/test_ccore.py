@@ -509,6 +509,7 @@ def test_a_socket_in_nonblocking_mode_is_left_to_the_python_socket() -> None:
             except BlockingIOError:
                 break
         assert ccore.send_frame(a, b"x", (), 10) == -1
+        assert py_send_frame(a, b"x", (), 10) == -1  # (the reference: non-blocking, full)
     finally:
         a.close()
         b.close()

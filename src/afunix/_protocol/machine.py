@@ -291,8 +291,12 @@ class ChannelProtocol:
         self.queued = bool(queue)
         return out
 
-    def rest_of(self, frame: bytes, sent: int) -> Write:
-        """What is left of a whole frame after ``send()`` wrote *sent* bytes of it."""
+    def rest_of(self, frame: Any, sent: int, nfds: int = -1) -> Write:
+        """What is left of a whole frame after ``send()`` wrote *sent* bytes of it (with
+        *nfds* >= 0, *frame* is the payload of a plain frame the core's ``send_frame``
+        sent part of, descriptors included)."""
+        if nfds >= 0:
+            frame = encode_header(len(frame), nfds) + bytes(frame)
         return Write([memoryview(frame)[sent:]], sent=sent)
 
     def write_done(self, out: Write) -> None:
