@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -223,3 +223,21 @@ def simple_payload(item: object) -> bytes:
     data = item.data  # type: ignore[attr-defined]
     assert isinstance(data, bytes) and not item.fds  # type: ignore[attr-defined]
     return data
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    """The event loop a test runs its ``async`` part under (with :func:`run_under`)."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def run_under(runtime: str, main: Callable[[], Awaitable[None]], limit: float = 30.0) -> None:
+    """Run ``main()`` under *runtime* (``"asyncio"`` or ``"trio"``, through anyio), failing
+    it after *limit* seconds."""
+    import anyio
+
+    async def bounded() -> None:
+        with anyio.fail_after(limit):
+            await main()
+
+    anyio.run(bounded, backend=runtime)

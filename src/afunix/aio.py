@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._address import Address, AddressLike
-from ._backends import in_trio, new_lock, notify_closing, to_thread, wait_writable
+from ._backends import asyncio_loop, in_trio, new_lock, notify_closing, to_thread, wait_writable
 from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_nowait, connect_tls
@@ -354,7 +354,7 @@ class AsyncChannel:
     async def _writable(self) -> None:
         if self._proto.state is not OPEN:
             raise _closed()
-        loop = asyncio._get_running_loop()
+        loop = asyncio_loop()
         if loop is None:  # trio (outside both runtimes, in_trio raises)
             in_trio()
             self._trio = True
@@ -404,7 +404,7 @@ class AsyncChannel:
             if not timeout >= 0:
                 raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
             until = time.monotonic() + timeout
-        loop = asyncio._get_running_loop()
+        loop = asyncio_loop()
         if loop is None:  # trio (outside both runtimes, in_trio raises)
             in_trio()
             return await self._recv_trio(until, timeout)

@@ -34,11 +34,6 @@ from ..conftest import NOBODY, NOBODY_CLIENT, open_fds
 LIMIT = 30.0  # seconds any one program may take
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
 def _run(
     runtime: str, main: Callable[[], Awaitable[None]], before: dict[int, str] | None = None
 ) -> None:

@@ -113,11 +113,6 @@ def test_a_timeout_must_be_positive(bad: float) -> None:
         Channel(a, idle_timeout=bad)
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
 def test_async_timeouts(runtime: str) -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair(idle_timeout=0.2)

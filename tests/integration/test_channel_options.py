@@ -15,12 +15,13 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-import anyio
 import pytest
 
 from afunix import AsyncChannel, Channel, ControlTruncated, PeerTimeout, ProtocolError
+
+from ..conftest import run_under
 
 HEADER = struct.Struct("!BBHI")
 
@@ -51,19 +52,6 @@ def raw_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     finally:
         ours.close()
         peer.close()
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
-def _run(runtime: str, main: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        with anyio.fail_after(30):
-            await main()
-
-    anyio.run(bounded, backend=runtime)
 
 
 # ------------------------------------------------------------ recv(timeout=), expired
@@ -157,7 +145,7 @@ def test_async_recv_timeout_and_expired(runtime: str) -> None:
                 await chan2.recv(timeout=60)
             assert message.value.expired == "message"
 
-    _run(runtime, main)
+    run_under(runtime, main)
 
 
 # ------------------------------------------------------------------ fd_room, discard_fds
@@ -257,4 +245,4 @@ def test_async_discard_fds_and_fd_room(runtime: str) -> None:
         finally:
             os.close(r)
 
-    _run(runtime, main)
+    run_under(runtime, main)

@@ -17,7 +17,7 @@ import errno
 import os
 import socket
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -27,7 +27,7 @@ import afunix
 from afunix import AfunixError, AsyncChannel, Channel, UnsupportedFeature
 from afunix.server import AsyncConnection, AsyncServer, Connection
 
-from ..conftest import afunix_cmd, open_fds, serving
+from ..conftest import afunix_cmd, open_fds, run_under, serving
 from .test_channel_tcp import this_hosts_address
 
 ROUNDS = 20
@@ -119,16 +119,8 @@ def test_async_server_serves_channels_over_tcp(runtime: str) -> None:
             await server.aclose()
 
     before = open_fds()
-    _run(runtime, main)
+    run_under(runtime, main)
     assert open_fds() == before
-
-
-def _run(runtime: str, main: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        with anyio.fail_after(30):
-            await main()
-
-    anyio.run(bounded, backend=runtime)
 
 
 def _exposed_hosts() -> list[str]:

@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -25,6 +25,8 @@ from afunix.broker.client import BrokerError
 from afunix.broker.protocol import CLOSING, KIND_ERROR, Reply, encode_reply
 from afunix.broker.protocol import frame as framed
 from afunix.broker.server import GOODBYE_TIMEOUT
+
+from ..conftest import run_under
 
 
 @pytest.fixture
@@ -42,19 +44,6 @@ def broker(sockdir: Path) -> Iterator[tuple[Broker, Path]]:
         yield b, data
     finally:
         b.stop()
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
-def _run(runtime: str, main: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        with anyio.fail_after(30):
-            await main()
-
-    anyio.run(bounded, backend=runtime)
 
 
 def test_async_client_against_a_real_broker(broker: tuple[Broker, Path], runtime: str) -> None:
@@ -83,7 +72,7 @@ def test_async_client_against_a_real_broker(broker: tuple[Broker, Path], runtime
                     tg.start_soon(one, i)
             assert got == {i: (b"f" if i % 2 else b"g") for i in range(10)}
 
-    _run(runtime, main)
+    run_under(runtime, main)
     assert b.counts["granted"] == 12
 
 
@@ -136,7 +125,7 @@ def test_timeout_holds_end_to_end(sockdir: Path, kind: str) -> None:
                     async with AsyncClient(address, timeout=TIMEOUT) as c:
                         await c.open("/x")
 
-                _run(kind, main)
+                run_under(kind, main)
         took = time.monotonic() - started
     finally:
         listener.shutdown(socket.SHUT_RDWR)  # wakes an accept still waiting

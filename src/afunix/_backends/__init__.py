@@ -17,12 +17,13 @@ runtime dependency.
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from asyncio import _get_running_loop
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 __all__ = [
+    "asyncio_loop",
     "current_task",
     "in_trio",
     "new_event",
@@ -37,6 +38,11 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: The running asyncio loop, or ``None`` (under trio, or outside both): asked per call.
+#: (``asyncio._get_running_loop``, a documented helper for event-loop libraries: the
+#: public ``get_running_loop`` raises instead, at the cost of an exception under trio.)
+asyncio_loop: Callable[[], asyncio.AbstractEventLoop | None] = asyncio._get_running_loop
+
 
 def in_trio() -> bool:
     """Whether the calling task runs under trio; ``False`` under asyncio.
@@ -44,7 +50,7 @@ def in_trio() -> bool:
     Raises ``RuntimeError`` outside both: the asynchronous API needs a
     running event loop.
     """
-    if _get_running_loop() is not None:
+    if asyncio_loop() is not None:
         return False
     trio = sys.modules.get("trio")
     if trio is not None and trio.lowlevel.in_trio_task():

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Descriptors one connection may hold at once: its socket and a duplicate of it (for
-#: the goodbye, see ``Broker._goodbye``), the peer's pidfd, one arriving descriptor
+#: the goodbye, see ``Serving._goodbye``), the peer's pidfd, one arriving descriptor
 #: (closed with its request), and an open in progress (the rule's root, a step of the
 #: ``walk`` resolver, its parent, the file).
 FDS_PER_CONNECTION: Final = 8

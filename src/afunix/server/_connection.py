@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from .._address import Address
-from .._backends import in_trio, notify_closing, wait_readable, wait_writable
+from .._backends import asyncio_loop, in_trio, notify_closing, wait_readable, wait_writable
 from .._creds import PeerCredentials, peer_credentials
 from .._errors import PeerError, PeerTimeout, UnsupportedFeature
 from .._limits import DEFAULT_LIMITS, Limits
@@ -201,7 +201,7 @@ class AsyncConnection(_Peer):
     ) -> None:
         super().__init__(sock, peer, credentials, limits)
         #: The running asyncio loop; ``None`` under trio.
-        self._loop = asyncio._get_running_loop()
+        self._loop = asyncio_loop()
         if self._loop is None:
             in_trio()  # (raises outside both)
             sock.setblocking(False)
