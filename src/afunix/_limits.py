@@ -21,9 +21,9 @@ class Limits:
             for it (``recv``); ``None``: forever.
         send_timeout: seconds a client may leave the server's writes unread
             (a client that never reads); ``None``: forever. Both apply to
-            ``conn.recv``/``conn.send``; a sync ``conn.channel()`` gets the
-            shorter of the two as its socket timeout, both ways. Inside an
-            asyncio handler's channel, bound waits with ``asyncio.timeout()``.
+            ``conn.recv``/``conn.send``, and to the channel of ``conn.channel()``
+            (sync and async) as its ``idle_timeout`` and ``send_timeout``
+            (:class:`~afunix.PeerTimeout`, whose ``expired`` says which).
         max_message: the largest message a :meth:`Connection.channel` accepts,
             in bytes (the per-connection buffer limit).
         max_fds_per_message: descriptors accepted with one message (D-Bus: 16).
@@ -42,14 +42,9 @@ class Limits:
             "max_size": self.max_message,
             "maxfds": self.max_fds_per_message,
             "max_fds_in_flight": self.max_fds_in_flight,
+            "idle_timeout": self.idle_timeout,
+            "send_timeout": self.send_timeout,
         }
-
-    @property
-    def channel_timeout(self) -> float | None:
-        """The one socket timeout a sync channel gets: a channel cannot tell a
-        receive from a send apart, so the shorter of the two applies to both."""
-        given = [t for t in (self.idle_timeout, self.send_timeout) if t is not None]
-        return min(given) if given else None
 
 
 DEFAULT_LIMITS = Limits()

@@ -315,15 +315,17 @@ def test_in_flight_count_goes_down_as_messages_are_closed_or_taken() -> None:
             assert len(msg.fds) == 2
 
 
-def test_sync_channel_gets_the_shorter_timeout(
+def test_sync_channel_gives_up_after_the_idle_timeout(
     sockdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The channel's receive keeps the idle timeout and its sends the send timeout (a
+    channel used to get the shorter of the two as a socket timeout, both ways)."""
     caplog.set_level(logging.INFO, logger="afunix.server")
     path = sockdir / "ct.sock"
 
     handler = answering(lambda msg: b"ok")
     with afunix.Server(
-        path, handler, model="thread", limits=Limits(idle_timeout=5, send_timeout=0.2)
+        path, handler, model="thread", limits=Limits(idle_timeout=0.2, send_timeout=30)
     ) as srv:
         srv.start()
         with afunix.Channel.connect(path) as c:
@@ -334,7 +336,7 @@ def test_sync_channel_gets_the_shorter_timeout(
                 c.recv()  # we stay silent; the server gives up after 0.2 s
             assert time.monotonic() - t0 < 3
     logs = _closed_logs(caplog)
-    assert len(logs) == 1 and "timed out" in logs[0], logs
+    assert len(logs) == 1 and "idle_timeout=0.2 s" in logs[0] and "ETIMEDOUT" in logs[0], logs
 
 
 def test_oversized_message_closes_only_that_connection(
@@ -399,3 +401,39 @@ def test_fork_model_bounds_children_and_queues_the_rest(sockdir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("model", [*MODELS, "fork"])
+def test_a_connection_channel_keeps_the_servers_idle_timeout(sockdir: Path, model: str) -> None:
+    """``conn.channel()`` gets ``Limits.idle_timeout`` as its own: a silent client makes
+    ``recv`` raise ``PeerTimeout`` (``expired == "idle"``) and the channel stays usable
+    (it used to get a socket timeout: a bare ``TimeoutError``, and none under asyncio)."""
+    path = sockdir / "idle.sock"
+
+    if model == "asyncio":
+
+        async def handler(conn: afunix.AsyncConnection) -> None:
+            async with conn.channel() as chan:
+                try:
+                    await chan.recv()
+                except afunix.PeerTimeout as exc:
+                    await chan.send(f"{type(exc).__name__} {exc.expired}".encode())
+
+        h: object = handler
+    else:
+
+        def sync_handler(conn: afunix.Connection) -> None:
+            with conn.channel() as chan:
+                try:
+                    chan.recv()
+                except afunix.PeerTimeout as exc:
+                    chan.send(f"{type(exc).__name__} {exc.expired}".encode())
+
+        h = sync_handler
+    limits = Limits(idle_timeout=0.3)
+    with afunix.Server(path, h, model=model, limits=limits) as srv:  # type: ignore[arg-type]
+        srv.start()
+        with afunix.Channel.connect(path) as chan:
+            started = time.monotonic()
+            assert chan.recv(timeout=20).data == b"PeerTimeout idle"
+            assert time.monotonic() - started >= 0.25

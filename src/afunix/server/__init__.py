@@ -155,7 +155,8 @@ class Server(ServerParts):
     Limits (``limits=``, a :class:`Limits`): ``idle_timeout`` and
     ``send_timeout`` bound how long a client may stay silent or leave the
     server's writes unread; ``conn.channel()`` turns the connection into a
-    message channel that enforces the message size and descriptor limits.
+    message channel that enforces the message size and descriptor limits and
+    both timeouts (:class:`~afunix.PeerTimeout`, ``expired`` says which).
     Exceeding a limit closes that connection only, logged once with the
     client's credentials; a handler's own exception is logged with its
     traceback; either way the server goes on serving everyone else.

@@ -172,12 +172,12 @@ class Connection(_Peer):
         """This connection as a message :class:`~afunix.Channel` (descriptors included).
 
         The server's :class:`Limits` apply (message size, descriptors per message
-        and in flight); ``options`` override them. The channel owns the socket.
+        and in flight, and ``idle_timeout``/``send_timeout`` as the channel's own:
+        :class:`~afunix.PeerTimeout` says which ran out); ``options`` override
+        them. The channel owns the socket.
         """
         self.describe()  # while the socket is surely open, for the logs
-        chan = Channel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
-        self.sock.settimeout(self.limits.channel_timeout)
-        return chan
+        return Channel.from_socket(self.sock, **{**self.limits.channel_options(), **options})
 
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.recv():
