@@ -261,28 +261,6 @@ def test_shutdown_before_serving_ends_serving_at_once(sockdir: Path) -> None:
     _run(main)
 
 
-def test_aclose_from_a_handler_of_the_server_does_not_wait_for_itself(sockdir: Path) -> None:
-    """A handler that closes its own server (on b"quit") must not wait for its own
-    end: serve_forever returns long before shutdown_timeout (20 s) would cancel it."""
-    path = sockdir / "quit.sock"
-
-    async def main() -> None:
-        async def handle(conn: AsyncConnection) -> None:
-            while chunk := await conn.recv():
-                if chunk == b"quit":
-                    await server.aclose()
-                await conn.send(chunk)
-
-        server = AsyncServer(path, handle, shutdown_timeout=20)
-        serving = asyncio.create_task(server.serve_forever())
-        async with asyncio.timeout(10):
-            assert await _echo(path, b"quit") == b"quit"
-            await serving
-        assert not path.exists()
-
-    _run(main)
-
-
 # ------------------------------------------------------------------ anyio
 def test_anyio_task_group_start_returns_once_accepting(sockdir: Path) -> None:
     """``await tg.start(server.serve_forever)`` under anyio (asyncio backend): the

@@ -21,10 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._address import Address
-from .._creds import PeerCredentials
-from ._connection import AsyncConnection, Datagram, log_handler_failure, peer_address
+from ._connection import Datagram, peer_address
 from ._listener import PAUSE_ERRNOS, watchdog_period, watchdog_ping
-from ._runner import Runner
+from ._runner import LoopRunner
 
 __all__ = ["AsyncRunner"]
 
@@ -35,7 +34,7 @@ log = logging.getLogger("afunix.server")
 _Next = tuple[Any, Any]
 
 
-class AsyncRunner(Runner):
+class AsyncRunner(LoopRunner):
     """Serves one listener in the running event loop until a stop is requested."""
 
     def _setup(self) -> None:
@@ -170,10 +169,6 @@ class AsyncRunner(Runner):
             return None
         return asyncio.ensure_future(self._connection(conn, peer, creds, uid))
 
-    def _release(self) -> None:
-        if self._limit is not None:
-            self._limit.release()
-
     async def _drain(self) -> None:
         self.admission.refusals.flush()
         self.listener.stop_accepting()
@@ -211,26 +206,6 @@ class AsyncRunner(Runner):
         if pending:
             log.warning("%d connection task(s) ignored cancellation at shutdown", len(pending))
 
-    async def _connection(
-        self, conn: socket.socket, peer: Address, creds: PeerCredentials | None, uid: int | None
-    ) -> None:
-        connection = AsyncConnection(conn, peer, creds, self.limits)
-        try:
-            if self.admission.tls is not None:  # tls://: handshake and admission here
-                secured = await self.admission.secure_async(conn, peer)
-                if secured is None:
-                    return
-                connection = AsyncConnection(*secured, None, self.limits)
-            await self.handler(connection)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log_handler_failure(exc, connection.describe())
-        finally:
-            connection.close()
-            self.admission.uid_release(uid)
-            self._release()
-
     async def _next_datagram(self) -> tuple[Datagram | None, None]:
         """One datagram judged by admission, from the event loop (it has no ``sock_recvmsg``)."""
         loop = asyncio.get_running_loop()
@@ -247,23 +222,7 @@ class AsyncRunner(Runner):
             finally:
                 loop.remove_reader(fd)
 
-    async def _datagram(self, dgram: Datagram) -> None:
-        sender = dgram.sender
-        try:
-            reply = await self.handler(dgram)
-            if reply is not None:
-                await self._reply(reply, sender)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("datagram handler raised for sender %s", sender.describe())
-        finally:
-            self._release()
-
-    async def _reply(self, reply: bytes, sender: Address) -> None:
-        if sender.kind.value == "unnamed":
-            log.warning("cannot reply to a datagram from an unbound socket")
-            return
+    async def _send_reply(self, reply: bytes, sender: Address) -> None:
         loop = asyncio.get_running_loop()
         await loop.sock_sendto(self.listener.sock, reply, sender.sockaddr)
 

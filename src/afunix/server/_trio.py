@@ -27,17 +27,16 @@ from typing import Any
 import trio
 
 from .._address import Address
-from .._creds import PeerCredentials
-from ._connection import AsyncConnection, Datagram, log_handler_failure, peer_address
+from ._connection import peer_address
 from ._listener import PAUSE_ERRNOS, watchdog_period, watchdog_ping
-from ._runner import Runner
+from ._runner import LoopRunner
 
 __all__ = ["TrioRunner"]
 
 log = logging.getLogger("afunix.server")
 
 
-class TrioRunner(Runner):
+class TrioRunner(LoopRunner):
     """Serves one listener in the running trio run until a stop is requested."""
 
     def _setup(self) -> None:
@@ -182,10 +181,6 @@ class TrioRunner(Runner):
 
         connections.start_soon(run)
 
-    def _release(self) -> None:
-        if self._limit is not None:
-            self._limit.release()
-
     def _stop_accepting(self) -> None:
         if self.listener.type != socket.SOCK_DGRAM and self.listener.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self.listener.sock.fileno())
@@ -201,45 +196,7 @@ class TrioRunner(Runner):
             log.warning("cancelled %d connections still open at shutdown", len(self._tasks))
             connections.cancel_scope.cancel()
 
-    async def _connection(
-        self, conn: socket.socket, peer: Address, creds: PeerCredentials | None, uid: int | None
-    ) -> None:
-        try:
-            connection = AsyncConnection(conn, peer, creds, self.limits)
-        except BaseException:
-            conn.close()
-            self.admission.uid_release(uid)
-            self._release()
-            raise
-        try:
-            if self.admission.tls is not None:  # tls://: handshake and admission here
-                secured = await self.admission.secure_async(conn, peer)
-                if secured is None:
-                    return
-                connection = AsyncConnection(*secured, None, self.limits)
-            await self.handler(connection)
-        except Exception as exc:
-            log_handler_failure(exc, connection.describe())
-        finally:
-            connection.close()
-            self.admission.uid_release(uid)
-            self._release()
-
-    async def _datagram(self, dgram: Datagram) -> None:
-        sender = dgram.sender
-        try:
-            reply = await self.handler(dgram)
-            if reply is not None:
-                await self._reply(reply, sender)
-        except Exception:
-            log.exception("datagram handler raised for sender %s", sender.describe())
-        finally:
-            self._release()
-
-    async def _reply(self, reply: bytes, sender: Address) -> None:
-        if sender.kind.value == "unnamed":
-            log.warning("cannot reply to a datagram from an unbound socket")
-            return
+    async def _send_reply(self, reply: bytes, sender: Address) -> None:
         sock = self.listener.sock
         while True:
             try:
