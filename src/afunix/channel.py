@@ -49,7 +49,9 @@ from ._io import (
     TlsSocket,
     frame_limit,
     protocol_for,
+    receive,
     receiver_for,
+    recv_frame,
     send_frame,
     set_timeout,
     try_frame,
@@ -415,11 +417,29 @@ class Channel:
         proto = self._proto
         if proto.holding:
             self.flush()  # a reply may depend on what we hold
-        if proto.ready and timeout is None:  # decoded already (a busy stream): no lock needed
-            try:
-                return proto.ready.popleft()
-            except IndexError:  # (another thread's receive took it)
-                pass
+        if timeout is None:
+            if proto.ready:  # decoded already (a busy stream): no lock needed
+                try:
+                    return proto.ready.popleft()
+                except IndexError:  # (another thread's receive took it)
+                    pass
+            if proto.idle and not self._timed and self._receive is receive:
+                with self._recv_lock:  # the lean receive (see _io.receive), inline
+                    view = proto.rview
+                    if proto.idle and view is not None:
+                        got = recv_frame(
+                            self._sock, view, proto.control_space, proto.max_size, proto.maxfds
+                        )
+                        if type(got) is not tuple:
+                            if got is not None:
+                                return got  # type: ignore[no-any-return]
+                        else:  # anything but one simple frame: the protocol's (below)
+                            try:
+                                proto.received(got[0], got[1], got[2], None)
+                            except BaseException:
+                                if proto.state is BROKEN:
+                                    self.close()
+                                raise
         until = None
         if timeout is not None:
             if not timeout >= 0:
