@@ -138,6 +138,9 @@ def _explain_connect_error(exc: OSError, addr: Address, sock_type: int) -> OSErr
 
 
 _TRANSIENT = (ListenQueueFull, NothingListening, NoSuchSocket)
+_PATH = AddressKind.PATH
+_AF_UNIX = socket.AF_UNIX
+_STREAM_CLOEXEC = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
 
 
 # How long connect() waits for a socket that is bound but not listening yet (a
@@ -284,6 +287,19 @@ def connect(
     :class:`ListenQueueFull`, :class:`WrongSocketType`, permission denied.
     """
     addr = Address.parse(address)
+    if addr.kind is _PATH and timeout is None and type == "stream":
+        # The common case, a stream to a socket file with no deadline: straight to
+        # the kernel. A failure is left to the general path below, which tries
+        # again and explains it (stale file, a server not listening yet, ...).
+        sock = Socket(_AF_UNIX, _STREAM_CLOEXEC)
+        try:
+            sock.connect(addr.raw)
+            return sock
+        except OSError:
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
     sock_type = socket_type(type)
     kind = addr.kind
     if kind is AddressKind.UNNAMED:

@@ -153,6 +153,30 @@ def test_unbound_datagram_waiting_for_reply_is_an_error_not_a_hang(sockdir: Path
             assert "15.4 point 8" in str(info.value)
 
 
+@pytest.mark.parametrize("form", ["str", "bytes", "path", "unix:"])
+def test_connect_to_a_path_gives_a_blocking_close_on_exec_socket(sockdir: Path, form: str) -> None:
+    # A plain path, no timeout: connect() goes straight to the kernel (its fast
+    # path); the socket is what the general path gives.
+    path = sockdir / "plain.sock"
+    address: str | bytes | Path = {
+        "str": str(path),
+        "bytes": os.fsencode(path),
+        "path": path,
+        "unix:": f"unix:{path}",
+    }[form]
+    with afunix.listen(path) as server, afunix.connect(address) as client:
+        assert type(client) is afunix.Socket
+        assert client.family == socket.AF_UNIX and client.type == socket.SOCK_STREAM
+        assert client.gettimeout() is None and client.getblocking()
+        assert not os.get_inheritable(client.fileno())
+        assert client.peer_address.filesystem_path == os.fsencode(path)
+        assert client.bound_path is None  # a client owns no file
+        conn, _ = server.accept()
+        with conn:
+            client.sendall(b"hi")
+            assert conn.recv(2) == b"hi"
+
+
 # ----------------------------------------------------------------- errors
 def test_no_such_socket(sockdir: Path) -> None:
     with pytest.raises(NoSuchSocket) as info:
