@@ -60,6 +60,7 @@ _TIMEVAL = struct.Struct("@ll")
 _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
 _new_protocol = object.__new__
+_STREAM, _AF_UNIX = int(socket.SOCK_STREAM), int(socket.AF_UNIX)
 
 
 def prepare(sock: socket.socket, *, credentials: bool) -> tuple[int, int, str | None]:
@@ -120,7 +121,15 @@ def protocol_for(
     so what a transport may carry (descriptors over TCP or ``ssh://``: refused) is
     decided the same way for both.
     """
-    kind, room, transport = prepare(sock, credentials=credentials)
+    try:  # a Unix stream socket, the common case, without a call to prepare()
+        kind = _type_of(sock)
+        plain = kind == _STREAM and not credentials and _family_of(sock) == _AF_UNIX
+    except TypeError:  # not built on the C socket type (prepare asks it otherwise)
+        plain = False
+    if plain and getattr(sock, "carries_fds", True) is not False:
+        room, transport = 0, None
+    else:
+        kind, room, transport = prepare(sock, credentials=credentials)
     # Made and then initialised: calling a class with keywords packs them into a
     # dict (CPython 3.11's type call), a method call does not (0.6 us a channel).
     proto = _new_protocol(ChannelProtocol)

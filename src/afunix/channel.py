@@ -209,7 +209,7 @@ class Channel:
         sock: Any
         addr = Address.parse(address)
         if ssl is None and addr.kind is not _TLS:  # (nothing for check_tls to refuse)
-            sock = connect(addr, type, timeout=timeout)
+            sock = connect(address, type, timeout=timeout)  # (a str parses from a cache)
         elif check_tls(addr, ssl):
             assert ssl is not None  # (check_tls refuses tls:// without it)
             sock = connect_tls(addr, ssl, timeout=timeout, server_hostname=server_hostname)
