@@ -209,7 +209,8 @@ def _connect_unix(sock: socket.socket, addr: Address, deadline: float | None) ->
     # kernel, which the kernel wakes one at a time, in order. A flood of connects
     # from another user then delays this client by the few waiters ahead of it, not
     # by as long as the flood lasts.
-    sock.setblocking(True)
+    if sock.gettimeout() is not None:  # (a socket.setdefaulttimeout(): no ioctl otherwise)
+        sock.setblocking(True)
     try:
         while True:
             # At least one attempt, even at the deadline: the kernel's answer (refused,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -175,6 +176,25 @@ def test_connect_to_a_path_gives_a_blocking_close_on_exec_socket(sockdir: Path, 
         with conn:
             client.sendall(b"hi")
             assert conn.recv(2) == b"hi"
+
+
+def test_connect_with_a_timeout_gives_a_blocking_socket_whatever_the_default(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "timed.sock"
+    old = socket.getdefaulttimeout()
+    with afunix.listen(path) as server:
+        for default in (None, 3.0):
+            socket.setdefaulttimeout(default)
+            try:
+                client = afunix.connect(path, timeout=5)
+            finally:
+                socket.setdefaulttimeout(old)
+            with client:
+                assert client.gettimeout() is None and client.getblocking()
+                size = struct.calcsize("@ll")  # a struct timeval: the deadline is unset again
+                assert client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, size) == bytes(size)
+                server.accept()[0].close()
 
 
 # ----------------------------------------------------------------- errors
