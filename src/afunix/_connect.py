@@ -288,16 +288,25 @@ def connect(
     :class:`ListenQueueFull`, :class:`WrongSocketType`, permission denied.
     """
     addr = Address.parse(address)
+    attempt = 0
     if addr.kind is _PATH and timeout is None and type == "stream":
         # The common case, a stream to a socket file with no deadline: straight to
-        # the kernel. A failure is left to the general path below, which tries
-        # again and explains it (stale file, a server not listening yet, ...).
+        # the kernel, as attempt 0 of the loop below. A refusal goes to that loop
+        # (which waits for a server between bind() and listen()); other errors are
+        # explained, and retried when transient, as the loop does.
         sock = Socket(_AF_UNIX, _STREAM_CLOEXEC)
         try:
             sock.connect(addr.raw)
             return sock
-        except OSError:
+        except ConnectionRefusedError:
             sock.close()
+        except OSError as exc:
+            sock.close()
+            err = _explain_connect_error(exc, addr, socket.SOCK_STREAM)
+            if attempt >= retries or not isinstance(err, _TRANSIENT):
+                raise err from exc
+            time.sleep(backoff)
+            attempt = 1
         except BaseException:
             sock.close()
             raise
@@ -313,7 +322,6 @@ def connect(
     family = addr.family
     unix = kind is not AddressKind.TCP
     reply_to = bind if sock_type == socket.SOCK_DGRAM and unix else None
-    attempt = 0
     while True:
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = new_socket(family, sock_type)

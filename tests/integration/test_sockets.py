@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -307,6 +308,33 @@ def test_full_queue_with_timeout_raises_listen_queue_full(sockdir: Path) -> None
         finally:
             for s in held:
                 s.close()
+
+
+def test_an_exception_from_a_signal_handler_ends_a_waiting_connect(sockdir: Path) -> None:
+    # A blocking connect waits for room in a full queue; a signal handler that raises
+    # (an alarm bounding the call) must end it, explained, not start another wait.
+    path = sockdir / "q.sock"
+    alarms = []
+
+    def alarm(signum: int, frame: object) -> None:
+        alarms.append(signum)
+        raise TimeoutError("the alarm went off")
+
+    with afunix.listen(path, backlog=1):
+        held = _fill_queue(path)
+        old = signal.signal(signal.SIGALRM, alarm)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)  # and every 0.2 s after
+            with pytest.raises(OSError) as info:
+                afunix.connect(path)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            for s in held:
+                s.close()
+    assert alarms == [signal.SIGALRM]  # one wait, ended by the first alarm
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert str(path) in str(info.value)
 
 
 def test_full_queue_retry_with_backoff_succeeds_once_room_returns(sockdir: Path) -> None:
