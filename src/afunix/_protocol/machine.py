@@ -47,22 +47,19 @@ from typing import Any
 from .._cmsg import (
     MSG_CTRUNC,
     SCM_MAX_FD,
-    SCM_PIDFD,
     ControlError,
     FdLike,
     Triple,
-    UnexpectedControl,
     close_fds,
     control_space,
     fd_numbers,
+    fds_and_credentials,
     fds_in,
     fds_only,
-    split_credentials,
 )
 from .._errors import AfunixError, ProtocolError, TooManyFds, UnsupportedFeature
 from .._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
 from .._peer import PeerCredentials
-from .._platform import PLATFORM
 from .decoder import StreamDecoder
 from .framing import (
     CLOSED,
@@ -111,7 +108,6 @@ _HEADER_SIZE = HEADER.size
 _STREAM = int(_constants.SOCK_STREAM)
 _SEQPACKET = int(_constants.SOCK_SEQPACKET)
 _MSG_TRUNC = int(_constants.MSG_TRUNC)
-_MECHANISM = PLATFORM.backend.MESSAGE_MECHANISM or ""
 _MEMFD = available()  # read once: asked per channel, it cost two hasattr calls
 
 
@@ -123,50 +119,21 @@ class ChannelProtocol:
     any thread (the in-flight count is kept without a lock: releases are
     appended to a deque, which only the receiver drains).
 
-    Cheap to make (a short connection makes one, reads end of file and
-    closes): slots, not an instance dict (36 names: more than CPython 3.11
-    shares between the dicts of one class), and a stream's decoder is made
-    by its first bytes; end of file before any is ``CLOSED`` without one.
+    Cheap to make, as a short connection uses little of it: slots (36 names, more than
+    CPython 3.11 shares between the dicts of a class), a stream's decoder made by its
+    first bytes (end of file before any is ``CLOSED`` without one).
     """
 
+    # fmt: off
     __slots__ = (
-        "_direct",
-        "_direct_got",
-        "_eof",
-        "_header_next",
-        "_in_flight",
-        "_into",
-        "_lean",
-        "_queue",
-        "_ready",
-        "_released",
-        "accept_memfd",
-        "carries_fds",
-        "control_space",
-        "credentials",
-        "decoder",
-        "discard_fds",
-        "held",
-        "held_fds",
-        "held_size",
-        "holding",
-        "idle",
-        "kind",
-        "max_fds_in_flight",
-        "max_size",
-        "maxfds",
-        "memfd_threshold",
-        "packet_bufsize",
-        "plain_limit",
-        "queued",
-        "receiving",
-        "recv_bufsize",
-        "room",
-        "rview",
-        "state",
-        "stream",
+        "_direct", "_direct_got", "_eof", "_header_next", "_in_flight", "_into", "_lean", "_queue",
+        "_ready", "_released", "accept_memfd", "carries_fds", "control_space", "credentials",
+        "decoder", "discard_fds", "held", "held_fds", "held_size", "holding", "idle", "kind",
+        "max_fds_in_flight", "max_size", "maxfds", "memfd_threshold", "packet_bufsize",
+        "plain_limit", "queued", "receiving", "recv_bufsize", "room", "rview", "state", "stream",
         "transport",
     )
+    # fmt: on
 
     def __init__(
         self,
@@ -646,7 +613,7 @@ class ChannelProtocol:
     ) -> tuple[list[int], PeerCredentials | None]:
         if not self.credentials:
             return fds_only(ancdata, msg_flags, room=self.room), None
-        return _with_credentials(ancdata, msg_flags, self.room)
+        return fds_and_credentials(ancdata, msg_flags, self.room)
 
     def _packet(
         self, data: bytes, fds: list[int], msg_flags: int, address: Any, tag: object
@@ -739,30 +706,3 @@ class ChannelProtocol:
         released = self._released
         while released:  # (None without a limit)
             self._in_flight -= released.popleft()
-
-
-def _with_credentials(
-    ancdata: list[Triple], msg_flags: int, room: int
-) -> tuple[list[int], PeerCredentials | None]:
-    """Descriptors and the sender's credentials, in whatever form this system's kernel
-    attaches them (Linux ``SCM_CREDENTIALS``, the BSDs' ``SCM_CREDS``: the platform
-    backend parses them, as :func:`afunix.lowlevel.recv_credentials` does).
-
-    A pidfd (``SCM_PIDFD``, when someone set ``SO_PASSPIDFD`` on the socket) is
-    closed at once: on a stream one read's credentials may go with several
-    messages, so no message could own it; the pid, uid and gid stay. Errors
-    close every descriptor that came.
-    """
-    try:
-        decoded, pidfd, rest = split_credentials(ancdata)
-    except Exception as exc:  # split_credentials closed the pidfd; close the rest
-        close_fds(fds_in([t for t in ancdata if t[1] != SCM_PIDFD]))
-        raise UnexpectedControl(f"malformed credentials from the kernel: {exc}") from exc
-    if pidfd is not None:
-        os.close(pidfd)
-    fds = fds_only(rest, msg_flags, room=room) if rest or msg_flags & MSG_CTRUNC else []
-    if decoded is None:
-        return fds, None
-    return fds, PeerCredentials(
-        decoded.pid, decoded.uid, decoded.gid, decoded.groups, mechanism=_MECHANISM
-    )
