@@ -40,6 +40,7 @@ from typing import Final, Protocol, TypeAlias
 
 from ._credstructs import DecodedCredentials
 from ._errors import ProtocolError, TooManyFds
+from ._peer import PeerCredentials
 from ._platform import PLATFORM, Backend
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "decode",
     "encode",
     "fd_numbers",
+    "fds_and_credentials",
     "fds_in",
     "fds_only",
     "fileno_of",
@@ -91,6 +93,8 @@ SCM_CREDENTIALS: int = getattr(_constants, "SCM_CREDENTIALS", -1)
 #: Linux >= 6.5 ``SO_PASSPIDFD``: a pidfd, i.e. a *descriptor*, which must be
 #: closed like ``SCM_RIGHTS`` ones if it shows up unasked.
 SCM_PIDFD: int = getattr(_constants, "SCM_PIDFD", 0x04 if PLATFORM.name == "linux" else -1)
+#: How the kernel attaches a sender's credentials here (PeerCredentials.mechanism).
+_MECHANISM = PLATFORM.backend.MESSAGE_MECHANISM or ""
 
 #: Linux's limit of descriptors per ``sendmsg`` (``SCM_MAX_FD`` in ``include/net/scm.h``).
 SCM_MAX_FD: Final = 253
@@ -249,6 +253,34 @@ def split_credentials(
         os.close(pidfd)
         pidfd = None
     return decoded, pidfd, rest
+
+
+def fds_and_credentials(
+    ancdata: list[Triple], msg_flags: int, room: int
+) -> tuple[list[int], PeerCredentials | None]:
+    """Descriptors and the sender's credentials, in whatever form this system's kernel
+    attaches them (Linux ``SCM_CREDENTIALS``, the BSDs' ``SCM_CREDS``: the platform
+    backend parses them, as :func:`afunix.lowlevel.recv_credentials` does), for a
+    channel's ``recvmsg`` with room for *room* descriptors.
+
+    A pidfd (``SCM_PIDFD``, when someone set ``SO_PASSPIDFD`` on the socket) is
+    closed at once: on a stream one read's credentials may go with several
+    messages, so no message could own it; the pid, uid and gid stay. Errors
+    close every descriptor that came.
+    """
+    try:
+        decoded, pidfd, rest = split_credentials(ancdata)
+    except Exception as exc:  # split_credentials closed the pidfd; close the rest
+        close_fds(fds_in([t for t in ancdata if t[1] != SCM_PIDFD]))
+        raise UnexpectedControl(f"malformed credentials from the kernel: {exc}") from exc
+    if pidfd is not None:
+        os.close(pidfd)
+    fds = fds_only(rest, msg_flags, room=room) if rest or msg_flags & MSG_CTRUNC else []
+    if decoded is None:
+        return fds, None
+    return fds, PeerCredentials(
+        decoded.pid, decoded.uid, decoded.gid, decoded.groups, mechanism=_MECHANISM
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -138,6 +138,9 @@ def _explain_connect_error(exc: OSError, addr: Address, sock_type: int) -> OSErr
 
 
 _TRANSIENT = (ListenQueueFull, NothingListening, NoSuchSocket)
+_PATH = AddressKind.PATH
+_AF_UNIX = socket.AF_UNIX
+_STREAM_CLOEXEC = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
 
 
 # How long connect() waits for a socket that is bound but not listening yet (a
@@ -206,7 +209,8 @@ def _connect_unix(sock: socket.socket, addr: Address, deadline: float | None) ->
     # kernel, which the kernel wakes one at a time, in order. A flood of connects
     # from another user then delays this client by the few waiters ahead of it, not
     # by as long as the flood lasts.
-    sock.setblocking(True)
+    if sock.gettimeout() is not None:  # (a socket.setdefaulttimeout(): no ioctl otherwise)
+        sock.setblocking(True)
     try:
         while True:
             # At least one attempt, even at the deadline: the kernel's answer (refused,
@@ -284,6 +288,28 @@ def connect(
     :class:`ListenQueueFull`, :class:`WrongSocketType`, permission denied.
     """
     addr = Address.parse(address)
+    attempt = 0
+    if addr.kind is _PATH and timeout is None and type == "stream":
+        # The common case, a stream to a socket file with no deadline: straight to
+        # the kernel, as attempt 0 of the loop below. A refusal goes to that loop
+        # (which waits for a server between bind() and listen()); other errors are
+        # explained, and retried when transient, as the loop does.
+        sock = Socket(_AF_UNIX, _STREAM_CLOEXEC)
+        try:
+            sock.connect(addr.raw)
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+        except OSError as exc:
+            sock.close()
+            err = _explain_connect_error(exc, addr, socket.SOCK_STREAM)
+            if attempt >= retries or not isinstance(err, _TRANSIENT):
+                raise err from exc
+            time.sleep(backoff)
+            attempt = 1
+        except BaseException:
+            sock.close()
+            raise
     sock_type = socket_type(type)
     kind = addr.kind
     if kind is AddressKind.UNNAMED:
@@ -296,7 +322,6 @@ def connect(
     family = addr.family
     unix = kind is not AddressKind.TCP
     reply_to = bind if sock_type == socket.SOCK_DGRAM and unix else None
-    attempt = 0
     while True:
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = new_socket(family, sock_type)

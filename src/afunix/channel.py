@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._address import Address, AddressLike
+from ._address import Address, AddressKind, AddressLike
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_tls, requires_client_certificates, tcp_of
 from ._errors import PeerTimeout
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = ["Channel", "Listener", "Message"]
 
 _RCVTIMEO, _SNDTIMEO = socket.SO_RCVTIMEO, socket.SO_SNDTIMEO
+_TLS = AddressKind.TLS
 
 
 class Channel:
@@ -221,11 +222,14 @@ class Channel:
         *server_hostname* is the name its certificate must have (default: *host*).
         """
         sock: Any
-        if check_tls(Address.parse(address), ssl):
+        addr = Address.parse(address)
+        if ssl is None and addr.kind is not _TLS:  # (nothing for check_tls to refuse)
+            sock = connect(address, type, timeout=timeout)  # (a str parses from a cache)
+        elif check_tls(addr, ssl):
             assert ssl is not None  # (check_tls refuses tls:// without it)
-            sock = connect_tls(address, ssl, timeout=timeout, server_hostname=server_hostname)
+            sock = connect_tls(addr, ssl, timeout=timeout, server_hostname=server_hostname)
         else:
-            sock = connect(address, type, timeout=timeout)
+            sock = connect(addr, type, timeout=timeout)
         try:
             return cls(sock, **options)
         except BaseException:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -153,6 +155,49 @@ def test_unbound_datagram_waiting_for_reply_is_an_error_not_a_hang(sockdir: Path
             assert "15.4 point 8" in str(info.value)
 
 
+@pytest.mark.parametrize("form", ["str", "bytes", "path", "unix:"])
+def test_connect_to_a_path_gives_a_blocking_close_on_exec_socket(sockdir: Path, form: str) -> None:
+    # A plain path, no timeout: connect() goes straight to the kernel (its fast
+    # path); the socket is what the general path gives.
+    path = sockdir / "plain.sock"
+    address: str | bytes | Path = {
+        "str": str(path),
+        "bytes": os.fsencode(path),
+        "path": path,
+        "unix:": f"unix:{path}",
+    }[form]
+    with afunix.listen(path) as server, afunix.connect(address) as client:
+        assert type(client) is afunix.Socket
+        assert client.family == socket.AF_UNIX and client.type == socket.SOCK_STREAM
+        assert client.gettimeout() is None and client.getblocking()
+        assert not os.get_inheritable(client.fileno())
+        assert client.peer_address.filesystem_path == os.fsencode(path)
+        assert client.bound_path is None  # a client owns no file
+        conn, _ = server.accept()
+        with conn:
+            client.sendall(b"hi")
+            assert conn.recv(2) == b"hi"
+
+
+def test_connect_with_a_timeout_gives_a_blocking_socket_whatever_the_default(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "timed.sock"
+    old = socket.getdefaulttimeout()
+    with afunix.listen(path) as server:
+        for default in (None, 3.0):
+            socket.setdefaulttimeout(default)
+            try:
+                client = afunix.connect(path, timeout=5)
+            finally:
+                socket.setdefaulttimeout(old)
+            with client:
+                assert client.gettimeout() is None and client.getblocking()
+                size = struct.calcsize("@ll")  # a struct timeval: the deadline is unset again
+                assert client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, size) == bytes(size)
+                server.accept()[0].close()
+
+
 # ----------------------------------------------------------------- errors
 def test_no_such_socket(sockdir: Path) -> None:
     with pytest.raises(NoSuchSocket) as info:
@@ -263,6 +308,33 @@ def test_full_queue_with_timeout_raises_listen_queue_full(sockdir: Path) -> None
         finally:
             for s in held:
                 s.close()
+
+
+def test_an_exception_from_a_signal_handler_ends_a_waiting_connect(sockdir: Path) -> None:
+    # A blocking connect waits for room in a full queue; a signal handler that raises
+    # (an alarm bounding the call) must end it, explained, not start another wait.
+    path = sockdir / "q.sock"
+    alarms = []
+
+    def alarm(signum: int, frame: object) -> None:
+        alarms.append(signum)
+        raise TimeoutError("the alarm went off")
+
+    with afunix.listen(path, backlog=1):
+        held = _fill_queue(path)
+        old = signal.signal(signal.SIGALRM, alarm)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)  # and every 0.2 s after
+            with pytest.raises(OSError) as info:
+                afunix.connect(path)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            for s in held:
+                s.close()
+    assert alarms == [signal.SIGALRM]  # one wait, ended by the first alarm
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert str(path) in str(info.value)
 
 
 def test_full_queue_retry_with_backoff_succeeds_once_room_returns(sockdir: Path) -> None:

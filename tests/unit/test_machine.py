@@ -310,6 +310,36 @@ def test_received_frames_come_out_as_messages_then_end_of_file(pipe: tuple[int, 
     assert proto.next_event() is CLOSED
 
 
+@pytest.mark.parametrize("credentials", [False, True])
+def test_end_of_file_before_any_byte_is_closed_and_stays_closed(credentials: bool) -> None:
+    # The short connection's path (connect, read end of file, close): no decoder is
+    # made for it, and it must answer as one would: CLOSED every time, no reading
+    # after it, and close() holds nothing.
+    proto = ChannelProtocol(STREAM, credentials=credentials)
+    assert proto.next_event() is NEED_DATA and not proto.receiving
+    feed(proto, b"")
+    assert proto.next_event() is CLOSED
+    assert proto.next_event() is CLOSED and not proto.idle and not proto.receiving
+    with pytest.raises(RuntimeError, match="after end of file"):
+        feed(proto, frame(b"late"))
+    assert proto.next_event() is CLOSED
+    assert proto.close() == 0
+    assert proto.state is State.CLOSED
+
+
+def test_descriptors_with_end_of_file_and_no_byte_are_a_protocol_error(
+    pipe: tuple[int, int],
+) -> None:
+    r, w = pipe
+    proto = ChannelProtocol(STREAM)
+    anc = [(SOL_SOCKET, SCM_RIGHTS, struct.pack("2i", r, w))]
+    with pytest.raises(ProtocolError, match="no data at all") as info:
+        feed(proto, b"", anc)
+    assert info.value.fds_closed == 2  # type: ignore[attr-defined]
+    assert not is_open(r) and not is_open(w)
+    assert proto.state is State.BROKEN
+
+
 def test_a_message_split_across_reads_is_receiving_until_whole() -> None:
     proto = ChannelProtocol(STREAM)
     whole = frame(b"abcdef")

@@ -47,22 +47,19 @@ from typing import Any
 from .._cmsg import (
     MSG_CTRUNC,
     SCM_MAX_FD,
-    SCM_PIDFD,
     ControlError,
     FdLike,
     Triple,
-    UnexpectedControl,
     close_fds,
     control_space,
     fd_numbers,
+    fds_and_credentials,
     fds_in,
     fds_only,
-    split_credentials,
 )
 from .._errors import AfunixError, ProtocolError, TooManyFds, UnsupportedFeature
 from .._memfd import MEMFD_THRESHOLD, MemfdBuffer, SealedPayload, available, seal_bytes
 from .._peer import PeerCredentials
-from .._platform import PLATFORM
 from .decoder import StreamDecoder
 from .framing import (
     CLOSED,
@@ -107,10 +104,10 @@ WORD = struct.Struct("!II")
 
 _PLAIN_TYPES = (bytes, bytearray)
 _pack_header = HEADER.pack
+_HEADER_SIZE = HEADER.size
 _STREAM = int(_constants.SOCK_STREAM)
 _SEQPACKET = int(_constants.SOCK_SEQPACKET)
 _MSG_TRUNC = int(_constants.MSG_TRUNC)
-_MECHANISM = PLATFORM.backend.MESSAGE_MECHANISM or ""
 _MEMFD = available()  # read once: asked per channel, it cost two hasattr calls
 
 
@@ -121,7 +118,21 @@ class ChannelProtocol:
     each side); the descriptors of received messages may be taken or closed in
     any thread (the in-flight count is kept without a lock: releases are
     appended to a deque, which only the receiver drains).
+
+    Cheap to make, as a short connection uses little of it: slots (36 names, more than
+    CPython 3.11 shares between the dicts of a class), a stream's decoder made by its
+    first bytes (end of file before any is ``CLOSED`` without one).
     """
+
+    # fmt: off
+    __slots__ = (
+        "_direct", "_direct_got", "_eof", "_header_next", "_in_flight", "_into", "_lean", "_queue",
+        "_released", "accept_memfd", "carries_fds", "control_space", "credentials", "decoder",
+        "discard_fds", "held", "held_fds", "holding", "idle", "kind", "max_fds_in_flight",
+        "max_size", "maxfds", "memfd_threshold", "packet_bufsize", "plain_limit", "queued",
+        "ready", "receiving", "recv_bufsize", "room", "rview", "state", "stream", "transport",
+    )
+    # fmt: on
 
     def __init__(
         self,
@@ -144,11 +155,6 @@ class ChannelProtocol:
             raise ValueError(f"maxfds must be 0..{SCM_MAX_FD}, not {maxfds}")
         if fd_room is not None and not 0 <= fd_room <= SCM_MAX_FD:
             raise ValueError(f"fd_room must be 0..{SCM_MAX_FD} or None, not {fd_room}")
-        #: ``False`` over TCP and ``ssh://``: no descriptors, memfds or credentials
-        #: (refused before anything is queued); large payloads go inline.
-        self.carries_fds = carries_fds
-        #: The transport as error messages name it, e.g. ``TCP (tcp://10.0.0.2:7000)``.
-        self.transport = transport
         if not carries_fds:
             if credentials:
                 raise UnsupportedFeature(
@@ -159,12 +165,20 @@ class ChannelProtocol:
                     "user as its peer; on one host use a Unix socket)"
                 )
             maxfds, memfd_threshold = 0, None  # a header announcing descriptors is an error
+        elif not _MEMFD:
+            memfd_threshold = None
+        stream = kind == _STREAM
+        #: ``False`` over TCP and ``ssh://``: no descriptors, memfds or credentials
+        #: (refused before anything is queued); large payloads go inline.
+        self.carries_fds = carries_fds
+        #: The transport as error messages name it, e.g. ``TCP (tcp://10.0.0.2:7000)``.
+        self.transport = transport
         self.kind = kind
         self.state = OPEN
-        self.stream = stream = kind == _STREAM
+        self.stream = stream
         self.max_size = max_size
         self.maxfds = maxfds
-        self.memfd_threshold = memfd_threshold if _MEMFD else None
+        self.memfd_threshold = memfd_threshold
         self.accept_memfd = accept_memfd and not discard_fds  # (a memfd closed is no payload)
         self.credentials = credentials
         self.max_fds_in_flight = max_fds_in_flight
@@ -172,23 +186,27 @@ class ChannelProtocol:
         # On a stream one sendmsg may carry the descriptors of several messages
         # (more=True): room for the kernel's most unless told (fd_room); maxfds is
         # checked per header.
-        room = SCM_MAX_FD if stream and carries_fds else maxfds
         if fd_room is not None and carries_fds:
             room = fd_room
+        else:
+            room = SCM_MAX_FD if stream and carries_fds else maxfds
         self.room = room
         self.control_space = control_space(room, credentials)
         #: Close received descriptors at once; messages show them as -1 (already closed).
         self.discard_fds = discard_fds
-        self.packet_bufsize = HEADER.size + min(max_size, max(packet_bufsize, PACKET_MIN))
-        self.plain_limit = -1  # largest payload sent as one plain frame (-1: none)
         if stream:
-            threshold = self.memfd_threshold
-            below = PLAIN_MAX if threshold is None else threshold - 1
+            self.packet_bufsize = 0  # (packets only)
+            #: The largest payload sent as one plain frame (-1: none, packets).
+            below = PLAIN_MAX if memfd_threshold is None else memfd_threshold - 1
             self.plain_limit = min(PLAIN_MAX, max_size, below)
+        else:
+            self.packet_bufsize = _HEADER_SIZE + min(max_size, max(packet_bufsize, PACKET_MIN))
+            self.plain_limit = -1
         #: Finished messages, in order, ahead of anything the decoder holds: a shell
         #: may pop the first without asking (plain ones come straight from the decoder).
         self.ready: deque[Message] = deque()
-        self.decoder = StreamDecoder(max_size, maxfds, done=self.ready) if stream else None
+        #: A stream's decoder, made by its first bytes (None: none came yet, or packets).
+        self.decoder: StreamDecoder | None = None
         #: Messages held by more=True, and duplicates of their descriptors (ours).
         #: (The shells append small plain frames with the core's hold_frame, then set holding.)
         self.held = bytearray()
@@ -198,8 +216,9 @@ class ChannelProtocol:
         self.queued = False
         #: Nothing buffered, a stream without credentials or in-flight limit: the
         #: lean receive of _io may read the next message itself.
-        self._lean = stream and not credentials and max_fds_in_flight is None and not discard_fds
-        self.idle = self._lean
+        self.idle = self._lean = (
+            stream and not credentials and max_fds_in_flight is None and not discard_fds
+        )
         #: A message has begun (its first bytes came): message vs idle timeout.
         self.receiving = False
         #: The kept stream receive buffer (made small on first use, see RECV_FIRST).
@@ -209,7 +228,8 @@ class ChannelProtocol:
         self._direct: memoryview | None = None
         self._direct_got = 0
         self._eof = False
-        self._released: deque[int] = deque()
+        #: Descriptor counts released by messages (with max_fds_in_flight only).
+        self._released: deque[int] | None = None if max_fds_in_flight is None else deque()
         self._in_flight = 0
 
     # -- sending ---------------------------------------------------------------
@@ -471,7 +491,13 @@ class ChannelProtocol:
             self._packet(bytes(into[:n]), fds, msg_flags, address, tag)
             return
         decoder = self.decoder
-        assert decoder is not None
+        if decoder is None:
+            if not n and not fds and not self._eof:
+                self._eof = True  # end of file before any byte: nothing to decode
+                return
+            decoder = self.decoder = StreamDecoder(self.max_size, self.maxfds, done=self.ready)
+            if self._eof:
+                decoder.receive_data(b"")  # it saw the end of file too (and refuses more)
         try:
             decoder.receive_data(into[:n], fds, tag)
         except FrameError:
@@ -488,8 +514,13 @@ class ChannelProtocol:
         if self.state is not OPEN:
             raise self._unusable()
         decoder = self.decoder
-        if decoder is None:
-            return CLOSED if self._eof else NEED_DATA
+        if decoder is None:  # packets, or a stream that brought no byte yet
+            if self._eof:
+                return CLOSED
+            if self._lean:  # (streams only) as a quiet decoder: the lean receive may read
+                self.idle = True
+                self._into = None
+            return NEED_DATA
         item = decoder.next_fast()  # simple frames: no memfd, no credentials
         if item is not None:
             if type(item) is tuple:
@@ -543,7 +574,8 @@ class ChannelProtocol:
         self.state = CLOSED_STATE
         self.idle = False
         self.holding = False
-        self.held = bytearray()  # frames held by more=True die with it
+        if self.held:
+            self.held = bytearray()  # frames held by more=True die with it
         n = 0
         if self.held_fds:
             n = close_fds(self.held_fds)
@@ -585,7 +617,7 @@ class ChannelProtocol:
     ) -> tuple[list[int], PeerCredentials | None]:
         if not self.credentials:
             return fds_only(ancdata, msg_flags, room=self.room), None
-        return _with_credentials(ancdata, msg_flags, self.room)
+        return fds_and_credentials(ancdata, msg_flags, self.room)
 
     def _packet(
         self, data: bytes, fds: list[int], msg_flags: int, address: Any, tag: object
@@ -664,6 +696,7 @@ class ChannelProtocol:
                 errno.ETOOMANYREFS,
             )
         self._in_flight = held + len(fds)
+        assert self._released is not None  # (made with the limit)
         return counted_message(
             data,
             fds,
@@ -675,32 +708,5 @@ class ChannelProtocol:
 
     def _drain(self) -> None:
         released = self._released
-        while released:
+        while released:  # (None without a limit)
             self._in_flight -= released.popleft()
-
-
-def _with_credentials(
-    ancdata: list[Triple], msg_flags: int, room: int
-) -> tuple[list[int], PeerCredentials | None]:
-    """Descriptors and the sender's credentials, in whatever form this system's kernel
-    attaches them (Linux ``SCM_CREDENTIALS``, the BSDs' ``SCM_CREDS``: the platform
-    backend parses them, as :func:`afunix.lowlevel.recv_credentials` does).
-
-    A pidfd (``SCM_PIDFD``, when someone set ``SO_PASSPIDFD`` on the socket) is
-    closed at once: on a stream one read's credentials may go with several
-    messages, so no message could own it; the pid, uid and gid stay. Errors
-    close every descriptor that came.
-    """
-    try:
-        decoded, pidfd, rest = split_credentials(ancdata)
-    except Exception as exc:  # split_credentials closed the pidfd; close the rest
-        close_fds(fds_in([t for t in ancdata if t[1] != SCM_PIDFD]))
-        raise UnexpectedControl(f"malformed credentials from the kernel: {exc}") from exc
-    if pidfd is not None:
-        os.close(pidfd)
-    fds = fds_only(rest, msg_flags, room=room) if rest or msg_flags & MSG_CTRUNC else []
-    if decoded is None:
-        return fds, None
-    return fds, PeerCredentials(
-        decoded.pid, decoded.uid, decoded.gid, decoded.groups, mechanism=_MECHANISM
-    )
