@@ -41,7 +41,9 @@ from ._io import (
     TlsSocket,
     frame_limit,
     protocol_for,
+    receive,
     receiver_for,
+    recv_frame,
     send_frame,
     try_frame,
     write_some,
@@ -63,7 +65,8 @@ __all__ = ["AsyncChannel"]
 
 def _attempt(sock: socket.socket, proto: ChannelProtocol) -> Any:
     """The reader callback's receive: a result, or ``None`` to wait (holds no channel)."""
-    receive = receiver_for(sock)
+    receiver = receiver_for(sock)
+    inline = receiver is receive
 
     def attempt(read: bool) -> Any:
         if not proto.idle:
@@ -73,7 +76,16 @@ def _attempt(sock: socket.socket, proto: ChannelProtocol) -> Any:
         if not read:
             return None
         try:
-            event = receive(sock, proto)
+            if inline and (view := proto.rview) is not None and proto.idle:
+                # The lean receive (see _io.receive), inline: one simple frame is the
+                # message; None: nothing there yet (the socket is non-blocking).
+                got = recv_frame(sock, view, proto.control_space, proto.max_size, proto.maxfds)
+                if type(got) is not tuple:
+                    return got
+                proto.received(got[0], got[1], got[2], None)
+                event = proto.next_event()
+            else:
+                event = receiver(sock, proto)
         except BlockingIOError:
             return None
         return None if event is NEED_DATA else event

@@ -187,6 +187,8 @@ class Channel:
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._timed = idle_timeout is not None or message_timeout is not None
+        #: recv may call the core's recv_frame itself: untimed, and not over tls://.
+        self._inline_recv = not self._timed and self._receive is receive
         self._send_timeout = send_timeout
         if self._timed or send_timeout is not None:
             check_timeouts(idle_timeout, message_timeout, send_timeout)
@@ -427,7 +429,7 @@ class Channel:
                     return proto.ready.popleft()
                 except IndexError:  # (another thread's receive took it)
                     pass
-            if proto.idle and not self._timed and self._receive is receive:
+            if proto.idle and self._inline_recv:
                 with self._recv_lock:  # the lean receive (see _io.receive), inline
                     view = proto.rview
                     if proto.idle and view is not None:
@@ -450,6 +452,7 @@ class Channel:
                 raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
             until = time.monotonic() + timeout
             self._timed = True  # from now on _arm runs (and clears what it set)
+            self._inline_recv = False
         with self._recv_lock:
             sock = self._sock
             try:
