@@ -1,0 +1,74 @@
+"""Build afunix's optional compiled core, ``afunix._ccore``; the metadata is in pyproject.toml.
+
+Where the core cannot be built (no C compiler, no ``Python.h``), the install goes
+on with the pure-Python core and says so in one line; ``AFUNIX_REQUIRE_CCORE=1``
+turns that into an error (CI and ``make asan`` use it). See "The compiled core"
+in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import warnings
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, ExecError, PlatformError
+
+CORE = Extension(
+    "afunix._ccore",
+    sources=["src/afunix/_ccore.c"],
+    define_macros=[("Py_LIMITED_API", "0x030B0000")],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
+    py_limited_api=True,
+)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that falls back to the pure-Python core instead of failing the install."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
+            self._fall_back(exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        if os.environ.get("AFUNIX_REQUIRE_CCORE") == "1":
+            raise exc
+        reason = self._why(exc)
+        # A UserWarning, not a print: pip shows a build backend's warnings (pip >= 24.1)
+        # and hides its output unless -v.
+        warnings.warn(
+            f"afunix: compiled core not built ({reason}); installed the pure-Python core. "
+            "To build it: install a C compiler and the Python headers (gcc, python3-dev) "
+            "and reinstall.",
+            stacklevel=1,
+        )
+
+    def _why(self, exc: BaseException) -> str:
+        """The likely cause in a few words (the compiler's own output is in ``pip -v``)."""
+        headers = sysconfig.get_path("include")
+        compiler = getattr(self.compiler, "compiler_so", None) or [os.environ.get("CC", "cc")]
+        if shutil.which(compiler[0]) is None:
+            return f"no C compiler: {compiler[0]} not found"
+        if not os.path.exists(os.path.join(headers, "Python.h")):
+            return f"no Python headers: {headers}/Python.h missing"
+        if isinstance(exc, CCompilerError):
+            return f"{compiler[0]} failed on src/afunix/_ccore.c; pip install -v shows why"
+        return " ".join(str(exc).split()) or type(exc).__name__
+
+
+setup(
+    ext_modules=[CORE],
+    cmdclass={"build_ext": OptionalBuildExt},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)
