@@ -44,7 +44,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: Layers, bottom first; each maps to ``fnmatch`` patterns of dotted module names
 #: (without the leading ``afunix.``; the package itself is ``__init__``).
 LAYERS: dict[str, list[str]] = {
-    "base": ["_errors", "_credstructs", "_limits"],
+    "base": ["_errors", "_credstructs", "_limits", "_core"],
     "platform": ["_platform", "_platform.*", "_peer"],
     "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol", "_protocol.*"],
     "io": [
