@@ -2,8 +2,7 @@
 
 Where the core cannot be built (no C compiler, no ``Python.h``), the install goes
 on with the pure-Python core and says so in one line; ``AFUNIX_REQUIRE_CCORE=1``
-turns that into an error (CI and ``make asan`` use it). See "The compiled core"
-in docs/architecture.md.
+turns that into an error. See "The compiled core" in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import warnings
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-from setuptools.errors import CCompilerError, ExecError, PlatformError
+from setuptools.errors import BaseError, CCompilerError
 
 CORE = Extension(
     "afunix._ccore",
@@ -23,36 +22,29 @@ CORE = Extension(
     define_macros=[("Py_LIMITED_API", "0x030B0000")],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
     py_limited_api=True,
+    # Optional: setuptools goes on without it (also in editable installs, which then
+    # copy nothing back into src/).
+    optional=os.environ.get("AFUNIX_REQUIRE_CCORE") != "1",
 )
 
 
-class OptionalBuildExt(build_ext):
-    """build_ext that falls back to the pure-Python core instead of failing the install."""
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
-            self._fall_back(exc)
+class SayWhyBuildExt(build_ext):
+    """build_ext that says in one line why an optional extension was not built."""
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
-        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
-            self._fall_back(exc)
-
-    def _fall_back(self, exc: BaseException) -> None:
-        if os.environ.get("AFUNIX_REQUIRE_CCORE") == "1":
-            raise exc
-        reason = self._why(exc)
-        # A UserWarning, not a print: pip shows a build backend's warnings (pip >= 24.1)
-        # and hides its output unless -v.
-        warnings.warn(
-            f"afunix: compiled core not built ({reason}); installed the pure-Python core. "
-            "To build it: install a C compiler and the Python headers (gcc, python3-dev) "
-            "and reinstall.",
-            stacklevel=1,
-        )
+        except (CCompilerError, BaseError) as exc:
+            if ext.optional:
+                # A UserWarning, not a print: pip shows a build backend's warnings
+                # (pip >= 24.1) and hides its output unless -v.
+                warnings.warn(
+                    f"afunix: compiled core not built ({self._why(exc)}); installed the "
+                    "pure-Python core. To build it: install a C compiler and the Python "
+                    "headers (gcc, python3-dev) and reinstall.",
+                    stacklevel=1,
+                )
+            raise  # setuptools skips an optional extension that failed
 
     def _why(self, exc: BaseException) -> str:
         """The likely cause in a few words (the compiler's own output is in ``pip -v``)."""
@@ -69,6 +61,6 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[CORE],
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": SayWhyBuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

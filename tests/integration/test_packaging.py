@@ -82,9 +82,15 @@ def source(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(240)
-def test_install_without_a_compiler_gives_the_pure_core(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_install_without_a_compiler_gives_the_pure_core(
+    source: Path, tmp_path: Path, editable: bool
+) -> None:
+    """``pip install`` and ``pip install -e`` (what the Makefile runs) with a compiler
+    that fails: one warning line, the pure core, and no extension anywhere."""
     python = fresh_venv(tmp_path / "venv")
-    done = pip_into(python, "--no-deps", str(source), env=clean_env(CC="/bin/false"))
+    what = ["-e", str(source)] if editable else [str(source)]
+    done = pip_into(python, "--no-deps", *what, env=clean_env(CC="/bin/false"))
     assert done.returncode == 0, done.stdout + done.stderr
     output = done.stdout + done.stderr
     said = [line for line in output.splitlines() if "compiled core" in line]
@@ -93,7 +99,7 @@ def test_install_without_a_compiler_gives_the_pure_core(source: Path, tmp_path: 
         "afunix: compiled core not built (/bin/false failed on src/afunix/_ccore.c; "
         "pip install -v shows why); installed the pure-Python core." in said[0]
     )
-    assert not list((tmp_path / "venv").rglob("_ccore*.so"))
+    assert not list(tmp_path.rglob("_ccore*.so"))  # the venv and the source tree
     assert version_of(python)[1] == "core: pure-python (not built: No module named 'afunix._ccore')"
 
 
