@@ -27,7 +27,7 @@ import pytest
 import afunix
 from afunix.server import THREAD_MAX_CLIENTS, somaxconn
 from afunix.server._threads import ThreadRunner
-from tests.conftest import NOBODY, wait_for_path
+from tests.conftest import NOBODY, wait_for_listener, wait_for_path
 
 BURST = 3000
 
@@ -333,7 +333,7 @@ def test_uid_limit_in_the_fork_model_counts_children(sockdir: Path) -> None:
     path = sockdir / "fu.sock"
     proc = subprocess.Popen([sys.executable, "-c", FORK_CAPPED, str(path)])
     try:
-        wait_for_path(path)
+        wait_for_listener(path)  # not wait_for_path: refused between bind and listen
         held = [_connect(path), _connect(path)]
         try:
             for h in held:
