@@ -36,8 +36,8 @@ class SayWhyBuildExt(build_ext):
             super().build_extension(ext)
         except (CCompilerError, BaseError) as exc:
             if ext.optional:
-                # A UserWarning, not a print: pip shows a build backend's warnings
-                # (pip >= 24.1) and hides its output unless -v.
+                # A UserWarning, not a print: recent pip shows a build backend's
+                # warnings (26.3 does; 23.2 does not) and hides its output unless -v.
                 warnings.warn(
                     f"afunix: compiled core not built ({self._why(exc)}); installed the "
                     "pure-Python core. To build it: install a C compiler and the Python "
