@@ -1,20 +1,46 @@
 # afunix: `make demo` runs the tour, `make test` runs lint, types and tests.
+# `make ci` is what .ci/run runs: lint, types, the ASan check of the compiled core,
+# and the whole suite once per core, both at the same time (docs/architecture.md,
+# "The compiled core").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+CC     ?= cc
+# The compiled core's source: a change rebuilds it (pip install -e runs build_ext).
+CCORE  := src/afunix/_ccore.c
+BUILD_INPUTS := pyproject.toml setup.py $(CCORE)
+# Removed before each build, so that a failed build leaves no older core behind.
+STALE_CORE := src/afunix/_ccore*.so
+SAY_CORE := $(BIN)/python -c 'import afunix; print("afunix core:", afunix.__core__)'
+# One run of the suite on one core: its own TMPDIR (pytest's temp dirs and every
+# tempfile go there; 1777 like /tmp, for the peers run as nobody) and its own cache.
+define run_suite
+	@tmp=$$(mktemp -d /tmp/afx-$(1)-XXXXXX) && chmod 1777 $$tmp && \
+	echo "pytest on the $(1) core (TMPDIR=$$tmp)" && \
+	TMPDIR=$$tmp AFUNIX_EXPECT_CORE=$(1) $(2) $(BIN)/pytest -o cache_dir=.pytest_cache/$(1) \
+	  $(PYTEST_ARGS); rc=$$?; rm -rf $$tmp; exit $$rc
+endef
+ASAN_DIR := build/asan
+ASAN_TESTS = $(wildcard tests/unit/test_ccore*.py) tests/unit/test_property_channel.py \
+             tests/integration/test_core_paths.py \
+             tests/unit/test_core_choice.py
 
-.PHONY: demo test lint types pytest clean venv-dev
+.PHONY: demo test lint types pytest pytest-compiled pytest-pure pytest-both asan ci clean venv-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: $(BUILD_INPUTS) | $(BIN)/python
+	rm -f $(STALE_CORE)
 	$(BIN)/python -m pip install -q -e '.[cli]'
+	@$(SAY_CORE)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: $(BUILD_INPUTS) | $(BIN)/python
+	rm -f $(STALE_CORE)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(SAY_CORE)
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
@@ -29,10 +55,46 @@ lint: venv-dev
 types: venv-dev
 	$(BIN)/mypy
 
+# The suite on whichever core this environment has (compiled where it was built).
 pytest: venv-dev
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The suite on one named core; tests/unit/test_core_choice.py fails the run if that
+# core is not the one running (a missing extension fails, not passes on pure Python).
+pytest-compiled: venv-dev
+	$(call run_suite,compiled,)
+
+pytest-pure: venv-dev
+	$(call run_suite,pure-python,AFUNIX_PURE_PYTHON=1)
+
+# Both at the same time, one per CPU; each run's output is printed when it ends.
+pytest-both: venv-dev
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest-compiled pytest-pure
+
+# The compiled core built with AddressSanitizer into $(ASAN_DIR) (a copy of the package
+# beside it, ahead of the editable install on PYTHONPATH), and its fuzz and differential
+# tests run against it. detect_leaks=0: CPython itself does not free everything at exit.
+# PYTHONMALLOC=malloc: every object through malloc, so ASan sees overflows between them.
+# Reports go to files (log_path), which the target prints: ASan ends the process with
+# _exit, and a report written to the stderr pytest captures would be lost with it.
+asan: venv-dev
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	cp -r src/afunix $(ASAN_DIR)/afunix && rm -f $(ASAN_DIR)/afunix/_ccore*.so
+	$(CC) -shared -fPIC -O1 -g -fsanitize=address -fno-omit-frame-pointer \
+	  -Wall -Wextra -Werror -DPy_LIMITED_API=0x030B0000 \
+	  -I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("include"))')" \
+	  $(CCORE) -o $(ASAN_DIR)/afunix/_ccore.abi3.so
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:log_path=$(abspath $(ASAN_DIR))/report \
+	  PYTHONMALLOC=malloc PYTHONPATH=$(ASAN_DIR) AFUNIX_EXPECT_CORE=compiled \
+	  AFUNIX_EXPECT_CCORE=$(ASAN_DIR)/afunix \
+	  $(BIN)/pytest -p no:cacheprovider -q $(ASAN_TESTS); rc=$$?; \
+	for r in $(ASAN_DIR)/report.*; do [ -e "$$r" ] && cat "$$r" && rc=1; done; \
+	[ $$rc = 0 ] || echo "make asan: failed (AddressSanitizer reports above, if any)"; exit $$rc
+
 test: lint types pytest
 
+ci: lint types asan pytest-both
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache $(STALE_CORE)

@@ -159,6 +159,25 @@ def wait_for_path(path: Path | str, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def listening_at(path: Path | str) -> bool:
+    """Whether a socket listens at *path* (``/proc/net/unix``: ``__SO_ACCEPTCON``), found
+    without connecting, so a server's connection counts stay untouched."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
+def wait_for_listener(path: Path | str, timeout: float = 10.0) -> None:
+    """Wait until a stream socket at *path* listens: its file appears at ``bind``,
+    before ``listen``, and a ``connect`` in between is refused."""
+    if not wait_until(lambda: listening_at(path), timeout):
+        raise TimeoutError(f"nothing listened at {path} within {timeout}s")
+
+
 @contextlib.contextmanager
 def background(
     argv: list[str], log: Path, ready: Callable[[], bool]

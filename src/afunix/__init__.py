@@ -18,6 +18,7 @@ import importlib as _importlib
 import typing as _typing
 import warnings as _warnings
 
+from . import _core
 from ._address import Address as Address
 from ._address import AddressKind as AddressKind
 from ._cmsg import ControlTruncated as ControlTruncated
@@ -61,10 +62,11 @@ if _typing.TYPE_CHECKING:  # imported on first use (they load asyncio): see __ge
 
 __version__ = "0.1.0"
 
-#: Which implementation of the socket core runs: ``"pure-python"`` (the only one
-#: today). A compiled core, when there is one, is chosen once at import and named
-#: here; ``afunix --version`` shows it.
-__core__ = "pure-python"
+#: Which implementation of the socket core runs, chosen once at import: ``"compiled"``
+#: (the C extension ``afunix._ccore``) or ``"pure-python"`` with the reason in brackets,
+#: e.g. ``"pure-python (AFUNIX_PURE_PYTHON=1)"``. ``afunix --version`` shows it; the
+#: bare name is :data:`afunix.lowlevel.CORE`.
+__core__ = _core.CORE + (f" ({_core.WHY})" if _core.WHY else "")
 
 __all__ = [
     "Address",

@@ -39,7 +39,7 @@ def _load() -> tuple[ModuleType | None, str]:
     try:  # (the C extension is no module of the layering: imported by name)
         return importlib.import_module("afunix._ccore"), ""
     except ImportError as exc:
-        return None, f"not built ({exc})"
+        return None, f"not built: {exc}"
 
 
 ccore, WHY = _load()

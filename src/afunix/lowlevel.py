@@ -18,7 +18,9 @@ that manage descriptors and credentials themselves use (the broker and the
   (every system's credential structures, parsed from bytes);
 * payloads: :class:`MemfdBuffer`, :class:`MemfdPool`, :class:`PayloadError`;
 * the system: :data:`PLATFORM` (:class:`Platform`), :func:`socket_type`,
-  :func:`type_name`, :func:`strerror`, :func:`notify` (``sd_notify``);
+  :func:`type_name`, :func:`strerror`, :func:`notify` (``sd_notify``), and
+  :data:`CORE`, the core that runs (``"compiled"`` or ``"pure-python"``; set
+  ``AFUNIX_PURE_PYTHON=1`` before importing afunix to force the pure one);
 * the book's opener: :func:`my_open`, :func:`openfile_main`, :class:`HelperError`;
 * ``tls://`` byte streams: :func:`connect_tls` (:class:`TlsSocket`; channels take
   ``ssl=`` themselves);
@@ -39,6 +41,7 @@ from ._cmsg import FdLike as FdLike
 from ._cmsg import UnexpectedControl as UnexpectedControl
 from ._cmsg import close_fds as close_fds
 from ._connect import connect_tls as connect_tls
+from ._core import CORE as CORE
 from ._creds import CredentialsMessage as CredentialsMessage
 from ._creds import CredentialsRefused as CredentialsRefused
 from ._creds import ProcessFacts as ProcessFacts
@@ -68,6 +71,7 @@ from .opener import my_open as my_open
 from .opener import openfile_main as openfile_main
 
 __all__ = [
+    "CORE",
     "PLATFORM",
     "SCM_MAX_FD",
     "AddressLike",

@@ -15,13 +15,24 @@ from pathlib import Path
 
 import pytest
 
-from afunix.bench import Options, _cbuild, run_bench, targets, to_json, uds_vs_tcp
+import afunix
+from afunix.bench import (
+    Options,
+    _cbuild,
+    render_markdown,
+    run_bench,
+    run_from_json,
+    targets,
+    to_json,
+    uds_vs_tcp,
+)
 from afunix.bench._harness import Cell, Run, available_impls, plan
 from afunix.bench._link import Job
 from afunix.bench._report import fmt, fmt_range, render_plain
 from afunix.bench._spec import CASES, IMPLS
 from afunix.bench.worker import run_c, run_python
 from afunix.cli.bench import size_arg
+from afunix.lowlevel import CORE
 
 from ..conftest import afunix_cmd
 
@@ -209,6 +220,30 @@ def test_run_bench_in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert "Targets (issue 6)" in text
 
 
+def test_workers_run_this_process_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The report names this process's core, so the workers must run it too, whatever
+    ``AFUNIX_PURE_PYTHON`` says by now: here it says the opposite of the choice made at
+    import (a worker that ran the other core would fail its rows)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if CORE == "compiled":
+        monkeypatch.setenv("AFUNIX_PURE_PYTHON", "1")
+    else:
+        monkeypatch.delenv("AFUNIX_PURE_PYTHON", raising=False)
+    opts = Options.quick(rounds=1, seconds=0.002, cases=("rtt",), impls=("afunix",), max_size=64)
+    run = run_bench(opts)
+    assert run.cells and not [c.error for c in run.cells if c.error]
+    assert (run.machine["afunix_core"], run.machine["afunix_core_detail"]) == (
+        CORE,
+        afunix.__core__,
+    )
+    assert f"afunix core: {afunix.__core__}" in render_plain(run)
+    assert f"afunix core: {afunix.__core__}" in to_json_and_back_markdown(run)
+
+
+def to_json_and_back_markdown(run: Run) -> str:
+    return render_markdown(run_from_json(json.loads(json.dumps(to_json(run)))))
+
+
 def test_cli_quick_json_and_plot(tmp_path: Path) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -238,9 +273,17 @@ def test_cli_quick_json_and_plot(tmp_path: Path) -> None:
     assert "round-trip latency" in proc.stdout and "UDS" in proc.stdout
     data = json.loads(out.read_text())
     assert data["schema"] == "afunix-bench/1"
-    assert {"kernel", "cpus", "python", "load_before", "load_after", "compiler"} <= set(
-        data["machine"]
-    )
+    assert {
+        "kernel",
+        "cpus",
+        "python",
+        "load_before",
+        "load_after",
+        "compiler",
+        "afunix_core",
+        "afunix_core_detail",
+    } <= set(data["machine"])
+    assert data["machine"]["afunix_core"] == CORE
     assert data["options"]["mode"] == "quick"
     results = data["results"]
     assert {r["impl"] for r in results} == set(IMPLS)

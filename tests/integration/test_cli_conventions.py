@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from afunix import __version__
+from afunix import __core__, __version__
 from afunix.cli import build_parser
 from afunix.cli._common import EXIT_STATUSES, json_text, run, strict_json
 
@@ -301,7 +301,7 @@ def test_version() -> None:
     assert result.returncode == 0
     assert result.stdout.decode().splitlines() == [
         f"afunix {__version__}",
-        "core: pure-python",
+        f"core: {__core__}",
         f"python: {platform.python_implementation()} {platform.python_version()}",
         f"platform: {platform.platform()}",
     ]

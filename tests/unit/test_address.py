@@ -175,11 +175,10 @@ def test_non_address_types_are_refused() -> None:
 
 
 def test_from_sockaddr_matches_what_the_kernel_returns() -> None:
+    name = f"afx-test-from-sockaddr-{os.getpid()}"  # two runs at once (make pytest-both)
     with socket.socket(socket.AF_UNIX) as s:
-        s.bind(b"\0afx-test-from-sockaddr")
-        assert Address.from_sockaddr(s.family, s.getsockname()) == Address.parse(
-            "@afx-test-from-sockaddr"
-        )
+        s.bind(b"\0" + name.encode())
+        assert Address.from_sockaddr(s.family, s.getsockname()) == Address.parse(f"@{name}")
     a, b = socket.socketpair()
     with a, b:
         assert Address.from_sockaddr(a.family, a.getsockname()).kind is AddressKind.UNNAMED

@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import afunix
+from afunix.lowlevel import CORE
+
 from . import _cbuild
 from ._link import Job
 from ._spec import CASES, IMPLS, MiB
@@ -229,6 +232,8 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
+        "afunix_core": CORE,
+        "afunix_core_detail": afunix.__core__,
     }
     with contextlib.suppress(ImportError):
         import zmq
@@ -309,6 +314,9 @@ def _job(cell: Cell, count: int, warmup: int, sockdir: str) -> Job:
 
 def _measure(worker: Worker, cell: Cell, job: Job, log: Any, *, keep: bool) -> dict[str, Any]:
     data = worker.run(job)
+    core = data.pop("core", CORE)
+    if core != CORE and "error" not in data:
+        data["error"] = f"the worker ran the {core} core, not this process's {CORE}"
     if "error" in data:
         cell.error = str(data["error"]).strip().splitlines()[-1] if data["error"] else "failed"
         tail = _log_tail(log)

@@ -326,8 +326,14 @@ def placement_warning(run: Run) -> str | None:
     )
 
 
+def core_line(run: Run) -> str:
+    """Which afunix core the afunix rows ran (``afunix --version`` names it the same way)."""
+    core = run.machine.get("afunix_core_detail") or run.machine.get("afunix_core")
+    return f"afunix core: {core or 'not recorded'}"
+
+
 def summary_lines(run: Run) -> list[str]:
-    lines = []
+    lines = [core_line(run)]
     warning = placement_warning(run)
     if warning:
         lines.append(f"Warning: {warning}")

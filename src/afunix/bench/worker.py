@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from afunix.lowlevel import CORE
+
 from ._link import ALARM, CPU_ENV, PEER_CPU_ENV, Job
 
 #: The module that implements each Python row.
@@ -93,6 +95,7 @@ def run_python(job: Job) -> dict[str, Any]:
         )
         return {"error": f"the measuring process died ({how})"}
     data: dict[str, Any] = json.loads(b"".join(chunks))
+    data["core"] = CORE  # the harness checks that it is its own
     return data
 
 
@@ -122,6 +125,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def core_env() -> dict[str, str]:
+    """This environment, with ``AFUNIX_PURE_PYTHON`` saying to run this process's core.
+
+    The core is chosen at import from the environment, which may have changed since
+    (or the variable may say ``0``): the worker must measure the core the report names.
+    """
+    env = dict(os.environ)
+    env.pop("AFUNIX_PURE_PYTHON", None)
+    if CORE == "pure-python":
+        env["AFUNIX_PURE_PYTHON"] = "1"
+    return env
+
+
 class Worker:
     """The harness's handle on a worker process."""
 
@@ -136,6 +152,7 @@ class Worker:
             argv += ["--baseline", self.baseline]
         return subprocess.Popen(
             argv,
+            env=core_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
