@@ -152,11 +152,33 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0) -> bool:
 
 
 def wait_for_path(path: Path | str, timeout: float = 10.0) -> None:
+    """Wait until *path* exists; when a stream or seqpacket socket is bound there, also
+    until it listens (its file appears at ``bind``, before ``listen``, and a ``connect``
+    in between is refused: this race failed a loaded run). Datagram sockets and other
+    files count once they exist."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not os.path.exists(path) or _bound_not_listening(path):
         if time.monotonic() > deadline:
+            if os.path.exists(path):
+                return  # (bound and never listening: the caller's connect says so)
             raise TimeoutError(f"{path} did not appear within {timeout}s")
         time.sleep(0.01)
+
+
+def _bound_not_listening(path: Path | str) -> bool:
+    """A stream/seqpacket socket is bound at *path* and none there listens yet
+    (``/proc/net/unix``: type ``0001``/``0005``, flag ``__SO_ACCEPTCON``)."""
+    waiting = False
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) < 8 or fields[7] != str(path):
+                continue
+            if int(fields[3], 16) & 0x10000 or fields[4] == "0002":
+                return False  # listening, or a datagram socket
+            waiting = True
+    return waiting
 
 
 def listening_at(path: Path | str) -> bool:
