@@ -1,7 +1,7 @@
-# afunix: `make demo` runs the tour, `make test` runs lint, types and tests.
-# `make ci` is what .ci/run runs: lint, types, the ASan check of the compiled core,
-# and the whole suite once per core, both at the same time (docs/architecture.md,
-# "The compiled core").
+# afunix: `make demo` runs the tour, `make test` runs lint, types and tests (what
+# .ci/run runs): with the compiled core built, the ASan check of it and the whole suite
+# once per core, both at the same time; without it (no compiler), the suite on the pure
+# core (docs/architecture.md, "The compiled core").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -92,9 +92,21 @@ asan: venv-dev
 	for r in $(ASAN_DIR)/report.*; do [ -e "$$r" ] && cat "$$r" && rc=1; done; \
 	[ $$rc = 0 ] || echo "make asan: failed (AddressSanitizer reports above, if any)"; exit $$rc
 
-test: lint types pytest
+# Every core this checkout has. Under CI (CI=true), where .ci/run installed a compiler
+# and the Python headers, a compiled core that did not build fails the run.
+test: lint types
+	@if $(BIN)/python -c 'import sys, afunix._core as c; sys.exit(c.ccore is None)'; then \
+	  $(MAKE) --no-print-directory asan pytest-both; \
+	elif [ "$$CI" = true ]; then \
+	  echo "make test: CI=true, but the compiled core does not run: $$($(BIN)/python -c \
+	    'import afunix._core as c; print(c.WHY)')" >&2; \
+	  exit 1; \
+	else \
+	  echo "make test: no compiled core in this checkout: the suite on the pure core"; \
+	  $(MAKE) --no-print-directory pytest-pure; \
+	fi
 
-ci: lint types asan pytest-both
+ci: test
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache $(STALE_CORE)
