@@ -35,6 +35,8 @@ from ._cmsg import (
     SCM_RIGHTS,
     SOL_SOCKET,
     Triple,
+    fds_in,
+    rights,
 )
 from ._core import ccore
 from ._creds import enable_credentials
@@ -273,7 +275,7 @@ def py_recv_frame(
             elif 0 < (nfds := word - PLAIN_WORD) <= maxfds and len(anc) == 1:
                 level, kind, data = anc[0]
                 if level == SOL_SOCKET and kind == SCM_RIGHTS and len(data) == INT_SIZE * nfds:
-                    return Message(bytes(buf[8:n]), list(struct.unpack(f"{nfds}i", data)))
+                    return Message(bytes(buf[8:n]), fds_in(anc))
     return n, anc, flags
 
 
@@ -301,8 +303,7 @@ def py_send_frame(sock: socket.socket, data: Any, fds: Any, limit: int) -> int:
     header = _pack_header(MAGIC, 0, len(fds), len(data))
     try:
         if fds:
-            rights = (SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))
-            return sock.sendmsg([header, data], [rights], NOSIGNAL)
+            return sock.sendmsg([header, data], [rights(fds)], NOSIGNAL)
         return sock.send(header + data, NOSIGNAL)
     except BlockingIOError:
         if sock.gettimeout() == 0.0:  # non-blocking: the protocol's path waits for room
