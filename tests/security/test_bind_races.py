@@ -216,16 +216,19 @@ def test_a_socket_that_never_listens_is_reported_as_such(sockdir: Path) -> None:
 
 ATTACKER = textwrap.dedent(
     """
-    import os, sys, time
-    d, file_target, dir_target, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    import os, sys
+    d, file_target, dir_target = sys.argv[1], sys.argv[2], sys.argv[3]
+    cmd, res = int(sys.argv[4]), int(sys.argv[5])
     sock, parent = os.path.join(d, "s.sock"), os.path.join(d, "p")
     swaps = {"file": 0, "dir": 0}
-    deadline = time.monotonic() + 400
     n = 0
-    while swaps["file"] + swaps["dir"] < total and time.monotonic() < deadline:
+
+    def swap():
+        global n
+        hit = 0
         for name, target, kind in ((sock, file_target, "file"), (parent, dir_target, "dir")):
             try:
-                st = os.lstat(name)
+                os.lstat(name)
             except FileNotFoundError:
                 continue
             if os.path.islink(name):
@@ -238,8 +241,24 @@ ATTACKER = textwrap.dedent(
                     os.rename(name, os.path.join(d, f".old{n}"))  # root's new directory
                 os.rename(link, name)  # atomically replaces root's socket file
                 swaps[kind] += 1
+                hit = 1
             except OSError:
                 os.unlink(link)
+        return hit
+
+    while os.read(cmd, 1) == b"g":  # a round: root is about to bind
+        os.set_blocking(cmd, False)
+        os.write(res, b"r")  # spinning from now on
+        hit = 0
+        while True:
+            hit |= swap()
+            try:
+                if os.read(cmd, 1) == b"d":  # root's round is over
+                    break
+            except BlockingIOError:
+                pass
+        os.set_blocking(cmd, True)
+        os.write(res, b"s" if hit else b"n")
     print(swaps["file"], swaps["dir"], flush=True)
     """
 )
@@ -247,7 +266,13 @@ ATTACKER = textwrap.dedent(
 
 @pytest.mark.timeout(600)
 def test_modes_never_follow_a_symlink_swapped_in_by_another_user(sockdir: Path) -> None:
-    """uid 65534 swaps symlinks in 10,000 times while root binds with mode=/parent_mode=."""
+    """uid 65534 swaps symlinks in 10,000 times while root binds with mode=/parent_mode=.
+
+    The two run in lockstep: each round, root binds only once the attacker
+    says it is spinning, and waits for it to stop before the next round, so
+    a loaded machine slows the race down but never starves the attacker (a
+    free-running attacker, descheduled, saw 1 bind in 45).
+    """
     shared = sockdir / "shared"
     shared.mkdir()
     os.chown(shared, 65534, 65534)  # a directory the attacker can write (not sticky)
@@ -258,45 +283,65 @@ def test_modes_never_follow_a_symlink_swapped_in_by_another_user(sockdir: Path) 
     private.mkdir(mode=0o700)
     private.chmod(0o700)
     sock, parent = shared / "s.sock", shared / "p"
-    attacker = subprocess.Popen(
-        [*NOBODY, sys.executable, "-c", ATTACKER, *map(str, (shared, secret, private, SWAPS))],
-        stdout=subprocess.PIPE,
-    )
-    changed = binds = refused = 0
-    old_umask = os.umask(0o077)  # so mode=0o666 must widen what bind() created
+    cmd_r, cmd_w = os.pipe()
+    res_r, res_w = os.pipe()
     try:
-        while attacker.poll() is None:
-            for where, kwargs in (
-                (sock, {"mode": 0o666}),
-                (parent / "s.sock", {"parent_mode": 0o777}),
-            ):
-                for leftover in (sock, parent):  # root clears the attacker's symlinks
-                    if leftover.is_symlink():
-                        with contextlib.suppress(OSError):  # the attacker races this too
-                            leftover.unlink()
-                try:
-                    afunix.listen(where, **kwargs).close()  # type: ignore[arg-type]
-                    binds += 1
-                except OSError:
-                    refused += 1
-                with contextlib.suppress(OSError):
-                    parent.rmdir()  # never follows a symlink (ENOTDIR)
-                if stat.S_IMODE(secret.stat().st_mode) != 0o600:
-                    changed += 1
-                    secret.chmod(0o600)
-                if stat.S_IMODE(private.stat().st_mode) != 0o700:
-                    changed += 1
-                    private.chmod(0o700)
+        attacker = subprocess.Popen(
+            [*NOBODY, sys.executable, "-c", ATTACKER]
+            + [str(x) for x in (shared, secret, private, cmd_r, res_w)],
+            stdout=subprocess.PIPE,
+            pass_fds=(cmd_r, res_w),
+        )
+    finally:
+        os.close(cmd_r)
+        os.close(res_w)
+    changed = binds = refused = rounds = hits = 0
+    old_umask = os.umask(0o077)  # so mode=0o666 must widen what bind() created
+    deadline = time.monotonic() + 450
+    try:
+        while hits < SWAPS and time.monotonic() < deadline:
+            where, kwargs = (
+                (sock, {"mode": 0o666})
+                if rounds % 2 == 0
+                else (parent / "s.sock", {"parent_mode": 0o777})
+            )
+            rounds += 1
+            for leftover in (sock, parent):  # root clears the attacker's symlinks
+                if leftover.is_symlink():
+                    leftover.unlink()  # the attacker is idle between rounds
+            os.write(cmd_w, b"g")
+            assert _read_exact(res_r, 1) == b"r"
+            try:
+                afunix.listen(where, **kwargs).close()  # type: ignore[arg-type]
+                binds += 1
+            except OSError:
+                refused += 1
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # never follows a symlink (ENOTDIR)
+            os.write(cmd_w, b"d")
+            hits += _read_exact(res_r, 1) == b"s"
+            if stat.S_IMODE(secret.stat().st_mode) != 0o600:
+                changed += 1
+                secret.chmod(0o600)
+            if stat.S_IMODE(private.stat().st_mode) != 0o700:
+                changed += 1
+                private.chmod(0o700)
+        os.close(cmd_w)
+        cmd_w = -1
         out, _ = attacker.communicate(timeout=30)
     finally:
         os.umask(old_umask)
+        if cmd_w >= 0:
+            os.close(cmd_w)
+        os.close(res_r)
         if attacker.poll() is None:
             attacker.kill()
             attacker.communicate()
     file_swaps, dir_swaps = map(int, out.split())
     print(
         f"\n{file_swaps + dir_swaps} swaps ({file_swaps} socket files, {dir_swaps} directories);"
-        f" root: {binds} binds, {refused} refused; modes changed on the targets: {changed}"
+        f" root: {rounds} rounds ({hits} swapped into), {binds} binds, {refused} refused;"
+        f" modes changed on the targets: {changed}"
     )
     assert file_swaps + dir_swaps >= SWAPS
     assert changed == 0
