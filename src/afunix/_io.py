@@ -44,9 +44,8 @@ from ._errors import AfunixError, UnsupportedFeature
 from ._peer import TlsPeer
 from ._platform import NOSIGNAL
 from ._protocol import Event
-from ._protocol.framing import HEADER, MAGIC
 from ._protocol.machine import PACKET_MIN, PLAIN_WORD, WORD, ChannelProtocol
-from ._protocol.message import Message
+from ._protocol.message import NO_FDS, Message
 from ._protocol.write import OPEN as OPEN_STATE
 from ._protocol.write import Write
 
@@ -74,7 +73,8 @@ _CLOEXEC = MSG_CMSG_CLOEXEC
 _KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
 _unpack_word = WORD.unpack_from
 _TIMEVAL = struct.Struct("@ll")
-_pack_header = HEADER.pack
+_pack_words = WORD.pack
+_new = object.__new__
 _INT_MAX = 2**31 - 1
 _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _type_of: Callable[[socket.socket], int] = _socket.socket.type.__get__
@@ -252,9 +252,10 @@ def frame_limit(sock: Any, proto: ChannelProtocol) -> int:
 
 
 def py_recv_frame(
-    sock: socket.socket, buf: Any, ancbufsize: int, max_size: int, maxfds: int
+    sock: socket.socket, buf: memoryview, ancbufsize: int, max_size: int, maxfds: int
 ) -> Message | tuple[int, list[Triple], int]:
-    """One ``recvmsg_into`` into *buf*: the message when exactly one whole simple frame came.
+    """One ``recvmsg_into`` into *buf* (a ``memoryview``, as the protocol's ``rview``):
+    the message when exactly one whole simple frame came.
 
     Simple: magic, no flags, a length within *max_size* and *buf* not filled
     (more may be waiting), its ``0 < n <= maxfds`` descriptors in one
@@ -270,12 +271,16 @@ def py_recv_frame(
         word, length = _unpack_word(buf)
         if n == 8 + length and length <= max_size and not flags & MSG_CTRUNC:
             if word == PLAIN_WORD:
-                if not anc:
-                    return Message(bytes(buf[8:n]))
+                if not anc:  # plain_message(), inline
+                    msg: Message = _new(Message)
+                    msg.data = buf[8:n].tobytes()
+                    msg.address = msg.credentials = msg._payload = None
+                    msg._fds = NO_FDS
+                    return msg
             elif 0 < (nfds := word - PLAIN_WORD) <= maxfds and len(anc) == 1:
                 level, kind, data = anc[0]
                 if level == SOL_SOCKET and kind == SCM_RIGHTS and len(data) == INT_SIZE * nfds:
-                    return Message(bytes(buf[8:n]), fds_in(anc))
+                    return Message(buf[8:n].tobytes(), fds_in(anc))
     return n, anc, flags
 
 
@@ -300,7 +305,7 @@ def py_send_frame(sock: socket.socket, data: Any, fds: Any, limit: int) -> int:
     for fd in fds:
         if type(fd) is not int or not 0 <= fd <= _INT_MAX:
             return -1
-    header = _pack_header(MAGIC, 0, len(fds), len(data))
+    header = _pack_words(PLAIN_WORD + len(fds), len(data))
     try:
         if fds:
             return sock.sendmsg([header, data], [rights(fds)], NOSIGNAL)

@@ -49,7 +49,7 @@ import afunix._protocol.decoder as decoder_mod
 import afunix.channel as channel_mod
 from afunix._core import CORE, ccore
 from afunix._io import py_recv_frame, py_send_frame
-from afunix._protocol.message import Message, py_scan_plain
+from afunix._protocol.message import Message, plain_message, py_scan_plain
 from afunix.channel import Channel
 
 from ..conftest import open_fds
@@ -438,7 +438,7 @@ def test_a_signal_handler_that_raises_interrupts_a_waiting_receive() -> None:
             t.start()
             try:
                 with pytest.raises(Interrupted):
-                    recv(b, bytearray(64), 1024, 100, 4)
+                    recv(b, memoryview(bytearray(64)), 1024, 100, 4)
             finally:
                 stop.set()
                 t.join()
@@ -465,7 +465,7 @@ def test_a_signal_whose_handler_returns_does_not_end_the_receive() -> None:
             t = threading.Timer(0.05, later)
             t.start()
             try:
-                got = recv(b, bytearray(64), 1024, 100, 4)
+                got = recv(b, memoryview(bytearray(64)), 1024, 100, 4)
                 assert isinstance(got, Message) and got.data == b"ok"
             finally:
                 t.join()
@@ -482,7 +482,7 @@ def test_a_closed_socket_is_ebadf_on_both_cores() -> None:
         a.close()
         b.close()
         with pytest.raises(OSError) as caught:
-            recv(b, bytearray(64), 1024, 100, 4)
+            recv(b, memoryview(bytearray(64)), 1024, 100, 4)
         assert caught.value.errno == errno.EBADF
     for send in [py_send_frame] + ([ccore.send_frame] if ccore is not None else []):
         a, b = socket.socketpair()
@@ -541,7 +541,7 @@ def test_a_forgotten_message_closes_its_descriptors_with_a_warning(files: list[i
         a, b = socket.socketpair()
         try:
             write_raw(a, header(1, 1) + b"x", [files[0]])
-            got = recv(b, bytearray(64), 1024, 100, 4)
+            got = recv(b, memoryview(bytearray(64)), 1024, 100, 4)
             assert isinstance(got, Message)
             fd = got.fds[0]
             with pytest.warns(ResourceWarning, match="not taken"):
@@ -575,3 +575,46 @@ def test_messages_of_the_compiled_core_behave_as_any_message(files: list[int]) -
     finally:
         a.close()
         b.close()
+
+
+def _plain_messages() -> list[tuple[str, Message]]:
+    """One plain message from each place that builds one, on the core that runs and pure."""
+    made = [("Message()", Message(b"ab")), ("plain_message()", plain_message(b"ab"))]
+    run: list[Any] = []
+    py_scan_plain(header(2) + b"ab" + header(2) + b"ab", 0, 100, run)
+    made += [("py_scan_plain", m) for m in run]
+    for name, recv in [("py_recv_frame", py_recv_frame)] + (
+        [("recv_frame", ccore.recv_frame)] if ccore is not None else []
+    ):
+        a, b = socket.socketpair()
+        with a, b:
+            a.send(header(2) + b"ab")
+            got = recv(b, memoryview(bytearray(64)), 1024, 100, 4)
+            assert isinstance(got, Message)
+            made.append((name, got))
+    x, y = Channel.pair()
+    with x, y:
+        x.send(b"ab", more=True)
+        x.send(b"ab")
+        made += [("Channel.recv, batch", y.recv()), ("Channel.recv", y.recv())]
+    return made
+
+
+def test_plain_messages_behave_alike_and_share_nothing_writable() -> None:
+    """A plain message's descriptor list may be one shared empty sequence: nothing to
+    take, closing changes nothing, and no message can change another's."""
+    made = _plain_messages()
+    assert len(made) >= 6
+    for name, msg in made:
+        assert (msg.data, msg.fds, len(msg)) == (b"ab", (), 2), name
+        assert (msg.address, msg.credentials, msg.memfd) == (None, None, False), name
+        assert msg.take_fds() == [], name
+        with pytest.raises(IndexError, match="has 0 descriptor"):
+            msg.take_fd(0)
+        with pytest.raises(IndexError):
+            msg.take_file(0)
+        msg.close()
+        msg.close()
+        assert msg.closed and msg.data == b"ab", name
+    for _, msg in made:
+        assert msg.fds == (), "a message's descriptors changed another's"

@@ -98,6 +98,9 @@ def encode_header(length: int, nfds: int = 0, flags: int = 0) -> bytes:
     return HEADER.pack(MAGIC, flags, nfds, length)
 
 
+_pack_words = WORDS.pack
+
+
 def py_hold_frame(held: bytearray, data: Any, limit: int) -> int:
     """Append the plain frame of *data* to *held*: its new length, or ``-1`` (nothing done)
     unless *data* is ``bytes`` or ``bytearray`` of at most *limit* bytes.
@@ -108,7 +111,7 @@ def py_hold_frame(held: bytearray, data: Any, limit: int) -> int:
     kind = type(data)
     if (kind is not bytes and kind is not bytearray) or len(data) > limit:
         return -1
-    held += HEADER.pack(MAGIC, 0, 0, len(data))
+    held += _pack_words(PLAIN_WORD, len(data))
     held += data
     return len(held)
 

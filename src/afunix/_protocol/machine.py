@@ -74,7 +74,7 @@ from .framing import (
     decode_packet,
     encode_header,
 )
-from .message import Message, counted_message
+from .message import Message, counted_message, plain_message
 from .write import BROKEN, CLOSED_STATE, OPEN, Write
 
 __all__ = ["HOLD_MAX", "RECV_BUFSIZE", "ChannelProtocol"]
@@ -525,7 +525,7 @@ class ChannelProtocol:
         if item is not None:
             if type(item) is tuple:
                 return self._deliver(item[0], item[1], None, None, None)
-            return Message(item) if type(item) is bytes else item  # type: ignore[return-value]
+            return plain_message(item) if type(item) is bytes else item  # type: ignore[return-value]
         if not decoder.quiet():
             if self._direct is None:
                 length = decoder.start_direct(DIRECT_MIN)

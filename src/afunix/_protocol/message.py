@@ -3,7 +3,8 @@
 Built by :class:`afunix._protocol.machine.ChannelProtocol` (and by the lean receive of
 :mod:`afunix._io`), handed out by :class:`afunix.Channel` and
 :class:`afunix.AsyncChannel`. Only messages that carry descriptors get a
-finalizer (:class:`_Fds`), so a plain message costs a list and nothing else.
+finalizer (:class:`_Fds`); a plain message shares one empty sequence
+(:data:`NO_FDS`) and costs nothing but itself.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .._cmsg import close_fds
 from .._core import MessageBase, ccore
@@ -20,7 +21,12 @@ from .._memfd import SealedPayload
 from .._peer import PeerCredentials
 from .framing import PLAIN_WORD, WORDS
 
-__all__ = ["Message", "scan_plain"]
+__all__ = ["NO_FDS", "Message", "plain_message", "scan_plain"]
+
+#: The descriptor list of every message that came without any: one shared, immutable
+#: empty sequence (no list to build per message). Nothing writes a message's list
+#: but through an index it has, and an empty one has none.
+NO_FDS = cast("list[int]", ())
 
 
 class _Fds(list[int]):
@@ -88,7 +94,7 @@ class Message(MessageBase):
         #: The sender's :class:`~afunix.PeerCredentials` (``SCM_CREDENTIALS``: pid and
         #: real uid/gid at send time), on channels opened with ``credentials=True``.
         self.credentials = credentials
-        self._fds: list[int] = _Fds(fds) if fds else []
+        self._fds: list[int] = _Fds(fds) if fds else NO_FDS
         self._payload = payload
 
     @property
@@ -200,6 +206,20 @@ def counted_message(
 
 
 _unpack_words = WORDS.unpack_from
+_new = object.__new__
+
+
+def plain_message(data: bytes) -> Message:
+    """``Message(data)`` for a message of *data* alone, without ``__init__``'s work.
+
+    The pure-Python core's construction (the compiled core builds its own in C):
+    five slot stores, the descriptors :data:`NO_FDS`.
+    """
+    msg: Message = _new(Message)
+    msg.data = data
+    msg.address = msg.credentials = msg._payload = None
+    msg._fds = NO_FDS
+    return msg
 
 
 def scan_plain(src: bytes | bytearray | memoryview, pos: int, max_size: int, out: list[Any]) -> int:
@@ -210,13 +230,18 @@ def scan_plain(src: bytes | bytearray | memoryview, pos: int, max_size: int, out
     reference of the compiled core's ``scan_plain`` (which replaces this one
     when it runs): the stream decoder's loop over a busy ``recvmsg``.
     """
-    end = len(src)
+    end, new, kind, no_fds, add = len(src), _new, Message, NO_FDS, out.append
+    copy = type(src) is not bytes  # (a slice of bytes is bytes already)
     while end - pos >= 8:
         word, length = _unpack_words(src, pos)
         stop = pos + 8 + length
         if word != PLAIN_WORD or length > max_size or stop > end:
             break
-        out.append(Message(bytes(src[pos + 8 : stop])))
+        msg = new(kind)  # plain_message(), inline: this is the loop of a busy stream
+        msg.data = bytes(src[pos + 8 : stop]) if copy else src[pos + 8 : stop]  # type: ignore[assignment]
+        msg.address = msg.credentials = msg._payload = None
+        msg._fds = no_fds
+        add(msg)
         pos = stop
     return pos
 
