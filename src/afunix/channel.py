@@ -61,7 +61,7 @@ from ._memfd import MEMFD_THRESHOLD, MemfdBuffer
 from ._peer import TlsPeer
 from ._platform import PLATFORM
 from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
-from ._protocol.framing import hold_frame
+from ._protocol.framing import HOLD_IN_C, PLAIN_WORD, WORDS, hold_frame
 from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
@@ -74,6 +74,9 @@ __all__ = ["Channel", "Listener", "Message"]
 
 _RCVTIMEO, _SNDTIMEO = socket.SO_RCVTIMEO, socket.SO_SNDTIMEO
 _TLS = AddressKind.TLS
+
+
+_pack_words = WORDS.pack
 
 
 class Channel:
@@ -353,11 +356,21 @@ class Channel:
                             if sent < len(data) + 8:  # (descriptors went with the first byte)
                                 self._write(proto.rest_of(data, sent, len(fds)))  # type: ignore[arg-type]
                             return
-                elif not fds and (held := hold_frame(proto.held, data, self._frame_limit)) >= 0:
-                    proto.holding = True
-                    if held >= HOLD_MAX:
-                        self._flush_locked()
-                    return
+                elif not fds:
+                    if HOLD_IN_C:
+                        held = hold_frame(proto.held, data, self._frame_limit)
+                    elif type(data) is bytes and len(data) <= self._frame_limit:
+                        buf = proto.held  # py_hold_frame inline: the call cost what it does
+                        buf += _pack_words(PLAIN_WORD, len(data))
+                        buf += data
+                        held = len(buf)
+                    else:
+                        held = -1  # (a bytearray too: the protocol holds it)
+                    if held >= 0:
+                        proto.holding = True
+                        if held >= HOLD_MAX:
+                            self._flush_locked()
+                        return
             out = proto.send(data, fds, memfd=memfd, address=address, more=more)
             if type(out) is bytes:
                 try:

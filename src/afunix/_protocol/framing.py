@@ -118,6 +118,8 @@ def py_hold_frame(held: bytearray, data: Any, limit: int) -> int:
 
 #: The compiled core's twin where it runs (see :mod:`afunix._core`).
 hold_frame = py_hold_frame if ccore is None else ccore.hold_frame
+#: Whether :func:`hold_frame` is compiled: ``Channel.send`` does the pure one's work inline.
+HOLD_IN_C: Final = ccore is not None
 
 
 def header_problem(
