@@ -60,7 +60,7 @@ from ._sockets import (
 if TYPE_CHECKING:
     import ssl as _ssl
 
-    from ._io import TlsSocket
+    from ._tlsio import TlsSocket
 
 __all__ = [
     "check_tls",
@@ -450,7 +450,7 @@ def connect_tls(
     ``tls_peer`` (the server's certificate, a :class:`~afunix.TlsPeer`);
     :meth:`afunix.Channel.connect` with ``ssl=`` gives messages instead.
     """
-    from ._io import TlsSocket
+    from ._tlsio import TlsSocket
 
     addr = Address.parse(address)
     if addr.kind is not AddressKind.TLS:

@@ -38,7 +38,6 @@ from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_nowait, connect_tls
 from ._errors import AfunixError, PeerTimeout
 from ._io import (
-    TlsSocket,
     frame_limit,
     protocol_for,
     receive,
@@ -56,6 +55,7 @@ from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE, ChannelProtocol
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import SocketTypeLike, listen, pair, type_name
+from ._tlsio import TlsSocket
 
 if TYPE_CHECKING:
     import ssl as _ssl

@@ -46,7 +46,6 @@ from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_tls, requires_client_certificates, tcp_of
 from ._errors import PeerTimeout
 from ._io import (
-    TlsSocket,
     frame_limit,
     protocol_for,
     receive,
@@ -66,6 +65,7 @@ from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE
 from ._protocol.message import Message
 from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
 from ._sockets import SocketTypeLike, listen, pair, refuse_exposed, socket_type, type_name
+from ._tlsio import TlsSocket
 
 if TYPE_CHECKING:
     import ssl as _ssl

@@ -56,7 +56,6 @@ from ._fds import describe_fd as describe_fd
 from ._fds import recv_fds as recv_fds
 from ._fds import send_fds as send_fds
 from ._fds import sendall_fds as sendall_fds
-from ._io import TlsSocket as TlsSocket
 from ._memfd import MemfdBuffer as MemfdBuffer
 from ._memfd import MemfdPool as MemfdPool
 from ._memfd import PayloadError as PayloadError
@@ -66,6 +65,7 @@ from ._platform import Platform as Platform
 from ._sockets import SocketTypeLike as SocketTypeLike
 from ._sockets import socket_type as socket_type
 from ._sockets import type_name as type_name
+from ._tlsio import TlsSocket as TlsSocket
 from .opener import HelperError as HelperError
 from .opener import my_open as my_open
 from .opener import openfile_main as openfile_main

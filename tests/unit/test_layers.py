@@ -49,6 +49,7 @@ LAYERS: dict[str, list[str]] = {
     "sans-IO": ["_address", "_cmsg", "_memfd", "_protocol", "_protocol.*"],
     "io": [
         "_io",
+        "_tlsio",
         "_backends",
         "_backends.*",
         "_fds",

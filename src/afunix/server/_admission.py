@@ -23,8 +23,8 @@ from .._address import Address
 from .._backends import wait_readable, wait_writable
 from .._creds import PeerCredentials, enable_credentials, peer_credentials, recv_credentials
 from .._errors import AfunixError, ProtocolError, UnsupportedFeature
-from .._io import TlsSocket
 from .._platform import NOSIGNAL, PLATFORM
+from .._tlsio import TlsSocket
 from ..policy import PeerPolicy
 from ._connection import BUFSIZE, Datagram, peer_address
 
