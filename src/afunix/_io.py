@@ -38,7 +38,8 @@ from ._creds import enable_credentials
 from ._errors import UnsupportedFeature
 from ._platform import NOSIGNAL
 from ._protocol import Event
-from ._protocol.machine import PACKET_MIN, PLAIN_WORD, WORD, ChannelProtocol
+from ._protocol.framing import PLAIN_WORD, WORDS
+from ._protocol.machine import PACKET_MIN, ChannelProtocol
 from ._protocol.message import NO_FDS, Message
 from ._protocol.write import OPEN as OPEN_STATE
 from ._protocol.write import Write
@@ -63,9 +64,9 @@ __all__ = [
 
 _CLOEXEC = MSG_CMSG_CLOEXEC
 _KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
-_unpack_word = WORD.unpack_from
+_unpack_word = WORDS.unpack_from
 _TIMEVAL = struct.Struct("@ll")
-_pack_words = WORD.pack
+_pack_words = WORDS.pack
 _new = object.__new__
 _INT_MAX = 2**31 - 1
 _family_of: Callable[[socket.socket], int] = _socket.socket.family.__get__

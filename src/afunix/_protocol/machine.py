@@ -39,7 +39,6 @@ from __future__ import annotations
 import errno
 import os
 import socket as _constants  # constants only; no I/O here
-import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -96,11 +95,6 @@ DIRECT_MIN = 256 * 1024
 PACKET_MIN = 512 * 1024
 #: ``send(..., more=True)`` holds plain frames until this many bytes are waiting.
 HOLD_MAX = 64 * 1024
-#: The first 32 bits of a plain header (magic, no flags, no descriptors): the lean
-#: receive of :mod:`afunix._io` tests magic, flags and descriptor count at once.
-PLAIN_WORD = MAGIC << 24
-#: A header as (magic/flags/nfds word, length).
-WORD = struct.Struct("!II")
 
 _PLAIN_TYPES = (bytes, bytearray)
 _pack_header = HEADER.pack
