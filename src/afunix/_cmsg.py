@@ -68,6 +68,7 @@ __all__ = [
     "credentials",
     "decode",
     "encode",
+    "exact_rights",
     "fd_numbers",
     "fds_and_credentials",
     "fds_in",
@@ -347,6 +348,17 @@ def fds_in(triples: Iterable[Triple]) -> list[int]:
             whole = len(data) - len(data) % INT_SIZE
             fds.extend(struct.unpack(f"{whole // INT_SIZE}i", data[:whole]))
     return fds
+
+
+def exact_rights(triples: list[Triple], nfds: int) -> list[int] | None:
+    """The *nfds* descriptors of *triples* when they are exactly one well-formed
+    ``SCM_RIGHTS`` item carrying that many; else ``None``, and :func:`decode` (through
+    the protocol) says what is wrong. The lean receive's test (``_io.py_recv_frame``)."""
+    if len(triples) == 1:
+        level, kind, data = triples[0]
+        if level == SOL_SOCKET and kind == SCM_RIGHTS and len(data) == INT_SIZE * nfds:
+            return list(struct.unpack(f"{nfds}i", data))
+    return None
 
 
 def close_fds(fds: Iterable[int]) -> int:

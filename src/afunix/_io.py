@@ -23,14 +23,11 @@ from typing import Any
 
 from ._address import Address
 from ._cmsg import (
-    INT_SIZE,
     MSG_CMSG_CLOEXEC,
     MSG_CTRUNC,
     SCM_MAX_FD,
-    SCM_RIGHTS,
-    SOL_SOCKET,
     Triple,
-    fds_in,
+    exact_rights,
     rights,
 )
 from ._core import ccore
@@ -270,10 +267,11 @@ def py_recv_frame(
                     msg.address = msg.credentials = msg._payload = None
                     msg._fds = NO_FDS
                     return msg
-            elif 0 < (nfds := word - PLAIN_WORD) <= maxfds and len(anc) == 1:
-                level, kind, data = anc[0]
-                if level == SOL_SOCKET and kind == SCM_RIGHTS and len(data) == INT_SIZE * nfds:
-                    return Message(buf[8:n].tobytes(), fds_in(anc))
+            elif (
+                0 < (nfds := word - PLAIN_WORD) <= maxfds
+                and (fds := exact_rights(anc, nfds)) is not None
+            ):
+                return Message(buf[8:n].tobytes(), fds)
     return n, anc, flags
 
 

@@ -364,3 +364,28 @@ def test_split_credentials_closes_a_pidfd_without_credentials() -> None:
     decoded, got, rest = anc.split_credentials([(1, 4, i32(pidfd))])
     assert (decoded, got, rest) == (None, None, [])
     assert not is_open(pidfd)
+
+
+def _ints(*fds: int) -> bytes:
+    return struct.pack(f"{len(fds)}i", *fds)
+
+
+@pytest.mark.parametrize(
+    ("triples", "nfds", "expected"),
+    [
+        ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(7))], 1, [7]),
+        ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(7, 8, 9))], 3, [7, 8, 9]),
+        ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(7, 8))], 1, None),  # more than said
+        ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(7))], 2, None),  # fewer than said
+        ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(7)[:3])], 1, None),  # a fragment
+        ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(7))] * 2, 2, None),  # two items
+        ([(socket.SOL_SOCKET, 2, _ints(7))], 1, None),  # SCM_CREDENTIALS, not rights
+        ([(socket.IPPROTO_TCP, socket.SCM_RIGHTS, _ints(7))], 1, None),  # another level
+        ([], 1, None),
+    ],
+)
+def test_exact_rights_takes_one_well_formed_item_of_exactly_nfds(
+    triples: list[tuple[int, int, bytes]], nfds: int, expected: list[int] | None
+) -> None:
+    """The lean receive's test: anything else is left to decode(), which explains it."""
+    assert anc.exact_rights(triples, nfds) == expected
