@@ -36,7 +36,7 @@ from ._backends import asyncio_loop, in_trio, new_lock, notify_closing, to_threa
 from ._backends.asyncio import Waiter
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_nowait, connect_tls
-from ._errors import AfunixError, PeerTimeout
+from ._errors import AfunixError
 from ._io import (
     frame_limit,
     protocol_for,
@@ -53,7 +53,8 @@ from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.framing import hold_frame
 from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE, ChannelProtocol
 from ._protocol.message import Message
-from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
+from ._protocol.timeouts import ReceiveWait, check_timeouts, timed_out
+from ._protocol.write import BROKEN, OPEN, Write
 from ._sockets import SocketTypeLike, listen, pair, type_name
 from ._tlsio import TlsSocket
 
@@ -371,7 +372,7 @@ class AsyncChannel:
             in_trio()
             self._trio = True
             if not await wait_writable(self._fd, self._send_timeout):
-                raise _send_timed_out(self._send_timeout)
+                raise timed_out("send", self._send_timeout)
             return
         waiter = self._waiter
         fut = waiter.writable(loop)
@@ -382,7 +383,7 @@ class AsyncChannel:
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), self._send_timeout)
                 except TimeoutError:
-                    raise _send_timed_out(self._send_timeout) from None
+                    raise timed_out("send", self._send_timeout) from None
         finally:
             waiter.forget_writer(fut)
 
@@ -451,31 +452,18 @@ class AsyncChannel:
         """*fut* within the idle timeout, and once a message began, the message timeout;
         and all of it by *until* (the call's ``timeout``), if given."""
         proto = self._proto
-        deadline: float | None = None
+        wait = ReceiveWait(
+            self._idle_timeout, self._message_timeout, time.monotonic(), until, timeout, poll=True
+        )
         while True:
-            if proto.receiving and self._message_timeout is not None:
-                if deadline is None:
-                    deadline = time.monotonic() + self._message_timeout
-                limit: float | None = max(deadline - time.monotonic(), 0.0)
-            else:
-                limit = self._idle_timeout if not proto.receiving else None
-                if limit is None:
-                    limit = self._message_timeout  # look again when a message may have begun
-            if until is not None:
-                left = max(until - time.monotonic(), 0.0)
-                limit = left if limit is None else min(limit, left)
+            limit = wait.limit(proto.receiving, time.monotonic())
             done, _ = await asyncio.wait([fut], timeout=limit)
             if done:
                 return fut.result()
-            if until is not None and time.monotonic() >= until:
+            error = wait.expired(proto.receiving)
+            if error is not None:
                 self._rescue(fut)
-                raise _call_timed_out(timeout, proto.receiving)
-            if deadline is not None:
-                self._rescue(fut)
-                raise _message_timed_out(self._message_timeout)
-            if not proto.receiving and self._idle_timeout is not None:
-                self._rescue(fut)
-                raise _idle_timed_out(self._idle_timeout)
+                raise error
 
     async def _recv_trio(self, until: float | None, timeout: float | None) -> Message:
         """:meth:`recv` under trio: receivers take turns under a fair lock, each
@@ -489,18 +477,16 @@ class AsyncChannel:
 
         self._trio = True
         proto = self._proto
-        idle = self._idle_timeout
-        start = time.monotonic()
+        idle, message = self._idle_timeout, self._message_timeout
+        wait = ReceiveWait(idle, message, time.monotonic(), until, timeout)
         lock = self._recv_lock
         if lock is None:
             lock = self._recv_lock = new_lock()
-        turn = idle if until is None else _sooner(idle, max(until - start, 0.0))
-        if not await trio_rt.acquire(lock, turn):
-            if until is not None and time.monotonic() >= until:
-                raise _call_timed_out(timeout, False)
-            raise _idle_timed_out(idle)
+        if not await trio_rt.acquire(lock, wait.limit(False, wait.start)):
+            error = wait.expired(False)  # (no limit: the turn is waited for, however long)
+            assert error is not None
+            raise error
         try:
-            deadline: float | None = None  # of the message under way
             while True:
                 if proto.state is not OPEN:
                     raise _closed()
@@ -512,23 +498,11 @@ class AsyncChannel:
                     raise
                 if event is not None:
                     break
-                now = time.monotonic()
-                if proto.receiving and self._message_timeout is not None:
-                    if deadline is None:
-                        deadline = now + self._message_timeout
-                    limit: float | None = max(deadline - now, 0.0)
-                elif not proto.receiving and idle is not None:
-                    limit = max(start + idle - now, 0.0)
-                else:
-                    limit = None
-                if until is not None:
-                    limit = _sooner(limit, max(until - now, 0.0))
+                limit = wait.limit(proto.receiving, time.monotonic())
                 if not await trio_rt.wait_ready(self._fd, False, limit):  # (no read meanwhile)
-                    if until is not None and time.monotonic() >= until:
-                        raise _call_timed_out(timeout, proto.receiving)
-                    if proto.receiving:
-                        raise _message_timed_out(self._message_timeout)
-                    raise _idle_timed_out(idle)
+                    error = wait.expired(proto.receiving)
+                    if error is not None:
+                        raise error
         finally:
             lock.release()
         if event is CLOSED:
@@ -603,38 +577,3 @@ class AsyncChannel:
 
 def _closed() -> OSError:
     return AfunixError(errno.EBADF, "the channel is closed")
-
-
-def _send_timed_out(timeout: float | None) -> PeerTimeout:
-    return PeerTimeout(
-        f"the peer did not read for send_timeout={timeout:g} s: no room in the socket to write to",
-        "send",
-    )
-
-
-def _message_timed_out(timeout: float | None) -> PeerTimeout:
-    return PeerTimeout(
-        f"the peer began a message and did not finish it within "
-        f"message_timeout={timeout:g} s; close the channel",
-        "message",
-    )
-
-
-def _idle_timed_out(timeout: float | None) -> PeerTimeout:
-    return PeerTimeout(
-        f"no message from the peer within idle_timeout={timeout:g} s "
-        "(the channel is still open: receive again or close it)",
-        "idle",
-    )
-
-
-def _call_timed_out(timeout: float | None, begun: bool) -> PeerTimeout:
-    then = "; a message had begun: close the channel" if begun else ""
-    return PeerTimeout(
-        f"no whole message from the peer within recv(timeout={timeout:g}) s{then}", "call"
-    )
-
-
-def _sooner(a: float | None, b: float) -> float:
-    """The shorter of two waits, *a* ``None`` meaning none."""
-    return b if a is None else min(a, b)

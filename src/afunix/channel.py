@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._address import Address, AddressKind, AddressLike
 from ._cmsg import SCM_MAX_FD, FdLike
 from ._connect import check_tls, connect, connect_tls, requires_client_certificates, tcp_of
-from ._errors import PeerTimeout
 from ._io import (
     frame_limit,
     protocol_for,
@@ -63,7 +62,8 @@ from ._protocol import CLOSED, DEFAULT_MAX_SIZE, NEED_DATA
 from ._protocol.framing import HOLD_IN_C, PLAIN_WORD, WORDS, hold_frame
 from ._protocol.machine import HOLD_MAX, RECV_BUFSIZE
 from ._protocol.message import Message
-from ._protocol.write import BROKEN, OPEN, Write, check_timeouts
+from ._protocol.timeouts import ReceiveWait, check_timeouts, timed_out
+from ._protocol.write import BROKEN, OPEN, Write
 from ._sockets import SocketTypeLike, listen, pair, refuse_exposed, socket_type, type_name
 from ._tlsio import TlsSocket
 
@@ -147,11 +147,10 @@ class Channel:
     # Receive timeouts, as class defaults: an untimed channel sets none of them.
     _idle_timeout: float | None = None
     _message_timeout: float | None = None
-    #: ``SO_RCVTIMEO`` as last set (``None``: none), and the message under way's deadline.
+    #: ``SO_RCVTIMEO`` as last set (``None``: none), and what the limits say (made by the
+    #: first timed receive; it keeps the deadline of a message under way across calls).
     _rcvtimeo: float | None = None
-    _deadline: float | None = None
-    #: Which limit the ``SO_RCVTIMEO`` set last stands for: "idle", "message" or "call".
-    _due = "idle"
+    _wait: ReceiveWait | None = None
 
     def __init__(
         self,
@@ -476,19 +475,20 @@ class Channel:
             self._inline_recv = False
         with self._recv_lock:
             sock = self._sock
+            wait = self._wait_until(until, timeout) if self._timed else None
             try:
                 while True:
                     if not proto.idle:
                         event = proto.next_event()
                         if event is not NEED_DATA:
                             break
-                    if self._timed:
-                        self._arm(until)
+                    if wait is not None:
+                        self._arm(wait)
                     event = self._receive(sock, proto)
                     if event is not NEED_DATA:
                         break
             except BlockingIOError as exc:
-                raise self._timed_out(exc, sending=False, timeout=timeout) from exc
+                raise self._timed_out(exc, sending=False) from exc
             except BaseException:
                 if proto.state is BROKEN:
                     self.close()  # the byte stream cannot be trusted any more
@@ -497,56 +497,32 @@ class Channel:
             raise EOFError("the peer closed the channel")
         return event
 
-    def _arm(self, until: float | None) -> None:
-        """Set ``SO_RCVTIMEO`` for the next read: idle or message timeout, or what is
-        left of the call's (*until*), whichever comes first."""
+    def _wait_until(self, until: float | None, timeout: float | None) -> ReceiveWait:
+        """The channel's :class:`ReceiveWait`, set for a call ending at *until*."""
+        wait = self._wait
+        if wait is None:
+            wait = self._wait = ReceiveWait(self._idle_timeout, self._message_timeout, 0.0)
+        wait.until, wait.timeout = until, timeout
+        return wait
+
+    def _arm(self, wait: ReceiveWait) -> None:
+        """Set ``SO_RCVTIMEO`` for the next read as *wait* says (the idle limit per read,
+        as the kernel counts it: unchanged, it costs no system call)."""
         now = time.monotonic()
-        if self._proto.receiving and self._message_timeout is not None:
-            if self._deadline is None:
-                self._deadline = now + self._message_timeout
-            want: float | None = self._deadline - now
-            due = "message"
-        else:
-            self._deadline = None
-            want = None if self._proto.receiving else self._idle_timeout
-            due = "idle"
-        if until is not None and (want is None or until - now < want):
-            want, due = until - now, "call"
+        wait.start = now
+        want = wait.limit(self._proto.receiving, now)
         if want is not None:
-            want = max(want, 1e-6)
-        self._due = due
+            want = max(want, 1e-6)  # (0 would be no timeout at all)
         if want != self._rcvtimeo:
             set_timeout(self._sock, _RCVTIMEO, want)
             self._rcvtimeo = want
 
-    def _timed_out(
-        self, exc: BlockingIOError, *, sending: bool, timeout: float | None = None
-    ) -> OSError:
+    def _timed_out(self, exc: BlockingIOError, *, sending: bool) -> OSError:
         """A blocking call gave up (``SO_RCVTIMEO``/``SO_SNDTIMEO``): why, as PeerTimeout."""
         if sending and self._send_timeout is not None:
-            return PeerTimeout(
-                f"the peer did not read for send_timeout={self._send_timeout:g} s: no room "
-                "in the socket to write to (a stream message cut short closed the channel)",
-                "send",
-            )
-        if not sending and self._timed:
-            if self._due == "call":
-                begun = "; a message had begun: close the channel" if self._proto.receiving else ""
-                return PeerTimeout(
-                    f"no whole message from the peer within recv(timeout={timeout:g}) s{begun}",
-                    "call",
-                )
-            if self._due == "message":
-                return PeerTimeout(
-                    f"the peer began a message and did not finish it within "
-                    f"message_timeout={self._message_timeout:g} s; close the channel",
-                    "message",
-                )
-            return PeerTimeout(
-                f"no message from the peer within idle_timeout={self._idle_timeout:g} s "
-                "(the channel is still open: receive again or close it)",
-                "idle",
-            )
+            return timed_out("send", self._send_timeout)
+        if not sending and self._timed and self._wait is not None:
+            return self._wait.expired(self._proto.receiving) or exc
         return exc  # a non-blocking socket given to a blocking channel
 
     def __iter__(self) -> Iterator[Message]:

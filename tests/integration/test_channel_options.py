@@ -14,6 +14,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -244,5 +245,69 @@ def test_async_discard_fds_and_fd_room(runtime: str) -> None:
                     await chan.recv(timeout=5)
         finally:
             os.close(r)
+
+    run_under(runtime, main)
+
+
+def _later(delay: float, sock: socket.socket, data: bytes) -> threading.Timer:
+    timer = threading.Timer(delay, sock.sendall, (data,))
+    timer.start()
+    return timer
+
+
+def test_a_message_begun_while_the_idle_limit_ran_gets_the_message_limit() -> None:
+    """Half a message within idle_timeout, the rest after it but within message_timeout:
+    the message comes (the idle limit is for a message to begin)."""
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with peer, Channel(ours, idle_timeout=0.4, message_timeout=5) as chan:
+        first = _later(0.1, peer, _header(6) + b"abc")
+        rest = _later(0.8, peer, b"def")
+        try:
+            assert chan.recv().data == b"abcdef"
+        finally:
+            first.join()
+            rest.join()
+
+
+def test_async_a_message_begun_while_the_idle_limit_ran_gets_the_message_limit(
+    runtime: str,
+) -> None:
+    async def main() -> None:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with peer, AsyncChannel(ours, idle_timeout=0.4, message_timeout=5) as chan:
+            first = _later(0.1, peer, _header(6) + b"abc")
+            rest = _later(0.8, peer, b"def")
+            try:
+                assert (await chan.recv()).data == b"abcdef"
+            finally:
+                first.join()
+                rest.join()
+
+    run_under(runtime, main)
+
+
+def test_async_a_receiver_waiting_its_turn_is_held_to_its_limits(runtime: str) -> None:
+    """Two receivers, nothing comes: each gets its idle (or call) timeout, whoever waits
+    for whom (trio: the second waits its turn under a lock, counted in its limits)."""
+
+    async def main() -> None:
+        import anyio
+
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with peer, AsyncChannel(ours, idle_timeout=0.3) as chan:
+            errors: list[str] = []
+
+            async def receive(timeout: float | None) -> None:
+                started = time.monotonic()
+                try:
+                    await chan.recv(timeout=timeout)
+                except PeerTimeout as exc:
+                    errors.append(exc.expired)
+                    assert time.monotonic() - started < 3.0
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(receive, None)
+                tasks.start_soon(receive, 0.1)
+            assert sorted(errors) == ["call", "idle"]
 
     run_under(runtime, main)

@@ -14,14 +14,7 @@ from typing import Any
 
 from .._cmsg import Triple, rights
 
-__all__ = ["BROKEN", "CLOSED_STATE", "OPEN", "State", "Write", "check_timeouts"]
-
-
-def check_timeouts(*timeouts: float | None) -> None:
-    """Refuse a timeout that is not ``None`` or a positive number of seconds."""
-    for each in timeouts:
-        if each is not None and not each > 0:
-            raise ValueError(f"a timeout is None or a positive number of seconds, not {each!r}")
+__all__ = ["BROKEN", "CLOSED_STATE", "OPEN", "State", "Write"]
 
 
 class State(enum.Enum):
