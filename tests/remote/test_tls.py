@@ -24,6 +24,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -296,15 +297,18 @@ def test_server_serves_tls_channels_in_every_model(model: str, tls_ca: TlsCa) ->
                         assert msg.data == b"r%d|%s" % (i, CLIENT.encode())
 
 
+@pytest.mark.parametrize("model", ["thread", "fork"])
 def test_a_policy_by_certificate_name_denies_other_names(
-    tls_ca: TlsCa, caplog: pytest.LogCaptureFixture
+    model: str, tls_ca: TlsCa, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A client whose certificate no rule allows is refused and counted in ``rejected``;
+    in the fork model its child refuses it, and the parent counts it (exit status)."""
     caplog.set_level(logging.WARNING, logger="afunix.server")
     policy = PeerPolicy(tls_names=["billing.afunix.test"])
     with afunix.Server(
         "tls://127.0.0.1:0",
         channel_echo,
-        model="thread",
+        model=model,
         ssl=tls_ca.server_context(),
         policy=policy,
     ) as srv:
@@ -324,7 +328,38 @@ def test_a_policy_by_certificate_name_denies_other_names(
             chan.send(b"billing")
             with chan.recv() as msg:
                 assert msg.data == b"billing|billing.afunix.test"
-    assert "no rule allows a TLS certificate with 'client.afunix.test'" in caplog.text
+        assert srv.rejected == 1 and "tls-handshake" not in srv.refused
+    if model != "fork":  # (a child logs to its own copy of the capture)
+        assert "no rule allows a TLS certificate with 'client.afunix.test'" in caplog.text
+
+
+PLAIN_CLIENT = """
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as s:
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    while s.recv(100):
+        pass
+"""
+
+
+def test_a_forked_childs_failed_handshake_is_counted_by_the_parent(tls_ca: TlsCa) -> None:
+    """The fork model shakes hands in the child: a client speaking plain bytes (in a
+    process of its own: a child forked from this one would hold its end open) is
+    refused there, and the parent's ``refused``/``rejected`` count it."""
+    with afunix.Server(
+        "tls://127.0.0.1:0", channel_echo, model="fork", ssl=tls_ca.server_context()
+    ) as srv:
+        srv.start()
+        port = str(srv.address.port)
+        for _ in range(2):
+            subprocess.run([sys.executable, "-c", PLAIN_CLIENT, port], timeout=60, check=True)
+        assert wait_until(lambda: srv.refused.get("tls-handshake") == 2, 30)
+        assert srv.rejected == 2
+        with Channel.connect(srv.address, ssl=tls_ca.client_context(), timeout=30) as c:
+            c.send(b"served")
+            with c.recv() as msg:
+                assert msg.data.startswith(b"served|")
+        assert srv.refused.get("tls-handshake") == 2 and srv.rejected == 2
 
 
 @pytest.mark.parametrize("model", ["thread", "asyncio"])

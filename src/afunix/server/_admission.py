@@ -264,6 +264,15 @@ class Admission:
             return None
         return self._judge_tls(tls, where)
 
+    def refused_in_child(self, handshake: bool) -> None:
+        """Count a client a forked child refused over ``tls://`` (the child logged it):
+        its handshake failed (*handshake*), or ``policy`` or ``verify`` turned it away."""
+        with self._count_lock:
+            self.rejected += 1
+            if handshake:
+                counts = self.refusals.counts
+                counts["tls-handshake"] = counts.get("tls-handshake", 0) + 1
+
     def _handshake_failed(self, conn: socket.socket, where: Address, exc: OSError) -> None:
         conn.close()
         self._reject()

@@ -39,6 +39,11 @@ THREAD_MAX_CLIENTS = 256
 #: Seconds the accept loop pauses after running out of descriptors, threads or
 #: processes: clients that arrive meanwhile wait in the listen queue.
 _PAUSE = 0.1
+#: How a forked child tells the parent it refused its ``tls://`` client (so that the
+#: parent's ``refused``/``rejected`` count it): its handshake failed (sysexits'
+#: EX_PROTOCOL), or ``policy``/``verify`` refused it (EX_NOPERM).
+_CHILD_HANDSHAKE_FAILED = 76
+_CHILD_REFUSED = 77
 
 
 @contextlib.contextmanager
@@ -335,9 +340,11 @@ class ForkRunner(_Runner):
         try:
             self._after_fork()
             if self.admission.tls is not None:  # tls://: handshake and admission here
+                failed = self.admission.refused.get("tls-handshake", 0)
                 secured = self.admission.secure(connection.sock, connection.peer)
-                if secured is None:
-                    os._exit(0)
+                if secured is None:  # the parent counts it (from the exit status)
+                    failed = self.admission.refused.get("tls-handshake", 0) > failed
+                    os._exit(_CHILD_HANDSHAKE_FAILED if failed else _CHILD_REFUSED)
                 connection = Connection(*secured, None, self.limits)
             self.handler(connection)
         except BaseException as exc:
@@ -377,13 +384,20 @@ class ForkRunner(_Runner):
         """``waitpid(pid, WNOHANG)`` for each of our children (the book's SIGCHLD loop)."""
         for pid in list(self._children):
             try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                done = pid
+                done, status = pid, 0
             if done == pid:
-                self._children.discard(pid)
-                self._child_uid.pop(pid, None)
-                log.debug("child %d terminated", pid)
+                self._ended(pid, status)
+
+    def _ended(self, pid: int, status: int) -> None:
+        """A child was reaped: forget it, and count a ``tls://`` client it refused."""
+        self._children.discard(pid)
+        self._child_uid.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if code in (_CHILD_HANDSHAKE_FAILED, _CHILD_REFUSED) and self.admission.tls is not None:
+            self.admission.refused_in_child(code == _CHILD_HANDSHAKE_FAILED)
+        log.debug("child %d terminated (%d)", pid, code)
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
@@ -395,10 +409,10 @@ class ForkRunner(_Runner):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         for pid in list(self._children):
+            status = 0
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            self._children.discard(pid)
-            self._child_uid.pop(pid, None)
+                status = os.waitpid(pid, 0)[1]
+            self._ended(pid, status)
 
 
 def _watchdog_due(due: float, period: float) -> float:
