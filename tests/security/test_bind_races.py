@@ -225,7 +225,7 @@ ATTACKER = textwrap.dedent(
 
     def swap():
         global n
-        hit = 0
+        hits = 0
         for name, target, kind in ((sock, file_target, "file"), (parent, dir_target, "dir")):
             try:
                 os.lstat(name)
@@ -241,24 +241,24 @@ ATTACKER = textwrap.dedent(
                     os.rename(name, os.path.join(d, f".old{n}"))  # root's new directory
                 os.rename(link, name)  # atomically replaces root's socket file
                 swaps[kind] += 1
-                hit = 1
+                hits += 1
             except OSError:
                 os.unlink(link)
-        return hit
+        return hits
 
-    while os.read(cmd, 1) == b"g":  # a round: root is about to bind
+    while os.read(cmd, 1) == b"g":  # a round: root is about to bind (several times)
         os.set_blocking(cmd, False)
         os.write(res, b"r")  # spinning from now on
-        hit = 0
+        hits = 0
         while True:
-            hit |= swap()
+            hits += swap()
             try:
                 if os.read(cmd, 1) == b"d":  # root's round is over
                     break
             except BlockingIOError:
                 pass
         os.set_blocking(cmd, True)
-        os.write(res, b"s" if hit else b"n")
+        os.write(res, bytes([min(hits, 255)]))  # the swaps of this round
     print(swaps["file"], swaps["dir"], flush=True)
     """
 )
@@ -268,10 +268,11 @@ ATTACKER = textwrap.dedent(
 def test_modes_never_follow_a_symlink_swapped_in_by_another_user(sockdir: Path) -> None:
     """uid 65534 swaps symlinks in 10,000 times while root binds with mode=/parent_mode=.
 
-    The two run in lockstep: each round, root binds only once the attacker
-    says it is spinning, and waits for it to stop before the next round, so
-    a loaded machine slows the race down but never starves the attacker (a
-    free-running attacker, descheduled, saw 1 bind in 45).
+    The two run in lockstep: each round, root binds (four times, each mode
+    twice) only once the attacker says it is spinning, and waits for it to
+    stop before the next round, so a loaded machine slows the race down but
+    never starves the attacker (a free-running attacker, descheduled, saw 1
+    bind in 45).
     """
     shared = sockdir / "shared"
     shared.mkdir()
@@ -295,31 +296,32 @@ def test_modes_never_follow_a_symlink_swapped_in_by_another_user(sockdir: Path) 
     finally:
         os.close(cmd_r)
         os.close(res_w)
-    changed = binds = refused = rounds = hits = 0
+    changed = binds = refused = rounds = seen = 0
     old_umask = os.umask(0o077)  # so mode=0o666 must widen what bind() created
     deadline = time.monotonic() + 450
+    plan = [(sock, {"mode": 0o666}), (parent / "s.sock", {"parent_mode": 0o777})] * 2
     try:
-        while hits < SWAPS and time.monotonic() < deadline:
-            where, kwargs = (
-                (sock, {"mode": 0o666})
-                if rounds % 2 == 0
-                else (parent / "s.sock", {"parent_mode": 0o777})
-            )
+        while seen < SWAPS and time.monotonic() < deadline:
             rounds += 1
             for leftover in (sock, parent):  # root clears the attacker's symlinks
                 if leftover.is_symlink():
                     leftover.unlink()  # the attacker is idle between rounds
             os.write(cmd_w, b"g")
             assert _read_exact(res_r, 1) == b"r"
-            try:
-                afunix.listen(where, **kwargs).close()  # type: ignore[arg-type]
-                binds += 1
-            except OSError:
-                refused += 1
-            with contextlib.suppress(OSError):
-                parent.rmdir()  # never follows a symlink (ENOTDIR)
+            for where, kwargs in plan:
+                for leftover in (sock, parent):
+                    if leftover.is_symlink():
+                        with contextlib.suppress(OSError):  # the attacker races this too
+                            leftover.unlink()
+                try:
+                    afunix.listen(where, **kwargs).close()  # type: ignore[arg-type]
+                    binds += 1
+                except OSError:
+                    refused += 1
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # never follows a symlink (ENOTDIR)
             os.write(cmd_w, b"d")
-            hits += _read_exact(res_r, 1) == b"s"
+            seen += _read_exact(res_r, 1)[0]
             if stat.S_IMODE(secret.stat().st_mode) != 0o600:
                 changed += 1
                 secret.chmod(0o600)
@@ -340,7 +342,7 @@ def test_modes_never_follow_a_symlink_swapped_in_by_another_user(sockdir: Path) 
     file_swaps, dir_swaps = map(int, out.split())
     print(
         f"\n{file_swaps + dir_swaps} swaps ({file_swaps} socket files, {dir_swaps} directories);"
-        f" root: {rounds} rounds ({hits} swapped into), {binds} binds, {refused} refused;"
+        f" root: {rounds} rounds of 4 binds, {binds} binds, {refused} refused;"
         f" modes changed on the targets: {changed}"
     )
     assert file_swaps + dir_swaps >= SWAPS
@@ -500,3 +502,92 @@ def test_threads_of_one_process_never_both_win_a_stale_path(sockdir: Path) -> No
                 sock.close()
     print(f"\n{rounds} rounds of {STARTERS} threads: {double} double wins, {none} without a winner")
     assert (double, none) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "when"),
+    [
+        ("file", "before lstat"),  # bind() made the file; its check of what it made
+        ("file", "before open"),  # checked; opened O_PATH|O_NOFOLLOW to chmod through
+        ("file", "before chmod"),  # opened and checked: chmod through /proc/self/fd/N
+        ("dir", "before open"),  # mkdir() made the parent; opened O_NOFOLLOW to fchmod
+        ("dir", "before chmod"),  # opened and checked: fchmod on the descriptor
+    ],
+)
+def test_a_symlink_swapped_in_at_each_step_of_bind_changes_nothing(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, when: str, kind: str
+) -> None:
+    """The race above, made certain: a symlink to a root-only target is renamed over the
+    socket file (or the new directory) at the exact step where a path-following chmod
+    would follow it. The target keeps its mode; bind refuses with EEXIST and says why,
+    or, swapped after the checks, its mode goes to root's own inode through the
+    descriptor (a chmod by path fails this test: it changes the target)."""
+    target = sockdir / "target"
+    if kind == "file":
+        target.write_bytes(b"root only")
+        name, kwargs = sockdir / "s.sock", {"mode": 0o666}
+        where = name
+    else:
+        target.mkdir()
+        name, kwargs = sockdir / "p", {"parent_mode": 0o777}
+        where = name / "s.sock"
+    target.chmod(0o700)
+    real_lstat, real_open, real_chmod, real_fchmod = os.lstat, os.open, os.chmod, os.fchmod
+    swapped: list[str] = []
+
+    def swap(path: object) -> None:
+        if swapped or os.fsencode(path) != os.fsencode(name):  # type: ignore[arg-type]
+            return
+        try:  # only once root made it (not at the checks before bind or mkdir)
+            made = real_lstat(name).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISSOCK(made) or stat.S_ISDIR(made):
+            link = sockdir / ".link"
+            link.symlink_to(target)
+            if kind == "dir":
+                os.rename(name, sockdir / ".old")  # root's new directory, moved away
+            os.rename(link, name)
+            swapped.append(when)
+
+    def lstat(path: object, *args: object, **kw: object) -> os.stat_result:
+        if when == "before lstat":
+            swap(path)
+        return real_lstat(path, *args, **kw)  # type: ignore[arg-type]
+
+    def open_(path: object, *args: object, **kw: object) -> int:
+        if when == "before open":
+            swap(path)
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    def chmod(path: object, *args: object, **kw: object) -> None:
+        if when == "before chmod":
+            swap(name)
+        real_chmod(path, *args, **kw)  # type: ignore[arg-type]
+
+    def fchmod(fd: int, mode: int) -> None:
+        if when == "before chmod":
+            swap(name)
+        real_fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "chmod", chmod)
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    old_umask = os.umask(0o077)
+    error: OSError | None = None
+    try:
+        afunix.listen(where, **kwargs).close()  # type: ignore[arg-type]
+    except OSError as exc:
+        error = exc
+    finally:
+        os.umask(old_umask)
+        monkeypatch.undo()
+    assert swapped == [when], "the swap did not happen (the step was not reached)"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert os.path.islink(name)  # (and close() removed nothing of the attacker's)
+    if when == "before chmod":
+        assert error is None  # past the checks: the mode went to root's own inode
+    else:
+        assert error is not None and error.errno == errno.EEXIST, error
+        assert "replaced" in str(error)
