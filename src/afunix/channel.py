@@ -562,7 +562,7 @@ class Channel:
 # and type again (two enum conversions) for every connection.
 _accept: Callable[[socket.socket], tuple[int, Any]] = _socket.socket._accept  # type: ignore[attr-defined]
 #: Linux's accept() gives a blocking socket; a BSD one passes O_NONBLOCK on.
-_ACCEPT_INHERITS_NONBLOCK = PLATFORM.name != "linux"
+_ACCEPT_INHERITS_NONBLOCK = PLATFORM.accepted_may_be_nonblocking
 
 
 class Listener:

@@ -320,3 +320,37 @@ def test_server_over_tcp() -> None:
         with afunix.connect(srv.address) as c:
             c.sendall(b"tcp echo")
             assert c.recv(100) == b"tcp echo"
+
+
+@pytest.mark.parametrize("default", [None, 0.2])
+def test_thread_model_connections_block_whatever_the_default_timeout(
+    sockdir: Path, default: float | None
+) -> None:
+    """Each client's socket is blocking in the handler (no timeout, no O_NONBLOCK),
+    with or without ``socket.setdefaulttimeout`` (which accept's new socket takes):
+    a message that comes after the default timeout still arrives (the server makes
+    it blocking only where it may not be)."""
+    path = sockdir / "block.sock"
+    seen: list[tuple[float | None, bool]] = []
+
+    def handler(conn: afunix.Connection) -> None:
+        seen.append((conn.sock.gettimeout(), os.get_blocking(conn.sock.fileno())))
+        conn.send(conn.recv())
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(default)
+    try:
+        with afunix.Server(path, handler, model="thread") as srv:
+            srv.start()
+            with afunix.connect(path) as client:
+                client.settimeout(30)
+                # past the default timeout (the handler waits for it all the same)
+                timer = threading.Timer(0.5, client.sendall, (b"late",))
+                timer.start()
+                try:
+                    assert client.recv(10) == b"late"
+                finally:
+                    timer.join()
+    finally:
+        socket.setdefaulttimeout(old)
+    assert seen == [(None, True)]

@@ -81,6 +81,9 @@ class Platform:
     #: ``offsetof(struct sockaddr_un, sun_path)``.
     sun_path_offset: int
     backend: Backend
+    #: Whether a socket from ``accept`` may inherit the listener's ``O_NONBLOCK`` (the
+    #: BSDs and macOS: yes; Linux: never), so that it must be made blocking again.
+    accepted_may_be_nonblocking: bool = True
 
     @property
     def max_path_bytes(self) -> int:
@@ -107,7 +110,7 @@ def detect() -> Platform:
     if all(hasattr(socket, n) for n in ("SO_PEERCRED", "SO_PASSCRED", "SCM_CREDENTIALS")):
         from . import linux
 
-        return Platform("linux", 108, True, True, 2, linux)
+        return Platform("linux", 108, True, True, 2, linux, accepted_may_be_nonblocking=False)
     # sockaddr_un elsewhere: sun_len, sun_family (one byte each), sun_path[104].
     if sys.platform == "darwin":  # pragma: no cover - not this machine
         from . import macos

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from .._address import Address
 from .._creds import PeerCredentials
-from .._platform import NOSIGNAL
+from .._platform import NOSIGNAL, PLATFORM
 from ._connection import Connection, Datagram, log_handler_failure, peer_address
 from ._listener import PAUSE_ERRNOS, ListeningSocket, watchdog_period, watchdog_ping
 from ._runner import Runner
@@ -39,6 +39,7 @@ THREAD_MAX_CLIENTS = 256
 #: Seconds the accept loop pauses after running out of descriptors, threads or
 #: processes: clients that arrive meanwhile wait in the listen queue.
 _PAUSE = 0.1
+_ACCEPT_INHERITS_NONBLOCK = PLATFORM.accepted_may_be_nonblocking
 #: How a forked child tells the parent it refused its ``tls://`` client (so that the
 #: parent's ``refused``/``rejected`` count it): its handshake failed (sysexits'
 #: EX_PROTOCOL), or ``policy``/``verify`` refused it (EX_NOPERM).
@@ -145,7 +146,8 @@ class _Runner(Runner, abc.ABC):
         ok, uid = self.admission.uid_admit(conn)
         if not ok:
             return False
-        conn.setblocking(True)
+        if _ACCEPT_INHERITS_NONBLOCK or socket.getdefaulttimeout() is not None:
+            conn.setblocking(True)  # (on Linux it is blocking already: no ioctl per client)
         peer = peer_address(self.listener.sock, raw)
         ok, creds = self.admission.admit(conn, peer, uid)
         return ok and self._dispatch(conn, peer, creds, uid)
