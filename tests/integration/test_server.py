@@ -354,3 +354,52 @@ def test_thread_model_connections_block_whatever_the_default_timeout(
     finally:
         socket.setdefaulttimeout(old)
     assert seen == [(None, True)]
+
+
+SIGCHLD_RACE = textwrap.dedent(
+    """
+    import faulthandler, os, signal, time
+    from afunix.server._admission import Admission
+    from afunix.server._threads import ForkRunner
+
+    adm = Admission(policy=None, verify=None, max_clients=None, max_clients_per_uid=None,
+                    refuse_with=b"", fork=True)
+    adm.tls = object()  # a tls:// server
+
+    class SlowCounts(dict):  # widens the window inside the count (timing only)
+        def get(self, *a):
+            time.sleep(0.3)
+            return dict.get(self, *a)
+
+    adm.refusals.counts = adm.refused = SlowCounts()
+    runner = object.__new__(ForkRunner)
+    runner.admission = adm
+    runner._setup()
+    for delay in (0.0, 0.1):  # two children that refused their TLS client (exit 76)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(delay)
+            os._exit(76)
+        runner._children.add(pid)
+    time.sleep(0.05)  # the first has ended; the second ends while the loop counts
+    signal.signal(signal.SIGCHLD, lambda *_: runner._reap())  # as ForkRunner.run does
+    faulthandler.dump_traceback_later(20, exit=True)
+    while runner._children:
+        runner._reap()  # the accept loop's turn
+        runner._count_refusals()
+        time.sleep(0.01)
+    runner._count_refusals()
+    print(adm.rejected, dict(adm.refused))
+    """
+)
+
+
+def test_fork_model_counts_refusals_outside_the_sigchld_handler() -> None:
+    """A child's refusal is counted by the accept loop, not in the SIGCHLD handler:
+    the handler interrupting the loop while it counts (under the count's lock) once
+    deadlocked the server (a second refused child ending at that moment)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGCHLD_RACE], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "2 {'tls-handshake': 2}"

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 
 from .._address import Address
@@ -296,6 +297,10 @@ class ForkRunner(_Runner):
     def _setup(self) -> None:
         self._children: set[int] = set()
         self._child_uid = self.admission.child_uid  # pid -> uid, for the per-uid cap
+        #: Exit codes of children that refused their tls:// client, to count: ``_reap``
+        #: also runs in the SIGCHLD handler, which must take no lock (the loop it
+        #: interrupts may hold it), so the loop counts them (``_count_refusals``).
+        self._refused_exits: deque[int] = deque()
 
     def run(self, handle_signals: bool) -> None:
         old_chld = (
@@ -309,6 +314,7 @@ class ForkRunner(_Runner):
 
     def _turn(self, sel: selectors.BaseSelector) -> None:
         self._reap()
+        self._count_refusals()
         if self.max_clients and len(self._children) >= self.max_clients:
             time.sleep(0.005)  # leave new clients in the listen queue
             return
@@ -393,13 +399,19 @@ class ForkRunner(_Runner):
                 self._ended(pid, status)
 
     def _ended(self, pid: int, status: int) -> None:
-        """A child was reaped: forget it, and count a ``tls://`` client it refused."""
+        """A child was reaped: forget it, and note a ``tls://`` client it refused (counted
+        by :meth:`_count_refusals`: this may run in the SIGCHLD handler)."""
         self._children.discard(pid)
         self._child_uid.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
         if code in (_CHILD_HANDSHAKE_FAILED, _CHILD_REFUSED) and self.admission.tls is not None:
-            self.admission.refused_in_child(code == _CHILD_HANDSHAKE_FAILED)
-        log.debug("child %d terminated (%d)", pid, code)
+            self._refused_exits.append(code)
+
+    def _count_refusals(self) -> None:
+        """Count the refusals children reported (the accept loop's thread, never a handler)."""
+        exits = self._refused_exits
+        while exits:
+            self.admission.refused_in_child(exits.popleft() == _CHILD_HANDSHAKE_FAILED)
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
@@ -415,6 +427,7 @@ class ForkRunner(_Runner):
             with contextlib.suppress(ChildProcessError):
                 status = os.waitpid(pid, 0)[1]
             self._ended(pid, status)
+        self._count_refusals()
 
 
 def _watchdog_due(due: float, period: float) -> float:
