@@ -493,6 +493,8 @@ class Channel:
                 if proto.state is BROKEN:
                     self.close()  # the byte stream cannot be trusted any more
                 raise
+            if wait is not None and event is not CLOSED:
+                wait.message_done(proto.receiving, time.monotonic())
         if event is CLOSED:
             raise EOFError("the peer closed the channel")
         return event

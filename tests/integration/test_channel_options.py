@@ -311,3 +311,24 @@ def test_async_a_receiver_waiting_its_turn_is_held_to_its_limits(runtime: str) -
             assert sorted(errors) == ["call", "idle"]
 
     run_under(runtime, main)
+
+
+def test_a_message_begun_by_the_read_that_ended_another_has_its_own_limit() -> None:
+    """One read brings the end of A and the start of B: B's message_timeout runs from
+    then, not from when A began (B finished 1.1 s after it began, 0.6 s after A's limit
+    would have run out: it arrives)."""
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a = _header(6) + b"aaaaaa"
+    b = _header(6) + b"bbbbbb"
+    with peer, Channel(ours, message_timeout=2.0) as chan:
+        timers = [
+            _later(0.0, peer, a[:5]),
+            _later(1.5, peer, a[5:] + b[:5]),
+            _later(2.6, peer, b[5:]),
+        ]
+        try:
+            assert chan.recv().data == b"aaaaaa"
+            assert chan.recv().data == b"bbbbbb"
+        finally:
+            for timer in timers:
+                timer.join()

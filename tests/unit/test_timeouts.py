@@ -93,3 +93,12 @@ def test_timed_out_says_which_limit_and_what_to_do(
 def test_check_timeouts_refuses_what_is_no_positive_number(bad: float) -> None:
     with pytest.raises(ValueError, match="positive number of seconds"):
         check_timeouts(None, 1.0, bad)
+
+
+def test_a_message_done_gives_the_next_begun_one_its_own_limit() -> None:
+    wait = ReceiveWait(None, 2.0, 100.0)
+    assert wait.limit(True, 100.0) == 2.0  # A began
+    wait.message_done(True, 101.5)  # A came whole; the same read began B
+    assert wait.limit(True, 101.5) == 2.0  # B's own 2 s, not A's 0.5 left
+    wait.message_done(False, 102.0)  # B whole, nothing after it
+    assert wait.deadline is None

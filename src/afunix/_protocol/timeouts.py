@@ -111,6 +111,11 @@ class ReceiveWait:
             want, self.due = self.until - now, "call"
         return None if want is None else max(want, 0.0)
 
+    def message_done(self, receiving: bool, now: float) -> None:
+        """A message came whole; if the next one has begun (the same read brought its
+        first bytes), its own limit runs from *now*, not the finished one's."""
+        self.deadline = now + self.message if receiving and self.message is not None else None
+
     def expired(self, receiving: bool) -> PeerTimeout | None:
         """The error for a wait that ran out while :attr:`due` applied; ``None``: look
         again (a poll, or a message began while the idle limit ran: the message
